@@ -1,0 +1,1 @@
+"""Projections: Postgres read models built from the Kafka log, exactly once."""

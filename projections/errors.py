@@ -1,0 +1,11 @@
+"""Errors of the projections package."""
+
+from schemas.errors import TallyError
+
+
+class ProjectionError(TallyError):
+    """Root of the projections' errors."""
+
+
+class DatabaseUnavailable(ProjectionError):
+    """Postgres could not be reached."""

@@ -1,0 +1,57 @@
+"""Versioned SQL migrations: `projections/sql/NNN_name.sql`, applied in order, once each.
+
+Safe to run twice or concurrently: a transaction-scoped advisory lock serialises runners,
+and each file is applied in the same transaction as its row in `tally.schema_migrations`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import psycopg
+
+from projections.errors import DatabaseUnavailable
+
+SQL_DIR = Path(__file__).resolve().parent / "sql"
+_LOCK_ID = 0x7A11_0001
+
+
+def migration_files() -> list[tuple[int, str, Path]]:
+    found = []
+    for path in sorted(SQL_DIR.glob("*.sql")):
+        version, _, name = path.stem.partition("_")
+        found.append((int(version), name, path))
+    return found
+
+
+def connect(database_url: str, **kwargs: object) -> psycopg.Connection[tuple[object, ...]]:
+    """A connection, with driver errors translated at this edge."""
+    try:
+        return psycopg.connect(database_url, **kwargs)  # type: ignore[arg-type]
+    except psycopg.OperationalError as e:
+        raise DatabaseUnavailable(f"cannot connect to Postgres: {e}") from e
+
+
+def migrate(database_url: str) -> list[str]:
+    """Apply pending migrations; return the names applied."""
+    applied: list[str] = []
+    with connect(database_url) as conn:
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_ID,))
+            conn.execute("CREATE SCHEMA IF NOT EXISTS tally")
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS tally.schema_migrations ("
+                " version int PRIMARY KEY, name text NOT NULL,"
+                " applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            done = {row[0] for row in conn.execute("SELECT version FROM tally.schema_migrations")}
+            for version, name, path in migration_files():
+                if version in done:
+                    continue
+                conn.execute(path.read_text())  # type: ignore[arg-type]
+                conn.execute(
+                    "INSERT INTO tally.schema_migrations (version, name) VALUES (%s, %s)",
+                    (version, name),
+                )
+                applied.append(f"{version:03d}_{name}")
+    return applied

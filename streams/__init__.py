@@ -1,0 +1,1 @@
+"""The stream processor: dedup, aggregation, quota evaluation, DLQ; and the QuotaView client."""

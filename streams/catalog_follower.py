@@ -1,0 +1,91 @@
+"""Follow the compacted `tally.plans` topic and keep the current catalog in memory.
+
+Records: key = plan id, value = the plan; key `_meters`, value = {default_plan, meters}.
+A catalog is assembled once both kinds are present and validates as a whole; an invalid
+update is logged and the previous catalog stays in force.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from aiokafka import TopicPartition
+
+from schemas.codec import dumps, loads
+from schemas.errors import CatalogError
+from schemas.plans import Catalog, parse_catalog
+from tally import kafka
+from tally.settings import Settings
+
+log = logging.getLogger(__name__)
+
+METERS_KEY = "_meters"
+
+
+def catalog_records(catalog: Catalog) -> list[tuple[str, bytes]]:
+    """The (key, value) records that publish a catalog to `tally.plans`."""
+    doc = catalog.model_dump(mode="json")
+    records = [(METERS_KEY, dumps({"default_plan": doc["default_plan"], "meters": doc["meters"]}))]
+    records += [(plan_id, dumps(plan)) for plan_id, plan in doc["plans"].items()]
+    return records
+
+
+def assemble(records: dict[str, Any]) -> Catalog | None:
+    """A catalog from the latest value of every key, or None if incomplete."""
+    meters = records.get(METERS_KEY)
+    plans = {k: v for k, v in records.items() if k != METERS_KEY and v is not None}
+    if meters is None or not plans:
+        return None
+    return parse_catalog({**meters, "plans": plans})
+
+
+class CatalogFollower:
+    """Reads every partition of the plans topic from the start and keeps following it."""
+
+    def __init__(self, settings: Settings, on_change: Callable[[Catalog], None]) -> None:
+        self.settings = settings
+        self.on_change = on_change
+        self.catalog: Catalog | None = None
+        self.ready = asyncio.Event()
+        self._records: dict[str, Any] = {}
+
+    async def run(self) -> None:
+        topic = self.settings.topics.plans
+        consumer = kafka.consumer(self.settings)
+        await consumer.start()
+        try:
+            partitions = consumer.partitions_for_topic(topic) or {0}
+            consumer.assign([TopicPartition(topic, p) for p in partitions])
+            await consumer.seek_to_beginning()
+            waited = 0.0
+            while True:
+                batches = await consumer.getmany(timeout_ms=500)
+                changed = False
+                for records in batches.values():
+                    for r in records:
+                        key = r.key.decode() if r.key else ""
+                        self._records[key] = loads(r.value) if r.value else None
+                        changed = True
+                if changed:
+                    self._assemble()
+                elif self.catalog is None:
+                    waited += 0.5
+                    if waited % 10 == 0:
+                        log.warning("no plan catalog on %s yet: run `tally plans publish`", topic)
+        finally:
+            await consumer.stop()
+
+    def _assemble(self) -> None:
+        try:
+            catalog = assemble(self._records)
+        except CatalogError as e:
+            log.error("ignoring invalid plan catalog update: %s", e)
+            return
+        if catalog is None or catalog == self.catalog:
+            return
+        self.catalog = catalog
+        self.on_change(catalog)
+        self.ready.set()

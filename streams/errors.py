@@ -1,0 +1,11 @@
+"""Errors of the streams package."""
+
+from schemas.errors import TallyError
+
+
+class StreamsError(TallyError):
+    """Root of the stream processor's errors."""
+
+
+class StateRecoveryError(StreamsError):
+    """A partition's state could not be read back from its changelog."""

@@ -1,0 +1,420 @@
+"""The worker's decisions for one source partition (pure: no Kafka, no clock).
+
+`PartitionProcessor` folds usage and subscription records into counters and decides, for
+every event, whether it counts, in which period and under which plan, or why it cannot be
+counted (a dead letter). The adapter (`streams/app.py`) feeds it records, writes the
+effects it drains, and only then acknowledges the records.
+
+Exactly-once effect over at-least-once delivery rests on two facts kept here:
+1. a counter remembers the last source offset folded into it, so a replayed record is
+   not folded twice (`Counter.applied_offset`);
+2. the dedup window remembers the offset that first carried each id, so a replayed record
+   is told apart from a genuine duplicate (`DedupWindow`).
+Both are persisted in the worker's changelog before the source offsets are committed.
+
+"Now" is the source record's timestamp (ingestion time), never the wall clock, so a replay
+of the same log makes the same decisions.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any, Literal
+
+from pydantic import TypeAdapter, ValidationError
+
+from schemas.codec import RecordDecodeError, decode_record
+from schemas.events import SUBSCRIPTION_TYPES, USAGE_TYPE, SubscriptionEvent, UsageEvent
+from schemas.plans import Catalog, PlanMeter
+from schemas.records import AcceptedEvent, DeadLetter, Notification, QuotaState
+from streams import quota
+from streams.aggregation import Counter
+from streams.dedup import DedupWindow
+from streams.periods import Period, anniversary_period, calendar_month
+
+_USAGE_BATCH = TypeAdapter(list[UsageEvent])
+_USAGE_ONE = TypeAdapter(UsageEvent)
+_SUBSCRIPTION_ONE = TypeAdapter(SubscriptionEvent)
+
+DlqReason = Literal[
+    "missing_key",
+    "invalid_json",
+    "invalid_event",
+    "unknown_type",
+    "subject_mismatch",
+    "unknown_meter",
+    "quantity_out_of_range",
+    "time_in_future",
+]
+
+
+@dataclass(frozen=True)
+class ProcessorConfig:
+    """Rules the worker applies; every field has a safe default."""
+
+    dedup_horizon: timedelta = timedelta(days=35)
+    max_future: timedelta = timedelta(minutes=5)
+
+
+@dataclass
+class Subscription:
+    """What the worker knows of a tenant's subscription."""
+
+    plan_id: str
+    period: Period
+    status: Literal["active", "trialing", "canceled"]
+    cancel_at: datetime | None  # from then on the default plan applies
+    trial_end: datetime | None
+    applied_offset: int
+
+    def plan_at(self, moment: datetime, default_plan: str) -> str:
+        if self.cancel_at is not None and moment >= self.cancel_at:
+            return default_plan
+        return self.plan_id
+
+    def to_state(self) -> dict[str, Any]:
+        return {
+            "plan_id": self.plan_id,
+            "period_start": self.period.start.isoformat(),
+            "period_end": self.period.end.isoformat(),
+            "status": self.status,
+            "cancel_at": self.cancel_at.isoformat() if self.cancel_at else None,
+            "trial_end": self.trial_end.isoformat() if self.trial_end else None,
+            "applied_offset": self.applied_offset,
+        }
+
+    @classmethod
+    def from_state(cls, s: dict[str, Any]) -> Subscription:
+        def ts(v: str | None) -> datetime | None:
+            return datetime.fromisoformat(v) if v else None
+
+        return cls(
+            plan_id=s["plan_id"],
+            period=Period(datetime.fromisoformat(s["period_start"]),
+                          datetime.fromisoformat(s["period_end"])),
+            status=s["status"],
+            cancel_at=ts(s["cancel_at"]),
+            trial_end=ts(s["trial_end"]),
+            applied_offset=int(s["applied_offset"]),
+        )
+
+
+@dataclass
+class Effects:
+    """What processing produced since the last drain, ready to be written."""
+
+    accepted: dict[str, list[AcceptedEvent]] = field(default_factory=lambda: defaultdict(list))
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    counters: list[Counter] = field(default_factory=list)
+    quota_states: list[QuotaState] = field(default_factory=list)
+    notifications: list[Notification] = field(default_factory=list)
+    changelog: list[tuple[str, dict[str, Any] | None]] = field(default_factory=list)
+    duplicates: int = 0
+    counted: int = 0
+
+
+def _dlq_reason(error: ValidationError) -> DlqReason:
+    for item in error.errors():
+        if tuple(item["loc"][:2]) == ("data", "quantity"):
+            return "quantity_out_of_range"
+    return "invalid_event"
+
+
+def _error_detail(error: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in error.errors()
+    )
+
+
+class PartitionProcessor:
+    """All decision state of one source partition."""
+
+    def __init__(self, partition: int, catalog: Catalog, config: ProcessorConfig) -> None:
+        self.partition = partition
+        self.catalog = catalog
+        self.config = config
+        self.counters: dict[tuple[str, str, datetime], Counter] = {}
+        self.current_period: dict[tuple[str, str], datetime] = {}
+        self.subscriptions: dict[str, Subscription] = {}
+        self.dedup = DedupWindow(config.dedup_horizon)
+        self.watermark = datetime.fromtimestamp(0, UTC)
+        self._touched: set[tuple[str, str, datetime]] = set()
+        self._touched_subscriptions: set[str] = set()
+        self._effects = Effects()
+
+    # --- usage -------------------------------------------------------------------------
+
+    def process_usage(
+        self, topic: str, offset: int, key: bytes | None, value: bytes | None, timestamp_ms: int
+    ) -> None:
+        """Fold one usage record (a single event or a batch) into state and effects."""
+        ingested_at = datetime.fromtimestamp(timestamp_ms / 1000, UTC)
+        self.watermark = max(self.watermark, ingested_at)
+        tenant = key.decode("utf-8", "replace") if key else None
+
+        def dead(reason: DlqReason, detail: str, index: int | None, raw: Any) -> None:
+            text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else _to_text(raw)
+            self._effects.dead_letters.append(DeadLetter(
+                reason=reason, detail=detail, source_topic=topic,
+                source_partition=self.partition, source_offset=offset,
+                index=index, key=tenant, value=text,
+            ))
+
+        if not tenant:
+            dead("missing_key", "record has no key (the tenant id)", None, value or b"")
+            return
+        try:
+            items = decode_record(value)
+        except RecordDecodeError as e:
+            dead("invalid_json", str(e), None, value or b"")
+            return
+        is_batch = (value or b"").lstrip()[:1] == b"["
+        events = self._validate_usage(items, is_batch, dead)
+
+        folded_here: set[tuple[str, str, datetime]] = set()
+        ids_here: set[str] = set()
+        for index, event in events:
+            where = index if is_batch else None
+            if event.subject != tenant:
+                dead("subject_mismatch", f"subject {event.subject!r} != record key {tenant!r}",
+                     where, event)
+                continue
+            meter = self.catalog.meters.get(event.data.meter)
+            if meter is None:
+                dead("unknown_meter", f"meter {event.data.meter!r} is not in the plan catalog",
+                     where, event)
+                continue
+            if event.time > ingested_at + self.config.max_future:
+                dead("time_in_future", f"event time {event.time.isoformat()} is more than "
+                     f"{self.config.max_future} after ingestion {ingested_at.isoformat()}",
+                     where, event)
+                continue
+            event_time = event.time.astimezone(UTC)
+            # Dedup: first sight, a replay of the same record, or a real duplicate.
+            bucket = self.dedup.bucket_for(tenant, event_time, self.watermark)
+            first = self.dedup.first_offset(bucket, event.id)
+            if (first is not None and first != offset) or event.id in ids_here:
+                self._effects.duplicates += 1
+                continue
+            ids_here.add(event.id)
+            self.dedup.add(bucket, event.id, offset)
+
+            period, plan_id, late, adjustment = self._placement(
+                tenant, event_time, ingested_at, meter.lateness
+            )
+            counter_key = (tenant, event.data.meter, period.start)
+            counter = self.counters.get(counter_key)
+            if counter is None:
+                counter = Counter(tenant, event.data.meter, period.start, period.end,
+                                  meter.aggregation)
+                self.counters[counter_key] = counter
+            if counter.applied_offset < offset:
+                counter.applied_offset = offset
+                folded_here.add(counter_key)
+            if counter_key in folded_here:
+                unique = (event.data.dimensions.get(meter.unique_dimension)
+                          if meter.unique_dimension else None)
+                counter.fold(event.data.quantity, unique, event_time)
+                self._touched.add(counter_key)
+                self._effects.counted += 1
+            self._note_current(tenant, event.data.meter, period.start)
+            self._effects.accepted[tenant].append(AcceptedEvent(
+                tenant_id=tenant, event_id=event.id, meter=event.data.meter,
+                aggregation=meter.aggregation,
+                quantity=event.data.quantity, event_time=event_time, ingested_at=ingested_at,
+                source=event.source, dimensions=dict(event.data.dimensions),
+                period_start=period.start, period_end=period.end, plan_id=plan_id,
+                late=late, adjustment=adjustment,
+            ))
+
+    def _validate_usage(
+        self, items: list[Any], is_batch: bool, dead: Any
+    ) -> list[tuple[int, UsageEvent]]:
+        """Validate all items in one call; on failure, one by one to name each bad one."""
+        try:
+            return list(enumerate(_USAGE_BATCH.validate_python(items)))
+        except ValidationError:
+            pass
+        valid: list[tuple[int, UsageEvent]] = []
+        for index, item in enumerate(items):
+            where = index if is_batch else None
+            if not isinstance(item, dict) or item.get("type") != USAGE_TYPE:
+                kind = item.get("type") if isinstance(item, dict) else type(item).__name__
+                dead("unknown_type", f"not a {USAGE_TYPE} event (type {kind!r})", where, item)
+                continue
+            try:
+                valid.append((index, _USAGE_ONE.validate_python(item)))
+            except ValidationError as e:
+                dead(_dlq_reason(e), _error_detail(e), where, item)
+        return valid
+
+    def _placement(
+        self, tenant: str, event_time: datetime, ingested_at: datetime, lateness: timedelta
+    ) -> tuple[Period, str, bool, bool]:
+        """The period and plan an event counts under, and whether it is late / an adjustment."""
+        period = self.period_of(tenant, event_time)
+        late = ingested_at >= period.end
+        adjustment = late and ingested_at >= period.end + lateness
+        if adjustment:
+            # Too late for its own period (which may be invoiced): count it in the open one.
+            period = self.period_of(tenant, ingested_at)
+        return period, self.plan_of(tenant, period.start), late, adjustment
+
+    def period_of(self, tenant: str, moment: datetime) -> Period:
+        sub = self.subscriptions.get(tenant)
+        if sub is None:
+            return calendar_month(moment)
+        return anniversary_period(sub.period, moment)
+
+    def plan_of(self, tenant: str, moment: datetime) -> str:
+        sub = self.subscriptions.get(tenant)
+        plan_id = sub.plan_at(moment, self.catalog.default_plan) if sub else None
+        return self.catalog.plan(plan_id)[0]
+
+    def _note_current(self, tenant: str, meter: str, period_start: datetime) -> None:
+        key = (tenant, meter)
+        if period_start > self.current_period.get(key, datetime.min.replace(tzinfo=UTC)):
+            self.current_period[key] = period_start
+
+    # --- subscriptions -----------------------------------------------------------------
+
+    def process_subscription(
+        self, topic: str, offset: int, key: bytes | None, value: bytes | None
+    ) -> None:
+        """Apply subscription lifecycle events; a replayed record changes nothing."""
+        tenant = key.decode("utf-8", "replace") if key else None
+        try:
+            items = decode_record(value)
+        except RecordDecodeError as e:
+            self._dead_subscription(topic, offset, tenant, "invalid_json", str(e), value)
+            return
+        for item in items:
+            try:
+                event = _SUBSCRIPTION_ONE.validate_python(item)
+            except ValidationError as e:
+                self._dead_subscription(topic, offset, tenant, "invalid_event",
+                                        _error_detail(e), item)
+                continue
+            if event.subject != tenant:
+                self._dead_subscription(topic, offset, tenant, "subject_mismatch",
+                                        f"subject {event.subject!r} != key {tenant!r}", item)
+                continue
+            current = self.subscriptions.get(event.subject)
+            if current is not None and current.applied_offset >= offset:
+                continue
+            self.subscriptions[event.subject] = self._next_subscription(event, offset)
+            self._touched_subscriptions.add(event.subject)
+
+    def _next_subscription(self, event: SubscriptionEvent, offset: int) -> Subscription:
+        d = event.data
+        period = Period(d.period_start.astimezone(UTC), d.period_end.astimezone(UTC))
+        trial_end = d.trial_end.astimezone(UTC) if d.trial_end else None
+        if event.type == SUBSCRIPTION_TYPES[2]:  # canceled
+            cancel_at = period.end if d.cancel_at_period_end else event.time.astimezone(UTC)
+            return Subscription(d.plan_id, period, "canceled", cancel_at, trial_end, offset)
+        trialing = trial_end is not None and event.time < trial_end
+        status: Literal["active", "trialing"] = "trialing" if trialing else "active"
+        cancel_at = period.end if d.cancel_at_period_end else None
+        return Subscription(d.plan_id, period, status, cancel_at, trial_end, offset)
+
+    def _dead_subscription(
+        self, topic: str, offset: int, tenant: str | None, reason: DlqReason, detail: str,
+        raw: Any,
+    ) -> None:
+        text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else _to_text(raw)
+        self._effects.dead_letters.append(DeadLetter(
+            reason=reason, detail=detail, source_topic=topic, source_partition=self.partition,
+            source_offset=offset, index=None, key=tenant, value=text,
+        ))
+
+    # --- catalog -----------------------------------------------------------------------
+
+    def use_catalog(self, catalog: Catalog) -> None:
+        """Switch to a new plan catalog; current quota states are re-evaluated."""
+        self.catalog = catalog
+        self._touched.update(
+            (t, m, start) for (t, m), start in self.current_period.items()
+        )
+
+    # --- effects -----------------------------------------------------------------------
+
+    def drain(self) -> Effects:
+        """Everything to write for the records processed since the last drain."""
+        effects, self._effects = self._effects, Effects()
+        self.dedup.evict_before(self.watermark)
+        for tenant in self._touched_subscriptions:
+            self._touched.update(
+                (t, m, start) for (t, m), start in self.current_period.items() if t == tenant
+            )
+            effects.changelog.append((f"s/{tenant}", self.subscriptions[tenant].to_state()))
+        self._touched_subscriptions.clear()
+        for key in sorted(self._touched):
+            counter = self.counters[key]
+            effects.counters.append(counter)
+            if self.current_period.get((key[0], key[1])) == key[2]:
+                self._evaluate(counter, effects)
+            effects.changelog.append(("c/" + counter_key(*key), counter.to_state()))
+        self._touched.clear()
+        effects.changelog.extend(self.dedup.drain_changes())
+        effects.changelog.append(("w/", {"watermark": self.watermark.isoformat()}))
+        return effects
+
+    def _evaluate(self, counter: Counter, effects: Effects) -> None:
+        plan_id, plan = self.catalog.plan(self.plan_of(counter.tenant_id, counter.period_start))
+        terms: PlanMeter | None = plan.meters.get(counter.meter)
+        used = counter.value
+        effects.quota_states.append(QuotaState(
+            tenant_id=counter.tenant_id, meter=counter.meter, plan_id=plan_id,
+            period_start=counter.period_start, period_end=counter.period_end, used=used,
+            included=terms.included if terms else None,
+            limit=terms.hard_limit if terms else None,
+            remaining=quota.remaining(used, terms),
+            state=quota.status(used, terms),
+        ))
+        for kind, percent in quota.crossed_thresholds(used, terms):
+            tag = f"{plan_id}:{kind}:{percent}"
+            if tag in counter.notified:
+                continue
+            counter.notified.add(tag)
+            effects.notifications.append(Notification(
+                tenant_id=counter.tenant_id, meter=counter.meter, plan_id=plan_id,
+                period_start=counter.period_start, kind=kind,  # type: ignore[arg-type]
+                threshold_percent=percent, used=used,
+                limit=terms.hard_limit if terms else None,
+            ))
+
+    # --- recovery ----------------------------------------------------------------------
+
+    def restore(self, key: str, value: dict[str, Any] | None) -> None:
+        """Apply one changelog entry read back from the worker-state topic."""
+        kind = key[:2]
+        if kind == "c/":
+            if value is None:
+                return
+            counter = Counter.from_state(value)
+            k = (counter.tenant_id, counter.meter, counter.period_start)
+            self.counters[k] = counter
+            self._note_current(counter.tenant_id, counter.meter, counter.period_start)
+        elif kind == "s/" and value is not None:
+            self.subscriptions[key[2:]] = Subscription.from_state(value)
+        elif kind == "d/":
+            self.dedup.restore_chunk(key, value)
+        elif kind == "w/" and value is not None:
+            self.watermark = datetime.fromisoformat(value["watermark"])
+
+
+def counter_key(tenant: str, meter: str, period_start: datetime) -> str:
+    """The compacted key of a counter: `tenant/meter/period_start` (DESIGN.md)."""
+    return f"{tenant}/{meter}/{period_start.isoformat()}"
+
+
+def _to_text(raw: Any) -> str:
+    from schemas.codec import dumps
+
+    try:
+        return dumps(raw).decode()
+    except TypeError:
+        return repr(raw)

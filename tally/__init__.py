@@ -1,0 +1,1 @@
+"""Tally: the CLI, settings and the embedded dev stack."""

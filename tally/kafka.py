@@ -1,0 +1,97 @@
+"""Kafka adapter: client factories with the settings every Tally client shares, and topics.
+
+Guarantee 1 of DESIGN.md does not lean on Kafka transactions or idempotent producers (the
+embedded broker has neither); producers here use acks=all and the effects downstream are
+idempotent by key instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+
+from schemas import topics as topic_specs
+from schemas.errors import TallyError
+from tally.settings import Settings
+
+
+class KafkaUnavailable(TallyError):
+    """The broker could not be reached or refused an admin request."""
+
+
+def producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
+    options: dict[str, Any] = {
+        "bootstrap_servers": settings.require_kafka(),
+        "acks": "all",
+        "enable_idempotence": settings.kafka_idempotence,
+        "linger_ms": 5,
+        "max_batch_size": 1 << 20,
+        "max_request_size": 4 << 20,
+        "request_timeout_ms": 30000,
+    }
+    options.update(overrides)
+    return AIOKafkaProducer(**options)
+
+
+def consumer(settings: Settings, *topic_names: str, **overrides: Any) -> AIOKafkaConsumer:
+    options: dict[str, Any] = {
+        "bootstrap_servers": settings.require_kafka(),
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+        "max_partition_fetch_bytes": 8 << 20,
+        "fetch_max_bytes": 32 << 20,
+    }
+    options.update(overrides)
+    return AIOKafkaConsumer(*topic_names, **options)
+
+
+async def ensure_topics(settings: Settings) -> list[str]:
+    """Create every Tally topic that is missing, with its cleanup policy; return those created."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.require_kafka())
+    try:
+        await admin.start()
+    except KafkaError as e:
+        raise KafkaUnavailable(f"cannot reach Kafka at {settings.kafka_bootstrap_servers}: {e}") from e
+    try:
+        existing = set(await admin.list_topics())
+        wanted = [
+            NewTopic(
+                name=spec.name(settings.topic_prefix),
+                num_partitions=settings.partitions,
+                replication_factor=settings.replication_factor,
+                topic_configs=spec.configs(),
+            )
+            for spec in topic_specs.ALL
+            if spec.name(settings.topic_prefix) not in existing
+        ]
+        if wanted:
+            with contextlib.suppress(TopicAlreadyExistsError):
+                await admin.create_topics(wanted)
+            await _wait_for_metadata(admin, [t.name for t in wanted])
+        return [t.name for t in wanted]
+    finally:
+        await admin.close()
+
+
+async def _wait_for_metadata(admin: AIOKafkaAdminClient, names: list[str]) -> None:
+    for _ in range(100):
+        if set(names) <= set(await admin.list_topics()):
+            return
+        await asyncio.sleep(0.1)
+    raise KafkaUnavailable(f"topics not visible after creation: {names}")
+
+
+async def partition_count(settings: Settings, topic: str) -> int:
+    """How many partitions a topic has (0 when it does not exist)."""
+    c = consumer(settings)
+    await c.start()
+    try:
+        parts = await c._client.fetch_all_metadata()  # noqa: SLF001 - no public per-topic call
+        return len(parts.partitions_for_topic(topic) or ())
+    finally:
+        await c.stop()

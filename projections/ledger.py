@@ -94,7 +94,7 @@ def ensure_month_partitions(
         conn.execute(
             f"CREATE TABLE IF NOT EXISTS tally.{name} PARTITION OF tally.usage_events "
             f"FOR VALUES FROM ('{start.isoformat()}') TO ('{_next_month(start).isoformat()}')"
-        )  # type: ignore[arg-type]
+        )
         known.add(start)
 
 
@@ -114,12 +114,12 @@ def write_accepted(
         " period_end timestamptz, plan_id text, late boolean, adjustment boolean)"
         " ON COMMIT DELETE ROWS"
     )
-    with conn.cursor().copy(f"COPY incoming ({_COLUMNS}) FROM STDIN") as copy:  # type: ignore[arg-type]
+    with conn.cursor().copy(f"COPY incoming ({_COLUMNS}) FROM STDIN") as copy:
         for seq, e in enumerate(events):
             copy.write_row((
                 seq, e.event_id, e.tenant_id, e.meter, e.aggregation, e.quantity, e.event_time,
                 e.ingested_at, e.source, dumps(e.dimensions).decode(), e.period_start,
                 e.period_end, e.plan_id, e.late, e.adjustment,
             ))
-    row = conn.execute(_WRITE).fetchone()  # type: ignore[arg-type]
+    row = conn.execute(_WRITE).fetchone()
     return int(row[0]) if row else 0  # type: ignore[call-overload]

@@ -35,23 +35,22 @@ def connect(database_url: str, **kwargs: object) -> psycopg.Connection[tuple[obj
 def migrate(database_url: str) -> list[str]:
     """Apply pending migrations; return the names applied."""
     applied: list[str] = []
-    with connect(database_url) as conn:
-        with conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_ID,))
-            conn.execute("CREATE SCHEMA IF NOT EXISTS tally")
+    with connect(database_url) as conn, conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_ID,))
+        conn.execute("CREATE SCHEMA IF NOT EXISTS tally")
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS tally.schema_migrations ("
+            " version int PRIMARY KEY, name text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        done = {row[0] for row in conn.execute("SELECT version FROM tally.schema_migrations")}
+        for version, name, path in migration_files():
+            if version in done:
+                continue
+            conn.execute(path.read_text())
             conn.execute(
-                "CREATE TABLE IF NOT EXISTS tally.schema_migrations ("
-                " version int PRIMARY KEY, name text NOT NULL,"
-                " applied_at timestamptz NOT NULL DEFAULT now())"
+                "INSERT INTO tally.schema_migrations (version, name) VALUES (%s, %s)",
+                (version, name),
             )
-            done = {row[0] for row in conn.execute("SELECT version FROM tally.schema_migrations")}
-            for version, name, path in migration_files():
-                if version in done:
-                    continue
-                conn.execute(path.read_text())  # type: ignore[arg-type]
-                conn.execute(
-                    "INSERT INTO tally.schema_migrations (version, name) VALUES (%s, %s)",
-                    (version, name),
-                )
-                applied.append(f"{version:03d}_{name}")
+            applied.append(f"{version:03d}_{name}")
     return applied

@@ -32,6 +32,9 @@ MAX_QUANTITY = Decimal("1e15")
 # A tenant id becomes a Kafka key and part of compacted keys joined with "/".
 TENANT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
 
+DimensionKey = Annotated[str, Field(max_length=64)]
+DimensionValue = Annotated[str, Field(max_length=256)]
+
 Frozen = ConfigDict(frozen=True, extra="forbid", str_strip_whitespace=False)
 
 
@@ -51,9 +54,7 @@ class UsageData(BaseModel):
 
     meter: Annotated[str, Field(pattern=NAME_PATTERN)]
     quantity: Decimal
-    dimensions: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=256)]] = (
-        Field(default_factory=dict, max_length=32)
-    )
+    dimensions: dict[DimensionKey, DimensionValue] = Field(default_factory=dict, max_length=32)
 
     @field_validator("quantity", mode="before")
     @classmethod

@@ -49,11 +49,10 @@ class Counter:
             if unique_value is not None and unique_value not in self.distinct:
                 self.distinct.add(unique_value)
                 self.value = Decimal(len(self.distinct))
-        elif kind == "latest":
+        elif kind == "latest" and (self.latest_time is None or event_time >= self.latest_time):
             # Ties keep the later-processed event: deterministic for a given log.
-            if self.latest_time is None or event_time >= self.latest_time:
-                self.latest_time = event_time
-                self.value = quantity
+            self.latest_time = event_time
+            self.value = quantity
 
     def to_state(self) -> dict[str, Any]:
         """The changelog form (JSON-ready)."""

@@ -17,8 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from typing import Any
 
 import faust
@@ -62,7 +61,8 @@ class Worker:
         for p in partitions:
             self.processors.pop(p, None)
 
-    async def handle(self, events: list[faust.types.EventT]) -> None:
+    async def handle(self, events: list[Any]) -> None:
+        """Process one micro-batch of Faust events; return once its effects are durable."""
         started = time.perf_counter()
         await self.catalog_follower.ready.wait()
         assignment = self.app.consumer.assignment()
@@ -83,7 +83,7 @@ class Worker:
                 processor.process_subscription(
                     message.topic, message.offset, message.key, message.value
                 )
-        pending: list[asyncio.Future[Any]] = []
+        pending: list[Awaitable[Any]] = []
         for p in sorted(touched):
             processor = self.processors[p]
             effects = processor.drain()
@@ -94,12 +94,12 @@ class Worker:
         metrics.BATCH_RECORDS.observe(len(events))
         metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
 
-    async def _write(self, p: int, fx: Effects) -> list[asyncio.Future[Any]]:
+    async def _write(self, p: int, fx: Effects) -> list[Awaitable[Any]]:
         """Send every effect of one partition; return the delivery futures."""
         t = self.topics
         sends: list[tuple[str, str, bytes | None, list[tuple[str, bytes]] | None]] = []
-        for key, value in fx.changelog:
-            sends.append((t.worker_state, key, None if value is None else dumps(value), None))
+        for key, state in fx.changelog:
+            sends.append((t.worker_state, key, None if state is None else dumps(state), None))
         batch_header = [(CONTENT_TYPE_HEADER, BATCH_CONTENT_TYPE.encode())]
         for tenant, accepted in fx.accepted.items():
             sends.append((t.usage_accepted, tenant, dumps(accepted), batch_header))
@@ -109,9 +109,9 @@ class Worker:
         for q in fx.quota_states:
             sends.append((t.quota_state, f"{q.tenant_id}/{q.meter}", dumps(q), None))
         for d in fx.dead_letters:
-            headers = [("tally-dlq-reason", d.reason.encode()),
-                       ("tally-dlq-detail", d.detail[:1000].encode())]
-            sends.append((t.usage_dlq, d.key or "", dumps(d), headers))
+            dlq_headers = [("tally-dlq-reason", d.reason.encode()),
+                           ("tally-dlq-detail", d.detail[:1000].encode())]
+            sends.append((t.usage_dlq, d.key or "", dumps(d), dlq_headers))
             metrics.DEAD_LETTERS.labels(d.reason).inc()
         for n in fx.notifications:
             sends.append((t.notifications, n.tenant_id, dumps(n), None))
@@ -119,10 +119,10 @@ class Worker:
         metrics.EVENTS.labels("duplicate").inc(fx.duplicates)
         metrics.EVENTS.labels("dead").inc(len(fx.dead_letters))
         producer = self.app.producer
-        futures = []
-        for topic, key, value, headers in sends:
+        futures: list[Awaitable[Any]] = []
+        for topic, key, payload, headers in sends:
             fut = await producer.send(
-                topic, key.encode(), value, partition=p, timestamp=None, headers=headers,
+                topic, key.encode(), payload, partition=p, timestamp=None, headers=headers,
             )
             futures.append(fut)
         return futures
@@ -200,24 +200,24 @@ def create_app(settings: Settings, web_port: int = 6066,
     app.tally_worker = worker  # type: ignore[attr-defined]
     source = app.topic(settings.topics.usage, settings.topics.subscriptions)
 
-    @app.agent(source)  # type: ignore[misc]
-    async def process(stream: faust.StreamT[bytes]) -> None:
+    @app.agent(source)
+    async def process(stream: Any) -> None:
         async for events in stream.take_events(MAX_BATCH_RECORDS, BATCH_WITHIN_SECONDS):
             await worker.handle(list(events))
 
-    @app.task  # type: ignore[misc]
+    @app.task  # type: ignore[untyped-decorator]
     async def follow_catalog() -> None:
         await worker.catalog_follower.run()
 
-    @app.on_partitions_revoked.connect  # type: ignore[misc]
+    @app.on_partitions_revoked.connect  # type: ignore[arg-type]
     async def on_revoked(app: faust.App, revoked: set[Any], **_: Any) -> None:
         worker.forget(tp.partition for tp in revoked if tp.topic == settings.topics.usage)
 
-    @app.page("/metrics")  # type: ignore[misc]
+    @app.page("/metrics")
     async def metrics_page(web: Any, request: Any) -> Any:
         return web.bytes(generate_latest(), content_type=CONTENT_TYPE_LATEST.split(";")[0])
 
-    @app.page("/healthz")  # type: ignore[misc]
+    @app.page("/healthz")
     async def health(web: Any, request: Any) -> Any:
         ready = worker.catalog_follower.ready.is_set()
         return web.json({"ok": ready, "partitions": sorted(worker.processors)},

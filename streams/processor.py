@@ -21,7 +21,6 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
 from typing import Any, Literal
 
 from pydantic import TypeAdapter, ValidationError
@@ -258,10 +257,12 @@ class PartitionProcessor:
         period = self.period_of(tenant, event_time)
         late = ingested_at >= period.end
         adjustment = late and ingested_at >= period.end + lateness
+        moment = event_time
         if adjustment:
             # Too late for its own period (which may be invoiced): count it in the open one.
             period = self.period_of(tenant, ingested_at)
-        return period, self.plan_of(tenant, period.start), late, adjustment
+            moment = ingested_at
+        return period, self.plan_of(tenant, moment), late, adjustment
 
     def period_of(self, tenant: str, moment: datetime) -> Period:
         sub = self.subscriptions.get(tenant)
@@ -313,8 +314,8 @@ class PartitionProcessor:
         period = Period(d.period_start.astimezone(UTC), d.period_end.astimezone(UTC))
         trial_end = d.trial_end.astimezone(UTC) if d.trial_end else None
         if event.type == SUBSCRIPTION_TYPES[2]:  # canceled
-            cancel_at = period.end if d.cancel_at_period_end else event.time.astimezone(UTC)
-            return Subscription(d.plan_id, period, "canceled", cancel_at, trial_end, offset)
+            at = period.end if d.cancel_at_period_end else event.time.astimezone(UTC)
+            return Subscription(d.plan_id, period, "canceled", at, trial_end, offset)
         trialing = trial_end is not None and event.time < trial_end
         status: Literal["active", "trialing"] = "trialing" if trialing else "active"
         cancel_at = period.end if d.cancel_at_period_end else None
@@ -363,7 +364,10 @@ class PartitionProcessor:
         return effects
 
     def _evaluate(self, counter: Counter, effects: Effects) -> None:
-        plan_id, plan = self.catalog.plan(self.plan_of(counter.tenant_id, counter.period_start))
+        # The plan in force now (the watermark), seen from inside the counter's period.
+        moment = min(max(self.watermark, counter.period_start),
+                     counter.period_end - timedelta(microseconds=1))
+        plan_id, plan = self.catalog.plan(self.plan_of(counter.tenant_id, moment))
         terms: PlanMeter | None = plan.meters.get(counter.meter)
         used = counter.value
         effects.quota_states.append(QuotaState(
@@ -381,7 +385,7 @@ class PartitionProcessor:
             counter.notified.add(tag)
             effects.notifications.append(Notification(
                 tenant_id=counter.tenant_id, meter=counter.meter, plan_id=plan_id,
-                period_start=counter.period_start, kind=kind,  # type: ignore[arg-type]
+                period_start=counter.period_start, kind=kind,
                 threshold_percent=percent, used=used,
                 limit=terms.hard_limit if terms else None,
             ))

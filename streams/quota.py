@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import Literal
 
 from schemas.plans import PlanMeter
 from schemas.records import QuotaStatus
 
 HUNDRED = Decimal(100)
+Threshold = Literal["soft_limit", "exceeded", "blocked"]
 
 
 def status(used: Decimal, terms: PlanMeter | None) -> QuotaStatus:
@@ -41,11 +43,13 @@ def remaining(used: Decimal, terms: PlanMeter | None) -> Decimal | None:
     return max(terms.hard_limit - used, Decimal(0))
 
 
-def crossed_thresholds(used: Decimal, terms: PlanMeter | None) -> list[tuple[str, Decimal | None]]:
+def crossed_thresholds(
+    used: Decimal, terms: PlanMeter | None
+) -> list[tuple[Threshold, Decimal | None]]:
     """Every notification threshold `used` has reached: (kind, percent) pairs."""
     if terms is None:
         return []
-    crossed: list[tuple[str, Decimal | None]] = []
+    crossed: list[tuple[Threshold, Decimal | None]] = []
     if terms.included is not None and terms.included > 0:
         for percent in sorted(terms.soft_thresholds):
             if used * HUNDRED >= percent * terms.included:

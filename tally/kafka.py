@@ -56,7 +56,8 @@ async def ensure_topics(settings: Settings) -> list[str]:
     try:
         await admin.start()
     except KafkaError as e:
-        raise KafkaUnavailable(f"cannot reach Kafka at {settings.kafka_bootstrap_servers}: {e}") from e
+        address = settings.kafka_bootstrap_servers
+        raise KafkaUnavailable(f"cannot reach Kafka at {address}: {e}") from e
     try:
         existing = set(await admin.list_topics())
         wanted = [
@@ -91,7 +92,7 @@ async def partition_count(settings: Settings, topic: str) -> int:
     c = consumer(settings)
     await c.start()
     try:
-        parts = await c._client.fetch_all_metadata()  # noqa: SLF001 - no public per-topic call
+        parts = await c._client.fetch_all_metadata()
         return len(parts.partitions_for_topic(topic) or ())
     finally:
         await c.stop()

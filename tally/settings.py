@@ -11,9 +11,10 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from schemas.errors import TallyError
+from schemas.plans import format_validation_error
 from schemas.topics import DEFAULT_PREFIX, Topics
 
 
@@ -56,7 +57,6 @@ class Settings(BaseModel):
     kafka_idempotence: bool = False
     stripe_api_key: str | None = None
     stripe_api_base: str | None = None  # set to the Stripe double's address in dev/tests
-    metrics_port: int = 0  # 0: pick a free port
 
     @property
     def topics(self) -> Topics:
@@ -76,6 +76,19 @@ class Settings(BaseModel):
             )
         return self.database_url
 
+    @staticmethod
+    def env_name(field: str) -> str:
+        """The environment variable of a field: the usual name, or TALLY_<FIELD>."""
+        return field.upper() if field in _STANDARD_NAMES else f"TALLY_{field.upper()}"
+
+    def to_env(self) -> dict[str, str]:
+        """These settings as environment variables, for a child process."""
+        return {
+            self.env_name(name): str(value)
+            for name, value in self.model_dump().items()
+            if value is not None
+        }
+
     @classmethod
     def load(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
         """Settings from the environment over `.tally/dev.env` over defaults."""
@@ -83,10 +96,14 @@ class Settings(BaseModel):
         merged = {**read_env_file(state_dir() / "dev.env"), **env}
         fields: dict[str, object] = {}
         for name in cls.model_fields:
-            key = name.upper()
-            if key in merged and merged[key] != "":
-                fields[name] = merged[key]
-        if "TALLY_TOPIC_PREFIX" in merged:
-            fields["topic_prefix"] = merged["TALLY_TOPIC_PREFIX"]
+            value = merged.get(cls.env_name(name), "")
+            if value != "":
+                fields[name] = value
         fields.update(overrides)
-        return cls.model_validate(fields)
+        try:
+            return cls.model_validate(fields)
+        except ValidationError as e:
+            raise SettingsError(f"invalid settings: {format_validation_error(e)}") from e
+
+
+_STANDARD_NAMES = {"kafka_bootstrap_servers", "database_url", "stripe_api_key", "stripe_api_base"}

@@ -11,7 +11,11 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -99,3 +103,66 @@ def settings_factory(stack: dict[str, str]) -> Callable[..., Settings]:
         return settings
 
     return make
+
+
+class WorkerProcess:
+    """`tally worker` as a child process, as an operator runs it."""
+
+    def __init__(self, settings: Settings, log_path: Path) -> None:
+        self.settings = settings
+        self.log_path = log_path
+        self.web_port = devstack.free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> WorkerProcess:
+        env = {**os.environ, **self.settings.to_env(), "TALLY_HOME": str(self.log_path.parent)}
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "tally.cli", "worker", "--web-port", str(self.web_port),
+                 "--loglevel", "warning"],
+                env=env, stdout=log, stderr=subprocess.STDOUT,
+            )
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: no flush, no commit, as in a crash."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
+    def stop(self, timeout: float = 30) -> int:
+        """SIGTERM and wait for a clean exit; returns the exit code."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise AssertionError(f"worker did not stop on SIGTERM\n{self.log()}") from None
+        return int(self.proc.returncode)
+
+    def log(self) -> str:
+        return self.log_path.read_text()[-5000:] if self.log_path.exists() else ""
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.web_port}/metrics", timeout=2) as r:
+            return str(r.read().decode())
+
+
+@pytest.fixture
+def worker_factory(tmp_path: Path) -> Iterator[Callable[[Settings], WorkerProcess]]:
+    """Start workers for a test; every one still running at the end is stopped."""
+    started: list[WorkerProcess] = []
+
+    def make(settings: Settings) -> WorkerProcess:
+        w = WorkerProcess(settings, tmp_path / f"worker-{len(started)}.log").start()
+        started.append(w)
+        return w
+
+    yield make
+    for w in started:
+        if w.proc is not None and w.proc.poll() is None:
+            w.proc.kill()
+            w.proc.wait()

@@ -1,0 +1,1 @@
+"""Billing: rating (pricing), Stripe push/invoice/reconcile jobs, webhook receiver, scheduler."""

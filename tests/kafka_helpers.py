@@ -1,0 +1,88 @@
+"""Talking to the real broker from tests: publish records, read topics, wait for effects.
+
+DESIGN.md: the embedded broker under-reports end offsets, so nothing here uses them to
+decide that a test has caught up; callers wait for the effect they expect instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+from aiokafka import TopicPartition
+
+from schemas.codec import loads
+from schemas.plans import default_catalog_path, load_catalog
+from tally import kafka
+from tally.plans_publish import publish_catalog
+from tally.settings import Settings
+
+T = TypeVar("T")
+
+
+async def _publish(settings: Settings, topic: str,
+                   records: Iterable[tuple[str | None, bytes]]) -> None:
+    producer = kafka.producer(settings)
+    await producer.start()
+    try:
+        futures = [await producer.send(topic, key=k.encode() if k is not None else None, value=v)
+                   for k, v in records]
+        for f in futures:
+            await f
+    finally:
+        await producer.stop()
+
+
+def publish(settings: Settings, topic: str, records: Iterable[tuple[str | None, bytes]]) -> None:
+    """Send records with a plain Kafka client (the documented wire format, no SDK)."""
+    asyncio.run(_publish(settings, topic, list(records)))
+
+
+def publish_seed_catalog(settings: Settings) -> None:
+    asyncio.run(publish_catalog(settings, load_catalog(default_catalog_path())))
+
+
+async def _read_all(settings: Settings, topic: str, idle_ms: int) -> list[Any]:
+    consumer = kafka.consumer(settings)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        out: list[Any] = []
+        while True:
+            batch = await consumer.getmany(timeout_ms=idle_ms)
+            if not batch:
+                return out
+            for records in batch.values():
+                out.extend(records)
+    finally:
+        await consumer.stop()
+
+
+def read_records(settings: Settings, topic: str, idle_ms: int = 300) -> list[Any]:
+    """Every record of a topic, read until a fetch comes back empty."""
+    return asyncio.run(_read_all(settings, topic, idle_ms))
+
+
+def read_compacted(settings: Settings, topic: str) -> dict[str, Any]:
+    """The latest decoded value of every key (what a compacted topic converges to)."""
+    latest: dict[str, Any] = {}
+    for r in sorted(read_records(settings, topic), key=lambda r: (r.partition, r.offset)):
+        latest[r.key.decode()] = loads(r.value) if r.value is not None else None
+    return {k: v for k, v in latest.items() if v is not None}
+
+
+def wait_for(probe: Callable[[], T], accept: Callable[[T], bool], timeout: float = 60,
+             what: str = "condition") -> T:
+    """Poll `probe` until `accept` holds; fail with the last value seen."""
+    deadline = time.monotonic() + timeout
+    value = probe()
+    while not accept(value):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}; last value: {value!r}")
+        time.sleep(0.3)
+        value = probe()
+    return value

@@ -1,0 +1,50 @@
+from datetime import UTC, datetime, timedelta
+
+from streams.dedup import CHUNK_SIZE, DedupWindow
+
+NOW = datetime(2026, 11, 21, tzinfo=UTC)
+
+
+def test_an_id_remembers_the_offset_that_first_carried_it() -> None:
+    w = DedupWindow(timedelta(days=35))
+    b = w.bucket_for("t1", NOW, NOW)
+    assert w.first_offset(b, "e1") is None
+    w.add(b, "e1", 7)
+    w.add(b, "e1", 9)
+    assert w.first_offset(b, "e1") == 7
+    assert w.size == 1
+
+
+def test_buckets_beyond_the_horizon_are_evicted_with_tombstones() -> None:
+    w = DedupWindow(timedelta(days=2))
+    old = w.bucket_for("t1", NOW - timedelta(days=1), NOW - timedelta(days=1))
+    w.add(old, "e1", 1)
+    list(w.drain_changes())
+    w.evict_before(NOW + timedelta(days=5))
+    assert w.size == 0
+    assert list(w.drain_changes()) == [(DedupWindow.chunk_key(old, 0), None)]
+
+
+def test_event_older_than_the_horizon_is_bucketed_by_arrival() -> None:
+    w = DedupWindow(timedelta(days=2))
+    bucket = w.bucket_for("t1", NOW - timedelta(days=30), NOW)
+    assert bucket == ("t1", "a" + NOW.date().isoformat())
+
+
+def test_changelog_rewrites_only_touched_chunks_and_restores_exactly() -> None:
+    w = DedupWindow(timedelta(days=35))
+    b = w.bucket_for("t1", NOW, NOW)
+    for i in range(CHUNK_SIZE + 5):
+        w.add(b, f"e{i}", i)
+    first = list(w.drain_changes())
+    assert len(first) == 2
+    w.add(b, "late", 99999)
+    second = list(w.drain_changes())
+    assert [k for k, _ in second] == [DedupWindow.chunk_key(b, 1)]
+
+    restored = DedupWindow(timedelta(days=35))
+    for key, value in first + second:
+        restored.restore_chunk(key, value)
+    assert restored.size == w.size
+    assert restored.first_offset(b, "late") == 99999
+    assert restored.first_offset(b, "e3") == 3

@@ -1,0 +1,239 @@
+"""The worker's decisions, without a broker: the pure PartitionProcessor."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from schemas.plans import default_catalog_path, load_catalog
+from streams.processor import PartitionProcessor, ProcessorConfig
+from tests.helpers import ms, record, subscription, usage
+
+CATALOG = load_catalog(default_catalog_path())
+NOW = datetime(2026, 11, 21, 12, tzinfo=UTC)
+NOV = datetime(2026, 11, 1, tzinfo=UTC)
+DEC = datetime(2026, 12, 1, tzinfo=UTC)
+TOPIC = "tally.usage"
+
+
+def processor() -> PartitionProcessor:
+    return PartitionProcessor(0, CATALOG, ProcessorConfig())
+
+
+def feed(p: PartitionProcessor, offset: int, tenant: str, *events: dict[str, Any],
+         at: datetime = NOW) -> None:
+    p.process_usage(TOPIC, offset, tenant.encode(), record(*events), ms(at))
+
+
+def total(p: PartitionProcessor, tenant: str, meter: str = "api_calls",
+          start: datetime = NOV) -> Decimal:
+    c = p.counters.get((tenant, meter, start))
+    return c.value if c else Decimal(0)
+
+
+def test_duplicate_event_is_counted_once() -> None:
+    p = processor()
+    e = usage("t1", quantity="5", event_id="same", time=NOW)
+    feed(p, 0, "t1", e)
+    feed(p, 1, "t1", e)
+    feed(p, 2, "t1", e, usage("t1", quantity="2", time=NOW))
+    assert total(p, "t1") == Decimal(7)
+    effects = p.drain()
+    assert effects.duplicates == 2
+    assert len(effects.accepted["t1"]) == 2
+
+
+def test_duplicate_inside_one_batch_record_is_counted_once() -> None:
+    p = processor()
+    e = usage("t1", event_id="x", time=NOW)
+    feed(p, 0, "t1", e, e, e)
+    assert total(p, "t1") == Decimal(1)
+
+
+def test_replayed_record_changes_nothing() -> None:
+    p = processor()
+    feed(p, 0, "t1", usage("t1", quantity="3", time=NOW), usage("t1", quantity="4", time=NOW))
+    value = record(usage("t1", quantity="10", time=NOW))
+    p.process_usage(TOPIC, 1, b"t1", value, ms(NOW))
+    p.process_usage(TOPIC, 1, b"t1", value, ms(NOW))  # redelivery of the same record
+    assert total(p, "t1") == Decimal(17)
+
+
+def test_malformed_event_goes_to_dlq_and_neighbours_are_counted() -> None:
+    p = processor()
+    bad = usage("t1", quantity="-1", time=NOW)
+    feed(p, 0, "t1", usage("t1", time=NOW), bad, usage("t1", time=NOW))
+    fx = p.drain()
+    assert total(p, "t1") == Decimal(2)
+    assert [(d.reason, d.index) for d in fx.dead_letters] == [("quantity_out_of_range", 1)]
+
+
+def test_each_dlq_reason_is_named_and_neighbours_still_count() -> None:
+    p = processor()
+    wrong_type = usage("t1", time=NOW)
+    wrong_type["type"] = "something.else"
+    cases = {
+        "invalid_event": {**usage("t1", time=NOW), "time": "yesterday"},
+        "unknown_type": wrong_type,
+        "subject_mismatch": usage("someone-else", time=NOW),
+        "unknown_meter": usage("t1", meter="gpu_hours", time=NOW),
+        "quantity_out_of_range": usage("t1", quantity="1e20", time=NOW),
+        "time_in_future": usage("t1", time=NOW + timedelta(hours=1)),
+    }
+    for offset, bad in enumerate(cases.values()):
+        feed(p, offset, "t1", usage("t1", time=NOW), bad)
+    p.process_usage(TOPIC, 50, b"t1", b"{not json", ms(NOW))
+    p.process_usage(TOPIC, 51, None, record(usage("t1", time=NOW)), ms(NOW))
+    fx = p.drain()
+    reasons = [d.reason for d in fx.dead_letters]
+    assert reasons == [*cases, "invalid_json", "missing_key"]
+    assert total(p, "t1") == Decimal(len(cases))
+
+
+def test_quota_state_turns_blocked_at_the_hard_limit() -> None:
+    p = processor()
+    feed(p, 0, "t1", *[usage("t1", quantity="100", time=NOW) for _ in range(9)])
+    assert p.drain().quota_states[-1].state == "warning"
+    feed(p, 1, "t1", usage("t1", quantity="100", time=NOW))
+    fx = p.drain()
+    state = fx.quota_states[-1]
+    assert (state.state, state.used, state.limit, state.remaining) == (
+        "blocked", Decimal(1000), Decimal(1000), Decimal(0))
+    assert [n.kind for n in fx.notifications] == ["soft_limit", "blocked"]
+
+
+def test_each_threshold_is_notified_once() -> None:
+    p = processor()
+    feed(p, 0, "t1", usage("t1", quantity="900", time=NOW))
+    first = p.drain().notifications
+    feed(p, 1, "t1", usage("t1", quantity="1", time=NOW))
+    assert len(first) == 1 and p.drain().notifications == []
+
+
+def test_subscription_sets_plan_and_anniversary_period() -> None:
+    p = processor()
+    start = datetime(2026, 11, 10, tzinfo=UTC)
+    sub = subscription("t1", "created", "pro", start, datetime(2026, 12, 10, tzinfo=UTC))
+    p.process_subscription("tally.subscriptions", 0, b"t1", record(sub))
+    feed(p, 0, "t1", usage("t1", quantity="5000", time=NOW))
+    fx = p.drain()
+    assert fx.accepted["t1"][0].plan_id == "pro"
+    assert fx.accepted["t1"][0].period_start == start
+    assert fx.quota_states[-1].included == Decimal(100000)
+
+
+def test_plan_upgrade_mid_period_keeps_usage_and_switches_limits() -> None:
+    p = processor()
+    feed(p, 0, "t1", usage("t1", quantity="1000", time=NOW))
+    assert p.drain().quota_states[-1].state == "blocked"
+    upgrade = subscription("t1", "plan_changed", "starter", NOV, DEC, time=NOW)
+    p.process_subscription("tally.subscriptions", 0, b"t1", record(upgrade))
+    state = p.drain().quota_states[-1]
+    assert (state.plan_id, state.used, state.state) == ("starter", Decimal(1000), "ok")
+
+
+def test_late_event_within_window_counts_in_its_own_period() -> None:
+    p = processor()
+    arrival = DEC + timedelta(minutes=30)  # api_calls lateness is one hour
+    feed(p, 0, "t1", usage("t1", time=DEC - timedelta(minutes=1)), at=arrival)
+    accepted = p.drain().accepted["t1"][0]
+    assert (accepted.period_start, accepted.late, accepted.adjustment) == (NOV, True, False)
+
+
+def test_too_late_event_is_an_adjustment_in_the_open_period() -> None:
+    p = processor()
+    arrival = DEC + timedelta(hours=2)
+    feed(p, 0, "t1", usage("t1", quantity="4", time=DEC - timedelta(minutes=1)), at=arrival)
+    accepted = p.drain().accepted["t1"][0]
+    assert (accepted.period_start, accepted.adjustment) == (DEC, True)
+    assert total(p, "t1", start=DEC) == Decimal(4)
+    assert total(p, "t1", start=NOV) == Decimal(0)
+
+
+def test_cancellation_at_once_returns_the_tenant_to_the_default_plan() -> None:
+    p = processor()
+    p.process_subscription("tally.subscriptions", 0, b"t1",
+                           record(subscription("t1", "created", "pro", NOV, DEC)))
+    cancel = subscription("t1", "canceled", "pro", NOV, DEC, time=NOW - timedelta(hours=1))
+    p.process_subscription("tally.subscriptions", 1, b"t1", record(cancel))
+    feed(p, 0, "t1", usage("t1", time=NOW))
+    assert p.drain().accepted["t1"][0].plan_id == "free"
+
+
+def test_state_restored_from_the_changelog_continues_exactly() -> None:
+    p = processor()
+    feed(p, 0, "t1", usage("t1", quantity="3", event_id="a", time=NOW))
+    log = p.drain().changelog
+    q = processor()
+    for key, value in log:
+        q.restore(key, value)
+    feed(q, 1, "t1", usage("t1", quantity="3", event_id="a", time=NOW),
+         usage("t1", quantity="2", event_id="b", time=NOW))
+    assert total(q, "t1") == Decimal(5)
+
+
+# --- crash and replay ------------------------------------------------------------------
+
+events_strategy = st.lists(
+    st.tuples(st.sampled_from(["t1", "t2"]), st.integers(0, 30), st.integers(1, 9)),
+    min_size=1, max_size=60,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(events_strategy, st.integers(1, 6), st.data())
+def test_crash_at_any_point_then_replay_gives_exact_totals(
+    raw: list[tuple[str, int, int]], batch_records: int, data: st.DataObject,
+) -> None:
+    """Records are processed in micro-batches; a crash persists an arbitrary subset of the
+    in-flight batch's changelog; the restart restores and replays from the last commit."""
+    # Each (tenant, id) has one quantity: a redelivery repeats the event exactly.
+    quantities = {(t, i): q for t, i, q in raw}
+    log_records = [(t, record(usage(t, quantity=str(quantities[(t, i)]), event_id=f"e{i}",
+                                     time=NOW))) for t, i, _ in raw]
+    expected: dict[str, Decimal] = {}
+    for (t, _), q in quantities.items():
+        expected[t] = expected.get(t, Decimal(0)) + q
+
+    changelog: list[tuple[str, Any]] = []
+    committed = 0
+    crash_batch = data.draw(st.integers(0, len(log_records) // batch_records + 1))
+    p = processor()
+    for n, start in enumerate(range(0, len(log_records), batch_records)):
+        batch = log_records[start:start + batch_records]
+        for offset, (tenant, value) in enumerate(batch, start):
+            p.process_usage(TOPIC, offset, tenant.encode(), value, ms(NOW))
+        entries = p.drain().changelog
+        if n == crash_batch:
+            kept = data.draw(st.lists(st.booleans(), min_size=len(entries),
+                                      max_size=len(entries)))
+            changelog += [e for e, keep in zip(entries, kept, strict=True) if keep]
+            break
+        changelog += entries
+        committed = start + len(batch)
+
+    restarted = processor()
+    for key, value in changelog:
+        restarted.restore(key, value)
+    for offset in range(committed, len(log_records)):
+        tenant, value = log_records[offset]
+        restarted.process_usage(TOPIC, offset, tenant.encode(), value, ms(NOW))
+    assert {t: total(restarted, t) for t in expected} == expected
+
+
+def test_shuffled_order_gives_the_same_totals() -> None:
+    events = [usage(f"t{i % 3}", quantity=str(i), event_id=f"e{i}", time=NOW) for i in range(90)]
+    totals = []
+    for seed in range(3):
+        shuffled = events[:]
+        random.Random(seed).shuffle(shuffled)
+        p = processor()
+        for offset, e in enumerate(shuffled + shuffled[:20]):
+            feed(p, offset, e["subject"], e)
+        totals.append({t: total(p, t) for t in ("t0", "t1", "t2")})
+    assert totals[0] == totals[1] == totals[2]

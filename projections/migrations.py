@@ -7,6 +7,7 @@ and each file is applied in the same transaction as its row in `tally.schema_mig
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import psycopg
 
@@ -24,10 +25,10 @@ def migration_files() -> list[tuple[int, str, Path]]:
     return found
 
 
-def connect(database_url: str, **kwargs: object) -> psycopg.Connection[tuple[object, ...]]:
+def connect(database_url: str, **kwargs: Any) -> psycopg.Connection[tuple[Any, ...]]:
     """A connection, with driver errors translated at this edge."""
     try:
-        return psycopg.connect(database_url, **kwargs)  # type: ignore[arg-type]
+        return psycopg.connect(database_url, **kwargs)
     except psycopg.OperationalError as e:
         raise DatabaseUnavailable(f"cannot connect to Postgres: {e}") from e
 

@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 MAX_BATCH_RECORDS = 2000
 BATCH_WITHIN_SECONDS = 0.02
+# Accepted events per output record: keeps each record far below the broker's size limit.
+ACCEPTED_PER_RECORD = 1000
 
 
 class Worker:
@@ -102,7 +104,9 @@ class Worker:
             sends.append((t.worker_state, key, None if state is None else dumps(state), None))
         batch_header = [(CONTENT_TYPE_HEADER, BATCH_CONTENT_TYPE.encode())]
         for tenant, accepted in fx.accepted.items():
-            sends.append((t.usage_accepted, tenant, dumps(accepted), batch_header))
+            for i in range(0, len(accepted), ACCEPTED_PER_RECORD):
+                chunk = accepted[i:i + ACCEPTED_PER_RECORD]
+                sends.append((t.usage_accepted, tenant, dumps(chunk), batch_header))
         for c in fx.counters:
             sends.append((t.counters, counter_key(c.tenant_id, c.meter, c.period_start),
                           dumps(_counter_record(c, p)), None))
@@ -165,6 +169,17 @@ class Worker:
         log.info("restored partition %d from %d changelog records", processor.partition, count)
 
 
+async def _fail(app: faust.App, error: Exception) -> None:
+    """Crash the whole worker (exit code 1) rather than live on with a dead agent.
+
+    Nothing was acknowledged for the failed batch, so a restarted worker (the supervisor's
+    job) processes it again.
+    """
+    log.critical("worker failed, exiting: %r", error, exc_info=error)
+    await app.crash(error)
+    raise error
+
+
 def _counter_record(c: Any, p: int) -> dict[str, Any]:
     return {
         "tenant_id": c.tenant_id, "meter": c.meter,
@@ -202,12 +217,18 @@ def create_app(settings: Settings, web_port: int = 6066,
 
     @app.agent(source)
     async def process(stream: Any) -> None:
-        async for events in stream.take_events(MAX_BATCH_RECORDS, BATCH_WITHIN_SECONDS):
-            await worker.handle(list(events))
+        try:
+            async for events in stream.take_events(MAX_BATCH_RECORDS, BATCH_WITHIN_SECONDS):
+                await worker.handle(list(events))
+        except Exception as e:
+            await _fail(app, e)
 
     @app.task  # type: ignore[untyped-decorator]
     async def follow_catalog() -> None:
-        await worker.catalog_follower.run()
+        try:
+            await worker.catalog_follower.run()
+        except Exception as e:
+            await _fail(app, e)
 
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]
     async def on_revoked(app: faust.App, revoked: set[Any], **_: Any) -> None:

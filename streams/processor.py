@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from pydantic import TypeAdapter, ValidationError
 
-from schemas.codec import RecordDecodeError, decode_record
+from schemas.codec import RecordDecodeError, decode_record, dumps
 from schemas.events import SUBSCRIPTION_TYPES, USAGE_TYPE, SubscriptionEvent, UsageEvent
 from schemas.plans import Catalog, PlanMeter
 from schemas.records import AcceptedEvent, DeadLetter, Notification, QuotaState
@@ -155,11 +155,10 @@ class PartitionProcessor:
         tenant = key.decode("utf-8", "replace") if key else None
 
         def dead(reason: DlqReason, detail: str, index: int | None, raw: Any) -> None:
-            text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else _to_text(raw)
             self._effects.dead_letters.append(DeadLetter(
                 reason=reason, detail=detail, source_topic=topic,
                 source_partition=self.partition, source_offset=offset,
-                index=index, key=tenant, value=text,
+                index=index, key=tenant, value=_to_text(raw),
             ))
 
         if not tenant:
@@ -325,10 +324,9 @@ class PartitionProcessor:
         self, topic: str, offset: int, tenant: str | None, reason: DlqReason, detail: str,
         raw: Any,
     ) -> None:
-        text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else _to_text(raw)
         self._effects.dead_letters.append(DeadLetter(
             reason=reason, detail=detail, source_topic=topic, source_partition=self.partition,
-            source_offset=offset, index=None, key=tenant, value=text,
+            source_offset=offset, index=None, key=tenant, value=_to_text(raw),
         ))
 
     # --- catalog -----------------------------------------------------------------------
@@ -415,10 +413,19 @@ def counter_key(tenant: str, meter: str, period_start: datetime) -> str:
     return f"{tenant}/{meter}/{period_start.isoformat()}"
 
 
-def _to_text(raw: Any) -> str:
-    from schemas.codec import dumps
+# A dead letter carries the offending event as text, cut to this many characters: the
+# whole record stays in the source topic at the partition and offset the letter names.
+MAX_DEAD_LETTER_TEXT = 64_000
 
-    try:
-        return dumps(raw).decode()
-    except TypeError:
-        return repr(raw)
+
+def _to_text(raw: Any) -> str:
+    if isinstance(raw, bytes):
+        text = raw.decode("utf-8", "replace")
+    else:
+        try:
+            text = dumps(raw).decode()
+        except TypeError:
+            text = repr(raw)
+    if len(text) > MAX_DEAD_LETTER_TEXT:
+        return text[:MAX_DEAD_LETTER_TEXT] + f"... [cut; {len(text)} characters in all]"
+    return text

@@ -1,4 +1,8 @@
-"""The `tally` command. Errors are one line on stderr and exit code 2, never a traceback."""
+"""The `tally` command. Errors are one line on stderr and exit code 2, never a traceback.
+
+Each package registers its own subcommands (`<package>/cli.py: register(subparsers)`), so
+the command grows with the packages without one file knowing them all.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
+from typing import Any, Protocol
 
 from schemas.errors import TallyError
 from tally.settings import Settings, read_env_file, state_dir
@@ -20,8 +24,31 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"tally: error: {message}\n")
 
 
-def _settings() -> Settings:
-    return Settings.load()
+Subparsers = Any  # argparse's _SubParsersAction, which typeshed keeps private
+
+
+def add_group(sub: Subparsers, name: str, help_text: str) -> Subparsers:
+    """A command with its own subcommands (`tally <name> <action>`)."""
+    return sub.add_parser(name, help=help_text).add_subparsers(
+        dest="action", required=True, parser_class=_Parser)
+
+
+class Service(Protocol):
+    async def run(self) -> None: ...
+    def stop(self) -> None: ...
+
+
+def run_until_signalled(make: Callable[[], Service]) -> None:
+    """Run a service until SIGTERM/SIGINT; it finishes its current batch, then returns."""
+
+    async def main() -> None:
+        service = make()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, service.stop)
+        await service.run()
+
+    asyncio.run(main())
 
 
 def _dev_up(args: argparse.Namespace) -> int:
@@ -59,71 +86,9 @@ def _dev_status(args: argparse.Namespace) -> int:
         print("dev stack: not started (run `tally dev up`)")
         return 1
     running = devstack.is_running(recorded)
-    print(f"kafka     {recorded.get('KAFKA_BOOTSTRAP_SERVERS')}  "
-          f"{'up' if running['kafka'] else 'DOWN'}")
-    print(f"postgres  {recorded.get('DATABASE_URL')}  {'up' if running['postgres'] else 'DOWN'}")
+    for name, key in (("kafka", "KAFKA_BOOTSTRAP_SERVERS"), ("postgres", "DATABASE_URL")):
+        print(f"{name:<9} {recorded.get(key)}  {'up' if running[name] else 'DOWN'}")
     return 0 if all(running.values()) else 1
-
-
-def _worker(args: argparse.Namespace) -> int:
-    from streams.app import run_worker
-    from tally import kafka
-
-    settings = _settings()
-    asyncio.run(kafka.ensure_topics(settings))
-    run_worker(settings, args.web_port, args.loglevel)
-    return 0
-
-
-def _run_until_signalled(make: Callable[[], object]) -> None:
-    """Run a service's `run()` until SIGTERM/SIGINT, then let it finish its batch."""
-
-    async def main() -> None:
-        service = make()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, service.stop)  # type: ignore[attr-defined]
-        await service.run()  # type: ignore[attr-defined]
-
-    asyncio.run(main())
-
-
-def _project(args: argparse.Namespace) -> int:
-    from prometheus_client import start_http_server
-
-    from projections.projector import Projector
-    from tally import kafka
-
-    settings = _settings()
-    settings.require_database()
-    asyncio.run(kafka.ensure_topics(settings))
-    start_http_server(args.metrics_port, addr="127.0.0.1")
-    _run_until_signalled(lambda: Projector(settings))
-    return 0
-
-
-def _db_migrate(args: argparse.Namespace) -> int:
-    from projections.migrations import migrate
-
-    applied = migrate(_settings().require_database())
-    print("applied: " + ", ".join(applied) if applied else "schema is up to date")
-    return 0
-
-
-def _plans_publish(args: argparse.Namespace) -> int:
-    from tally.plans_publish import publish_file
-
-    count = asyncio.run(publish_file(_settings(), Path(args.file)))
-    print(f"published {count} catalog records from {args.file}")
-    return 0
-
-
-def _push_usage(args: argparse.Namespace) -> int:
-    from billing_jobs.push_usage import run_push_usage
-
-    result = run_push_usage(_settings())
-    print(result.summary())
-    return 0 if not result.failed else 1
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -133,45 +98,33 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from billing_jobs import cli as billing_cli
+    from projections import cli as projections_cli
+    from streams import cli as streams_cli
+
     parser = _Parser(prog="tally", description="Tally: usage metering on Kafka")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    dev = sub.add_parser("dev", help="the embedded dev stack").add_subparsers(
-        dest="action", required=True, parser_class=_Parser)
-    dev.add_parser("up", help="start Tansu and Postgres").set_defaults(func=_dev_up)
-    dev.add_parser("down", help="stop them").set_defaults(func=_dev_down)
+    dev = add_group(sub, "dev", "the embedded dev stack (Tansu + Postgres)")
+    dev.add_parser("up", help="start it; addresses go to .tally/dev.env").set_defaults(
+        func=_dev_up)
+    dev.add_parser("down", help="stop it").set_defaults(func=_dev_down)
     dev.add_parser("status", help="what runs where").set_defaults(func=_dev_status)
 
-    worker = sub.add_parser("worker", help="run the stream processor (Faust)")
-    worker.add_argument("--web-port", type=int, default=6066,
-                        help="port of /metrics, /healthz (default 6066)")
-    worker.add_argument("--loglevel", default="info")
-    worker.set_defaults(func=_worker)
-
-    project = sub.add_parser("project", help="run the projector into Postgres")
-    project.add_argument("--metrics-port", type=int, default=9466)
-    project.set_defaults(func=_project)
-
-    db = sub.add_parser("db", help="database").add_subparsers(
-        dest="action", required=True, parser_class=_Parser)
-    db.add_parser("migrate", help="apply pending migrations").set_defaults(func=_db_migrate)
-
-    plans = sub.add_parser("plans", help="the plan catalog").add_subparsers(
-        dest="action", required=True, parser_class=_Parser)
-    publish = plans.add_parser("publish", help="validate FILE and publish it to tally.plans")
-    publish.add_argument("file")
-    publish.set_defaults(func=_plans_publish)
-
-    jobs = sub.add_parser("jobs", help="billing jobs").add_subparsers(
-        dest="action", required=True, parser_class=_Parser)
-    jobs.add_parser("push-usage", help="send period usage to Stripe as meter events"
-                    ).set_defaults(func=_push_usage)
+    streams_cli.register(sub)
+    projections_cli.register(sub)
+    billing_cli.register(sub)
 
     demo = sub.add_parser("demo", help="run the whole pipeline on synthetic traffic")
     demo.add_argument("--tenants", type=int, default=8)
     demo.add_argument("--events", type=int, default=60000)
     demo.set_defaults(func=_demo)
     return parser
+
+
+def settings() -> Settings:
+    """The settings every command uses (environment over .tally/dev.env)."""
+    return Settings.load()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -276,6 +277,17 @@ def run_demo(tenants: int = 8, events: int = 60000) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: everything the demo started was stopped", file=sys.stderr)
         return 130
+    finally:
+        _clean_up(home)
+
+
+def _clean_up(home: Path) -> None:
+    """Remove the demo's data; keep the worker log if something went wrong."""
+    log = home / "worker.log"
+    if log.exists() and "Traceback" in log.read_text(errors="replace"):
+        print(f"worker log kept at {log}", file=sys.stderr)
+        return
+    shutil.rmtree(home, ignore_errors=True)
 
 
 def _stripe_mismatches(settings: Settings, pushed: dict[tuple[str, str], Decimal]) -> list[str]:

@@ -31,6 +31,8 @@ class AcceptedEvent(BaseModel):
     event_id: str
     meter: str
     aggregation: str  # the meter's aggregation, so rollups fold it the same way
+    # unique_count meters: the value of the counted dimension (None for other meters).
+    unique_value: str | None = None
     quantity: Decimal
     event_time: datetime
     ingested_at: datetime

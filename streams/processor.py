@@ -212,16 +212,16 @@ class PartitionProcessor:
             if counter.applied_offset < offset:
                 counter.applied_offset = offset
                 folded_here.add(counter_key)
+            unique = (event.data.dimensions.get(meter.unique_dimension)
+                      if meter.unique_dimension else None)
             if counter_key in folded_here:
-                unique = (event.data.dimensions.get(meter.unique_dimension)
-                          if meter.unique_dimension else None)
                 counter.fold(event.data.quantity, unique, event_time)
                 self._touched.add(counter_key)
                 self._effects.counted += 1
             self._note_current(tenant, event.data.meter, period.start)
             self._effects.accepted[tenant].append(AcceptedEvent(
                 tenant_id=tenant, event_id=event.id, meter=event.data.meter,
-                aggregation=meter.aggregation,
+                aggregation=meter.aggregation, unique_value=unique,
                 quantity=event.data.quantity, event_time=event_time, ingested_at=ingested_at,
                 source=event.source, dimensions=dict(event.data.dimensions),
                 period_start=period.start, period_end=period.end, plan_id=plan_id,

@@ -30,7 +30,7 @@ SubscriptionType = Literal[
 NAME_PATTERN = r"^[a-z][a-z0-9_]{0,63}$"
 MAX_QUANTITY = Decimal("1e15")
 # A tenant id becomes a Kafka key and part of compacted keys joined with "/".
-TENANT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
+TENANT_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")  # use fullmatch
 
 DimensionKey = Annotated[str, Field(max_length=64)]
 DimensionValue = Annotated[str, Field(max_length=256)]
@@ -39,7 +39,7 @@ Frozen = ConfigDict(frozen=True, extra="forbid", str_strip_whitespace=False)
 
 
 def _check_tenant(value: str) -> str:
-    if not TENANT_PATTERN.match(value):
+    if not TENANT_PATTERN.fullmatch(value):
         raise ValueError(
             "tenant id must be 1-128 characters of letters, digits and . _ : @ -, "
             "starting with a letter or digit"

@@ -31,6 +31,7 @@ from streams import metrics
 from streams.catalog_follower import CatalogFollower
 from streams.errors import StateRecoveryError
 from streams.processor import Effects, PartitionProcessor, ProcessorConfig, counter_key
+from streams.quota_view import QuotaView, parse_quantity
 from tally import kafka
 from tally.settings import Settings
 
@@ -237,6 +238,24 @@ def create_app(settings: Settings, web_port: int = 6066,
     @app.page("/metrics")
     async def metrics_page(web: Any, request: Any) -> Any:
         return web.bytes(generate_latest(), content_type=CONTENT_TYPE_LATEST.split(";")[0])
+
+    # For services that cannot embed a QuotaView: the same answer over HTTP.
+    quota_view = QuotaView(settings)
+
+    @app.task  # type: ignore[untyped-decorator]
+    async def follow_quota_state() -> None:
+        await quota_view.run()  # reconnects by itself; ends only when cancelled
+
+    @app.page("/quota/{tenant}/{meter}")
+    async def quota_page(web: Any, request: Any, tenant: str, meter: str) -> Any:
+        try:
+            quantity = parse_quantity(request.query.get("quantity"))
+        except ValueError as e:
+            return web.bytes(dumps({"error": str(e)}), content_type="application/json",
+                             status=400)
+        body = dumps(quota_view.check(tenant, meter, quantity).to_json())
+        return web.bytes(body, content_type="application/json",
+                         status=200 if quota_view.ready else 503)
 
     @app.page("/healthz")
     async def health(web: Any, request: Any) -> Any:

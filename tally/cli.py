@@ -99,6 +99,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from billing_jobs import cli as billing_cli
+    from producers import cli as producers_cli
     from projections import cli as projections_cli
     from streams import cli as streams_cli
 
@@ -111,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_parser("down", help="stop it").set_defaults(func=_dev_down)
     dev.add_parser("status", help="what runs where").set_defaults(func=_dev_status)
 
+    producers_cli.register(sub)
     streams_cli.register(sub)
     projections_cli.register(sub)
     billing_cli.register(sub)

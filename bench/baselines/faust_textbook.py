@@ -1,0 +1,44 @@
+"""Baseline: the textbook Faust agent — one event per iteration, a Faust table per tenant.
+
+    python -m bench.baselines.faust_textbook BOOTSTRAP TOPIC EXPECTED_EVENTS WEB_PORT
+
+Prints `DONE <events> <seconds>` (first to last event processed) and exits.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import faust
+import orjson
+
+bootstrap, topic_name, expected, web_port = sys.argv[1], sys.argv[2], int(sys.argv[3]), \
+    int(sys.argv[4])
+app = faust.App(
+    f"bench-textbook-{topic_name}", broker=f"kafka://{bootstrap}", value_serializer="raw",
+    broker_session_timeout=4, broker_heartbeat_interval=0.5, web_port=web_port,
+    store="memory://", consumer_auto_offset_reset="earliest",
+)
+topic = app.topic(topic_name)
+totals = app.Table("totals", default=int)
+seen = {"events": 0, "first": 0.0}
+
+
+@app.agent(topic)
+async def count(stream: faust.StreamT[bytes]) -> None:
+    async for value in stream:
+        if not seen["first"]:
+            seen["first"] = time.perf_counter()
+        parsed = orjson.loads(value)
+        for event in parsed if isinstance(parsed, list) else [parsed]:
+            totals[event["subject"]] += int(event["data"]["quantity"])
+            seen["events"] += 1
+        if seen["events"] >= expected:
+            print(f"DONE {seen['events']} {time.perf_counter() - seen['first']:.4f}", flush=True)
+            os._exit(0)
+
+
+if __name__ == "__main__":
+    faust.Worker(app, loglevel="error", quiet=True).execute_from_commandline()

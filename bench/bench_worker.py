@@ -1,0 +1,172 @@
+"""Worker benchmark: Tally's worker against two baselines on the same records, same run.
+
+    python -m bench.bench_worker --batch-events 200000 --single-events 60000 --out FILE
+
+Two datasets, each published once and read by every contender through its own consumer
+group: batch records (500 events per record, the SDK's format) and one-event records.
+Contenders:
+- tally: `tally worker` (dedup, periods, quotas, accepted events, DLQ, changelog);
+- faust-textbook: a Faust agent adding each event to a Faust table (bench/baselines);
+- quixstreams: a quixstreams app doing the same stateful per-tenant sum.
+Each figure is events / (time from the first to the last event processed). Tally's is
+read from its Prometheus counter, polled every 50 ms.
+
+Starts its own Tansu unless KAFKA_BOOTSTRAP_SERVERS is set. Appends one JSON object per
+figure to `--out` (JSON lines) and prints a table with ratios against the baselines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from schemas.plans import default_catalog_path, load_catalog
+from tally import devstack, kafka
+from tally.plans_publish import publish_catalog
+from tally.settings import Settings
+
+TENANTS = 100
+_COUNTED = re.compile(r'^tally_worker_events_total\{outcome="counted"\} ([0-9.e+]+)$', re.M)
+
+
+def make_records(events: int, per_record: int) -> list[tuple[bytes, bytes]]:
+    now = datetime.now(UTC).isoformat()
+    records = []
+    for start in range(0, events, per_record * TENANTS):
+        for t in range(TENANTS):
+            tenant = f"tenant-{t}"
+            batch = [
+                {"specversion": "1.0", "id": uuid.uuid4().hex, "source": "bench",
+                 "type": "tally.usage.v1", "subject": tenant, "time": now,
+                 "data": {"meter": "api_calls", "quantity": "1"}}
+                for _ in range(min(per_record, events - start - t * per_record))
+            ]
+            if batch:
+                value = orjson.dumps(batch if per_record > 1 else batch[0])
+                records.append((tenant.encode(), value))
+    return records
+
+
+async def publish(settings: Settings, records: list[tuple[bytes, bytes]]) -> None:
+    producer = kafka.producer(settings)
+    await producer.start()
+    try:
+        futures = [await producer.send(settings.topics.usage, key=k, value=v)
+                   for k, v in records]
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+def run_tally(settings: Settings, expected: int, home: Path) -> float:
+    port = devstack.free_port()
+    env = {**os.environ, **settings.to_env(), "TALLY_HOME": str(home)}
+    with (home / "worker.log").open("ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tally.cli", "worker", "--web-port", str(port),
+             "--loglevel", "warning"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    first = last = 0.0
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+                    match = _COUNTED.search(r.read().decode())
+            except OSError:
+                continue
+            counted = float(match.group(1)) if match else 0.0
+            now = time.perf_counter()
+            if counted > 0 and not first:
+                first = now
+            if counted >= expected:
+                last = now
+                break
+        else:
+            raise RuntimeError(f"tally worker did not finish; see {home / 'worker.log'}")
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    return last - first
+
+
+def run_baseline(module: str, args: list[str]) -> float:
+    out = subprocess.run([sys.executable, "-m", module, *args], capture_output=True,
+                         text=True, timeout=900)
+    for line in out.stdout.splitlines():
+        if line.startswith("DONE "):
+            return float(line.split()[2])
+    raise RuntimeError(f"{module} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
+
+
+def bench_dataset(name: str, bootstrap: str, events: int, per_record: int,
+                  home: Path) -> list[dict[str, Any]]:
+    settings = Settings(kafka_bootstrap_servers=bootstrap, topic_prefix=f"bench-{name}.",
+                        worker_id=f"bench-tally-{name}", partitions=4)
+    asyncio.run(kafka.ensure_topics(settings))
+    asyncio.run(publish_catalog(settings, load_catalog(default_catalog_path())))
+    records = make_records(events, per_record)
+    asyncio.run(publish(settings, records))
+    topic = settings.topics.usage
+    seconds = {
+        "tally": run_tally(settings, events, home),
+        "faust-textbook": run_baseline(
+            "bench.baselines.faust_textbook",
+            [bootstrap, topic, str(events), str(devstack.free_port())]),
+        "quixstreams": run_baseline(
+            "bench.baselines.quix_sum", [bootstrap, topic, str(events),
+                                         tempfile.mkdtemp(prefix="quix-", dir=home)]),
+    }
+    rate = {k: events / v for k, v in seconds.items()}
+    return [{
+        "bench": "worker", "dataset": name, "events": events, "events_per_record": per_record,
+        "contender": k, "seconds": round(seconds[k], 4), "events_per_s": round(rate[k]),
+        "vs_faust_textbook": round(rate[k] / rate["faust-textbook"], 2),
+        "vs_quixstreams": round(rate[k] / rate["quixstreams"], 2),
+    } for k in seconds]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-events", type=int, default=200_000)
+    parser.add_argument("--single-events", type=int, default=60_000)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/worker.jsonl"))
+    args = parser.parse_args()
+    home = Path(tempfile.mkdtemp(prefix="tally-bench-worker-"))
+    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    pid = None
+    if not bootstrap:
+        bootstrap, pid = devstack.start_kafka(home)
+    try:
+        rows = bench_dataset("batch", bootstrap, args.batch_events, 500, home)
+        rows += bench_dataset("single", bootstrap, args.single_events, 1, home)
+    finally:
+        if pid:
+            devstack.stop_kafka(pid)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with args.out.open("ab") as f:
+        for row in rows:
+            row["at"] = datetime.now(UTC).isoformat()
+            f.write(orjson.dumps(row) + b"\n")
+    print(f"{'dataset':<8} {'contender':<16} {'events/s':>10} {'x textbook':>11} {'x quix':>8}")
+    for r in rows:
+        print(f"{r['dataset']:<8} {r['contender']:<16} {r['events_per_s']:>10,} "
+              f"{r['vs_faust_textbook']:>11} {r['vs_quixstreams']:>8}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

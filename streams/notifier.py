@@ -1,0 +1,331 @@
+"""The notifier: deliver `tally.notifications` to a webhook (Slack-compatible), at least once.
+
+    tally notify serve --webhook-url https://hooks.example.com/T0/B0 --secret "$SECRET"
+
+Delivery protocol, per notification record, in partition order:
+1. decode it (a record that is not a Notification is logged, counted as failed and skipped:
+   retrying cannot fix it);
+2. POST the payload; on a network error, a timeout or any non-2xx answer, wait with
+   exponential backoff and jitter and POST again, until it succeeds (or `max_attempts`, when
+   set, is used up: then it is logged and counted as failed, and skipped);
+3. only then commit the record's offset (consumer group `<topic prefix>notifier`).
+A crash or stop between 2 and 3 sends the notification again on restart: at-least-once.
+Receivers dedup by the `Idempotency-Key` header, which is derived from the notification's
+identity (tenant, meter, period start, kind, threshold percent) and is therefore the same on
+every attempt and every redelivery.
+
+The request
+    POST <webhook-url>
+    Content-Type: application/json
+    Idempotency-Key: ntf_<32 hex>
+    X-Tally-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256>
+    X-Tally-Delivery-Attempt: <1, 2, ...>
+
+    {"text": "<a line for humans; Slack shows it>", "idempotency_key": "ntf_...",
+     "tenant_id": ..., "meter": ..., "plan_id": ..., "period_start": ..., "kind": ...,
+     "threshold_percent": ..., "used": ..., "limit": ...}
+
+Verifying a delivery (the receiver's side; the same scheme as Stripe's webhooks)
+1. Split `X-Tally-Signature` on "," into `t=<timestamp>` and one or more `v1=<signature>`.
+2. Compute HMAC-SHA256 with the shared secret over the exact bytes `f"{t}." + raw body`
+   (the body as received, before any JSON parsing) and hex-encode it.
+3. Compare it with each v1 value in constant time (`hmac.compare_digest`); accept on a
+   match.
+4. Reject when |now - t| exceeds a tolerance (5 minutes here): this bounds replays of a
+   captured request. Every attempt is signed afresh, so retries carry a current `t`.
+5. Dedup on `Idempotency-Key` and answer 2xx only once the notification is stored or
+   handled; any other answer makes the notifier retry.
+`verify_signature` below implements 1-4 for Python receivers.
+
+Stopping: SIGTERM finishes the POST in flight (bounded by the request timeout), commits
+what was delivered and exits 0; a notification waiting for its next attempt is left
+uncommitted and is delivered after the restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import random
+import time
+from dataclasses import dataclass
+from datetime import UTC
+from decimal import Decimal
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from aiokafka import TopicPartition
+from aiokafka.errors import CommitFailedError
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from pydantic import ValidationError
+
+from schemas.codec import dumps
+from schemas.records import Notification
+from tally import kafka
+from tally.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SIGNATURE_HEADER = "X-Tally-Signature"
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+ATTEMPT_HEADER = "X-Tally-Delivery-Attempt"
+SIGNATURE_TOLERANCE_SECONDS = 300
+
+DELIVERED = Counter("tally_notifier_delivered_total", "Notifications delivered (2xx)", ["kind"])
+FAILED = Counter("tally_notifier_failed_total",
+                 "Notifications given up on: undecodable, or out of attempts", ["reason"])
+RETRIED = Counter("tally_notifier_retried_total", "Delivery attempts that will be retried",
+                  ["cause"])
+DELIVERY_SECONDS = Histogram(
+    "tally_notifier_delivery_seconds", "From the first attempt to a 2xx answer",
+    buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 30, 120, 600),
+)
+
+
+# --- pure parts: identity, payload, signature, backoff ---------------------------------
+
+
+def idempotency_key(n: Notification) -> str:
+    """A stable key from the notification's identity; the same on every redelivery.
+
+    Decimals are normalised (80 and 80.0 are one threshold) and times put in UTC, so two
+    encodings of the same notification agree. Hashed to keep the header ASCII and short
+    whatever the tenant id contains.
+    """
+    percent = "-" if n.threshold_percent is None else _plain(n.threshold_percent)
+    start = n.period_start.astimezone(UTC).isoformat()
+    identity = "\x1f".join((n.tenant_id, n.meter, start, n.kind, percent))
+    return "ntf_" + hashlib.sha256(identity.encode()).hexdigest()[:32]
+
+
+def _plain(d: Decimal) -> str:
+    return format(d.normalize(), "f")
+
+
+def render_text(n: Notification) -> str:
+    """The human line of a notification (Slack's `text`)."""
+    who = f"Tenant {n.tenant_id} (plan {n.plan_id})"
+    used = _plain(n.used)
+    if n.kind == "soft_limit":
+        pct = "?" if n.threshold_percent is None else _plain(n.threshold_percent)
+        return f"{who} reached {pct}% of its included {n.meter}: {used} used."
+    if n.kind == "exceeded":
+        return f"{who} exceeded its included {n.meter}: {used} used; overage applies."
+    if n.kind == "blocked":
+        limit = "?" if n.limit is None else _plain(n.limit)
+        return (f"{who} reached the hard limit of {limit} {n.meter}; further usage is "
+                f"blocked until the period ends.")
+    return f"{who}: the trial ends soon."
+
+
+def payload(n: Notification) -> bytes:
+    """The request body: Slack's `text` plus every field of the notification."""
+    return dumps({"text": render_text(n), "idempotency_key": idempotency_key(n),
+                  **n.model_dump(mode="json")})
+
+
+def sign(secret: str, body: bytes, timestamp: int) -> str:
+    """The `X-Tally-Signature` value for a body sent at `timestamp` (unix seconds)."""
+    mac = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256)
+    return f"t={timestamp},v1={mac.hexdigest()}"
+
+
+def verify_signature(secret: str, body: bytes, header: str, *,
+                     tolerance: float = SIGNATURE_TOLERANCE_SECONDS,
+                     now: float | None = None) -> bool:
+    """Whether `header` is a valid, fresh signature of `body` (the receiver's check)."""
+    timestamp: int | None = None
+    candidates: list[str] = []
+    for part in header.split(","):
+        name, _, value = part.strip().partition("=")
+        if name == "t" and value.isdigit():
+            timestamp = int(value)
+        elif name == "v1":
+            candidates.append(value)
+    if timestamp is None or not candidates:
+        return False
+    if abs((time.time() if now is None else now) - timestamp) > tolerance:
+        return False
+    expected = sign(secret, body, timestamp).rpartition("v1=")[2]
+    return any(hmac.compare_digest(expected, c) for c in candidates)
+
+
+def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:
+    """Seconds to wait after failed attempt number `attempt` (1-based).
+
+    Exponential (base * 2^(attempt-1)), capped, with "equal jitter" (half fixed, half
+    random) so many notifiers retrying at once do not hit a recovering receiver in step.
+    """
+    ceiling = min(cap, base * 2.0 ** (attempt - 1))
+    return ceiling / 2 + rng.uniform(0, ceiling / 2)
+
+
+# --- the service -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NotifierOptions:
+    """How the notifier delivers. `max_attempts` None: retry until delivered."""
+
+    webhook_url: str
+    secret: str
+    group_id: str | None = None  # default: "<topic prefix>notifier"
+    request_timeout: float = 10.0
+    backoff_base: float = 0.5
+    backoff_max: float = 60.0
+    max_attempts: int | None = None
+
+
+class Notifier:
+    """Consumes `tally.notifications` and delivers each one to the webhook; see module docs."""
+
+    def __init__(self, settings: Settings, options: NotifierOptions) -> None:
+        self.settings = settings
+        self.options = options
+        self.topic = settings.topics.notifications
+        self.group_id = options.group_id or f"{settings.topic_prefix}notifier"
+        self.delivered = 0
+        self.last_error: str | None = None
+        self._stopping = asyncio.Event()
+        self._rng = random.Random()
+
+    def stop(self) -> None:
+        """Ask the notifier to stop (safe from a signal handler); run() then returns."""
+        self._stopping.set()
+
+    async def run(self) -> None:
+        """Deliver notifications until stop() is called."""
+        consumer = kafka.consumer(
+            self.settings, self.topic, group_id=self.group_id,
+            # The embedded broker holds a group join for half the session timeout.
+            session_timeout_ms=4000, heartbeat_interval_ms=500,
+            # A notification may wait long for a receiver that is down; leaving the group
+            # meanwhile would only hand the same wait to another notifier.
+            max_poll_interval_ms=3_600_000,
+        )
+        timeout = aiohttp.ClientTimeout(total=self.options.request_timeout)
+        await consumer.start()
+        try:
+            async with aiohttp.ClientSession(timeout=timeout) as http:
+                while not self._stopping.is_set():
+                    batches = await consumer.getmany(timeout_ms=500)
+                    for tp, records in batches.items():
+                        for r in records:
+                            if not await self._handle(http, r.value, r.offset):
+                                return  # stopping mid-retry: this one stays uncommitted
+                            await self._commit(consumer, tp, r.offset + 1)
+        finally:
+            await consumer.stop()
+
+    async def _handle(self, http: aiohttp.ClientSession, value: bytes | None,
+                      offset: int) -> bool:
+        """Deliver one record; False only when stopping before it was delivered."""
+        try:
+            notification = Notification.model_validate_json(value or b"")
+        except ValidationError as e:
+            FAILED.labels("invalid").inc()
+            log.error("skipping notification record at offset %d that is not a Notification: %s",
+                      offset, e)
+            return True
+        return await self.deliver(http, notification)
+
+    async def deliver(self, http: aiohttp.ClientSession, n: Notification) -> bool:
+        """POST one notification until it is accepted; False if stopped before that."""
+        body = payload(n)
+        key = idempotency_key(n)
+        started = time.perf_counter()
+        attempt = 0
+        while True:
+            attempt += 1
+            cause = await self._attempt(http, body, key, attempt)
+            if cause is None:
+                DELIVERED.labels(n.kind).inc()
+                DELIVERY_SECONDS.observe(time.perf_counter() - started)
+                self.delivered += 1
+                return True
+            self.last_error = f"{key}: {cause}"
+            max_attempts = self.options.max_attempts
+            if max_attempts is not None and attempt >= max_attempts:
+                FAILED.labels("attempts_exhausted").inc()
+                log.error("giving up on notification %s for %s after %d attempts: %s",
+                          key, n.tenant_id, attempt, cause)
+                return True
+            RETRIED.labels(cause.split(" ", 1)[0]).inc()
+            delay = backoff_delay(attempt, self.options.backoff_base, self.options.backoff_max,
+                                  self._rng)
+            log.warning("notification %s attempt %d failed (%s); retrying in %.2fs",
+                        key, attempt, cause, delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), delay)
+            if self._stopping.is_set():
+                return False
+
+    async def _attempt(self, http: aiohttp.ClientSession, body: bytes, key: str,
+                       attempt: int) -> str | None:
+        """One POST; None on success, else the cause ("http 503", "network ...")."""
+        headers = {
+            "Content-Type": "application/json",
+            IDEMPOTENCY_HEADER: key,
+            SIGNATURE_HEADER: sign(self.options.secret, body, int(time.time())),
+            ATTEMPT_HEADER: str(attempt),
+        }
+        try:
+            async with http.post(self.options.webhook_url, data=body, headers=headers) as resp:
+                await resp.read()
+                return None if 200 <= resp.status < 300 else f"http {resp.status}"
+        except (aiohttp.ClientError, TimeoutError) as e:
+            return f"network {type(e).__name__}"
+
+    async def _commit(self, consumer: Any, tp: TopicPartition, offset: int) -> None:
+        try:
+            await consumer.commit({tp: offset})
+        except CommitFailedError as e:
+            # The partition moved to another notifier during a rebalance: it resumes from
+            # the last committed offset and sends this one again (receivers dedup).
+            log.warning("commit of %s@%d failed after delivery: %s", tp, offset, e)
+
+
+# --- running it ------------------------------------------------------------------------
+
+
+def web_app(notifier: Notifier) -> web.Application:
+    """`/metrics` (Prometheus) and `/healthz` of a running notifier."""
+
+    async def metrics_page(request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(),
+                            content_type=CONTENT_TYPE_LATEST.split(";")[0])
+
+    async def health(request: web.Request) -> web.Response:
+        return web.Response(body=dumps({"ok": True, "delivered": notifier.delivered,
+                                        "last_error": notifier.last_error}),
+                            content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics_page)
+    app.router.add_get("/healthz", health)
+    return app
+
+
+class NotifierService:
+    """A notifier with its web port, as `tally notify serve` runs it."""
+
+    def __init__(self, settings: Settings, options: NotifierOptions, web_port: int) -> None:
+        self.notifier = Notifier(settings, options)
+        self.web_port = web_port
+
+    def stop(self) -> None:
+        self.notifier.stop()
+
+    async def run(self) -> None:
+        runner = web.AppRunner(web_app(self.notifier))
+        await runner.setup()
+        if self.web_port:
+            await web.TCPSite(runner, "127.0.0.1", self.web_port).start()
+        try:
+            await self.notifier.run()
+        finally:
+            await runner.cleanup()

@@ -7,8 +7,14 @@ Exactly-once effect at Stripe, over retries and crashes:
    `identifier` too), so repeating it cannot create a second object;
 3. the outcome (`succeeded` with the Stripe object id, or `failed` with the error) is
    committed after. A succeeded row is never called again.
-Retryable failures (429, 5xx, connection errors, `Stripe-Should-Retry: true`) are retried
-with exponential backoff; permanent ones (bad request, auth) are recorded and raised.
+Retryable failures (429, 5xx, connection errors and timeouts, `Stripe-Should-Retry: true`)
+are retried with exponential backoff; permanent ones (bad request, auth) are recorded and
+raised, never retried forever. Problems found before any call (no Stripe customer, no
+price, a meter Stripe does not know) are recorded as `failed` rows too (`record_failure`),
+so the journal is the one place to look for why something was not billed.
+
+A batch call (`call_batch`, the v2 meter event stream) journals every item under its own
+key, exactly as `call` does, so a crashed high-volume run is finished by either mode.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 import stripe
@@ -27,6 +33,7 @@ from billing_jobs import metrics
 from billing_jobs.errors import StripeCallError
 
 Conn = psycopg.Connection[tuple[Any, ...]]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -34,6 +41,9 @@ class RetryPolicy:
     attempts: int = 6
     base_delay: float = 0.2
     max_delay: float = 8.0
+    # Per request. A timed-out request may have taken effect; the retry carries the same
+    # idempotency key, so Stripe answers it with the first outcome instead of doing it twice.
+    timeout: float = 30.0
 
     def delay(self, attempt: int) -> float:
         # Full jitter: spreads retries of parallel jobs apart.
@@ -84,34 +94,100 @@ def call(
     done = succeeded_object(conn, key)
     if done is not None:
         return done
+
+    def send() -> list[str]:
+        obj = request(key)
+        return [str(getattr(obj, "id", None) or getattr(obj, "identifier", None) or key)]
+
+    return _journaled(conn, [(key, tenant_id, summary)], kind, send, policy, sleep)[0]
+
+
+def call_batch(
+    conn: Conn, *, items: list[tuple[str, str, dict[str, Any]]], kind: str,
+    request: Callable[[], Any], policy: RetryPolicy, sleep: Callable[[float], None] = time.sleep,
+) -> None:
+    """One Stripe call carrying several (key, tenant, summary) items, each journaled alone.
+
+    For calls whose items are idempotent by their keys (meter event `identifier`s), so a
+    repeated batch cannot count an item twice; the object id recorded is the key.
+    """
+
+    def send() -> list[str]:
+        request()
+        return [key for key, _, _ in items]
+
+    _journaled(conn, items, kind, send, policy, sleep)
+
+
+def read(request: Callable[[], T], policy: RetryPolicy,
+         sleep: Callable[[float], None] = time.sleep) -> T:
+    """A read (retrieve, list): nothing to journal, retried like a call."""
+    for attempt in range(policy.attempts):
+        try:
+            return request()
+        except stripe.StripeError as e:
+            if not is_retryable(e) or attempt + 1 == policy.attempts:
+                raise
+            sleep(policy.delay(attempt))
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def record_failure(conn: Conn, *, key: str, kind: str, tenant_id: str,
+                   summary: dict[str, Any], error: str, reason: str) -> None:
+    """Journal a call that could not even be made (see the module docstring)."""
     conn.execute(
         "INSERT INTO tally.stripe_pushes (idempotency_key, kind, tenant_id, request_summary,"
-        " status) VALUES (%s, %s, %s, %s, 'pending')"
-        " ON CONFLICT (idempotency_key) DO UPDATE SET status = 'pending', updated_at = now()",
-        (key, kind, tenant_id, Jsonb(summary)),
+        " status, last_error) VALUES (%s, %s, %s, %s, 'failed', %s)"
+        " ON CONFLICT (idempotency_key) DO UPDATE SET status = 'failed',"
+        " last_error = excluded.last_error, updated_at = now()"
+        " WHERE tally.stripe_pushes.status <> 'succeeded'",
+        (key, kind, tenant_id, Jsonb(summary), error),
     )
+    metrics.STRIPE_CALLS.labels(kind, reason).inc()
+
+
+def _journaled(
+    conn: Conn, items: list[tuple[str, str, dict[str, Any]]], kind: str,
+    send: Callable[[], list[str]], policy: RetryPolicy, sleep: Callable[[float], None],
+) -> list[str]:
+    keys = [key for key, _, _ in items]
+    tenants = sorted({tenant for _, tenant, _ in items})
+    who = tenants[0] if len(tenants) == 1 else f"{len(tenants)} tenants"
+    # Step 1: the intent is durable before the call.
+    with conn.cursor() as cur:
+        cur.executemany(
+            "INSERT INTO tally.stripe_pushes (idempotency_key, kind, tenant_id, request_summary,"
+            " status) VALUES (%s, %s, %s, %s, 'pending')"
+            " ON CONFLICT (idempotency_key) DO UPDATE SET status = 'pending', updated_at = now()",
+            [(key, kind, tenant, Jsonb(summary)) for key, tenant, summary in items],
+        )
     for attempt in range(policy.attempts):
         conn.execute(
             "UPDATE tally.stripe_pushes SET attempts = attempts + 1, updated_at = now()"
-            " WHERE idempotency_key = %s", (key,),
+            " WHERE idempotency_key = ANY(%s)", (keys,),
         )
         try:
-            obj = request(key)
-            object_id = str(getattr(obj, "id", None) or getattr(obj, "identifier", None) or key)
+            object_ids = send()
         except stripe.StripeError as e:
             if is_duplicate_identifier(e):
-                object_id = key  # an earlier attempt got through; the identifier is the id
+                object_ids = keys  # an earlier attempt got through; the identifier is the id
             elif is_retryable(e) and attempt + 1 < policy.attempts:
                 metrics.STRIPE_CALLS.labels(kind, "retried").inc()
                 sleep(policy.delay(attempt))
                 continue
             else:
-                _finish(conn, key, "failed", None, f"{type(e).__name__}: {e.user_message or e}")
+                # Step 3, failure: recorded, then surfaced to the job, which goes on with
+                # the other tenants.
+                error = f"{type(e).__name__}: {e.user_message or e}"
+                for key in keys:
+                    _finish(conn, key, "failed", None, error)
                 metrics.STRIPE_CALLS.labels(kind, "failed").inc()
-                raise StripeCallError(f"{kind} for {tenant_id}: {e.user_message or e}") from e
-        _finish(conn, key, "succeeded", object_id, None)
+                raise StripeCallError(f"{kind} for {who}: {e.user_message or e}") from e
+        # Step 3, success: a succeeded row is never called again.
+        for key, object_id in zip(keys, object_ids, strict=True):
+            _finish(conn, key, "succeeded", object_id, None)
         metrics.STRIPE_CALLS.labels(kind, "succeeded").inc()
-        return object_id
+        return object_ids
     raise AssertionError("unreachable")  # pragma: no cover
 
 

@@ -1,8 +1,17 @@
 """Prometheus metrics of the billing jobs."""
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge, Histogram
 
 STRIPE_CALLS = Counter("tally_billing_stripe_calls_total", "Stripe calls by kind and outcome",
                        ["kind", "outcome"])
 PUSH_ERRORS = Counter("tally_billing_push_errors_total", "Tenants/meters a job could not push",
                       ["job", "reason"])
+RECONCILE_MISMATCHES = Gauge("tally_billing_reconcile_mismatches",
+                             "Mismatches found by the last reconcile run")
+JOB_RUNS = Counter("tally_billing_job_runs_total", "Scheduled job runs by outcome",
+                   ["job", "outcome"])
+JOB_SECONDS = Histogram("tally_billing_job_seconds", "Duration of scheduled job runs", ["job"])
+JOB_LAST_SUCCESS = Gauge("tally_billing_job_last_success_timestamp_seconds",
+                         "When each job last finished without failures", ["job"])
+WEBHOOKS = Counter("tally_billing_webhooks_total", "Stripe webhook deliveries by outcome",
+                   ["type", "outcome"])

@@ -1,25 +1,35 @@
-"""The Stripe adapter: a configured client and the few calls Tally makes.
+"""The Stripe adapter: a configured client and the calls Tally makes, typed by the SDK.
 
 With `STRIPE_API_KEY` alone, calls go to real Stripe (use a test-mode key). With
 `STRIPE_API_BASE` too, they go to that address (the Stripe double in dev and tests).
 The SDK's own retries are off: the journal retries, with the same idempotency key.
+
+Every parameter dict below is checked by mypy against the SDK's generated `*Params`
+TypedDicts, and at run time the double checks it against the same types.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 import stripe
+from stripe.params import InvoiceItemCreateParams, PriceCreateParams, PriceCreateParamsTier
+from stripe.params.v2.billing import MeterEventStreamCreateParams
 
 from billing_jobs.errors import BillingError
 from tally.settings import Settings
 
 # Stripe meter aggregation for each Tally aggregation. Gauges report their latest reading.
-METER_FORMULA = {"sum": "sum", "count": "sum", "unique_count": "last", "max": "last",
-                 "latest": "last"}
+METER_FORMULA: dict[str, Any] = {"sum": "sum", "count": "sum", "unique_count": "last",
+                                 "max": "last", "latest": "last"}
+# Stripe's v2 stream takes at most this many events per request.
+STREAM_BATCH = 100
 
 
-def client(settings: Settings) -> stripe.StripeClient:
+def client(settings: Settings, timeout: float = 30.0) -> stripe.StripeClient:
     if not settings.stripe_api_key:
         raise BillingError("no Stripe: set STRIPE_API_KEY (a test-mode key, sk_test_...)")
     bases: dict[str, str] = {}
@@ -27,7 +37,7 @@ def client(settings: Settings) -> stripe.StripeClient:
         bases = {"api": settings.stripe_api_base, "meter_events": settings.stripe_api_base}
     return stripe.StripeClient(
         settings.stripe_api_key, base_addresses=bases,  # type: ignore[arg-type]
-        max_network_retries=0,
+        max_network_retries=0, http_client=stripe.RequestsClient(timeout=timeout),
     )
 
 
@@ -35,14 +45,18 @@ def meter_event_name(meter: str) -> str:
     return f"tally_{meter}"
 
 
-def create_customer(c: stripe.StripeClient, tenant_id: str, key: str) -> Any:
+# --- customers, meters, prices -----------------------------------------------------------
+
+
+def create_customer(c: stripe.StripeClient, tenant_id: str, key: str) -> stripe.Customer:
     return c.v1.customers.create(
         {"name": tenant_id, "metadata": {"tally_tenant_id": tenant_id}},
         {"idempotency_key": key},
     )
 
 
-def create_meter(c: stripe.StripeClient, meter: str, aggregation: str, key: str) -> Any:
+def create_meter(c: stripe.StripeClient, meter: str, aggregation: str,
+                 key: str) -> stripe.billing.Meter:
     return c.v1.billing.meters.create(
         {
             "display_name": f"Tally {meter}",
@@ -56,10 +70,28 @@ def create_meter(c: stripe.StripeClient, meter: str, aggregation: str, key: str)
     )
 
 
+def create_price(c: stripe.StripeClient, params: PriceCreateParams, key: str) -> stripe.Price:
+    return c.v1.prices.create(params, {"idempotency_key": key})
+
+
+def tier(up_to: Decimal | None, unit_cents: Decimal, flat_cents: Decimal) -> PriceCreateParamsTier:
+    """One Stripe price tier; `up_to` None is the open last tier."""
+    out: PriceCreateParamsTier = {
+        "up_to": "inf" if up_to is None else int(up_to),
+        "unit_amount_decimal": unit_cents,
+    }
+    if flat_cents:
+        out["flat_amount_decimal"] = flat_cents
+    return out
+
+
+# --- meter events --------------------------------------------------------------------------
+
+
 def send_meter_event(
     c: stripe.StripeClient, meter: str, customer_id: str, value: int, timestamp: int,
     identifier: str,
-) -> Any:
+) -> stripe.billing.MeterEvent:
     return c.v1.billing.meter_events.create(
         {
             "event_name": meter_event_name(meter),
@@ -69,3 +101,100 @@ def send_meter_event(
         },
         {"idempotency_key": identifier},
     )
+
+
+class MeterEventStream:
+    """The v2 high-throughput path: a session token (15 minutes) and batches of events.
+
+    Stripe validates stream events asynchronously and drops a repeated `identifier`, so
+    resending a batch after an unknown outcome cannot count an event twice.
+    """
+
+    def __init__(self, c: stripe.StripeClient) -> None:
+        self.client = c
+        self.token: str | None = None
+
+    def send(self, events: list[tuple[str, str, int, int, str]]) -> None:
+        """Send (meter, customer id, value, timestamp, identifier) events in one request."""
+        params: MeterEventStreamCreateParams = {"events": [
+            {
+                "event_name": meter_event_name(meter),
+                "identifier": identifier,
+                "payload": {"stripe_customer_id": customer, "value": str(value)},
+                "timestamp": datetime.fromtimestamp(ts, UTC).isoformat(),
+            }
+            for meter, customer, value, ts, identifier in events
+        ]}
+        try:
+            self._stream(params)
+        except stripe.TemporarySessionExpiredError:
+            self.token = None  # sessions last 15 minutes: open a new one and resend
+            self._stream(params)
+
+    def _stream(self, params: MeterEventStreamCreateParams) -> None:
+        if self.token is None:
+            self.token = self.client.v2.billing.meter_event_session.create().authentication_token
+        self.client.v2.billing.meter_event_stream.create(params, {"api_key": self.token})
+
+
+def meter_total(c: stripe.StripeClient, meter_id: str, customer_id: str, start: int,
+                end: int) -> Decimal:
+    """Stripe's aggregate of a meter for one customer over [start, end) (minute aligned)."""
+    page = c.v1.billing.meters.event_summaries.list(
+        meter_id, {"customer": customer_id, "start_time": start, "end_time": end},
+    )
+    return sum((Decimal(str(s.aggregated_value)) for s in page.data), Decimal(0))
+
+
+# --- invoices ------------------------------------------------------------------------------
+
+
+def create_invoice(c: stripe.StripeClient, customer_id: str, currency: str,
+                   metadata: dict[str, str], description: str, key: str) -> stripe.Invoice:
+    return c.v1.invoices.create(
+        {
+            "customer": customer_id,
+            "currency": currency,
+            # Only the items Tally adds to this invoice, never other pending ones.
+            "pending_invoice_items_behavior": "exclude",
+            "collection_method": "charge_automatically",
+            "auto_advance": False,  # Tally finalizes it once every item is on it
+            "description": description,
+            "metadata": metadata,
+        },
+        {"idempotency_key": key},
+    )
+
+
+def invoice_item_params(
+    *, customer_id: str, invoice_id: str, amount_cents: int, currency: str, description: str,
+    period: tuple[int, int], metadata: dict[str, str],
+) -> InvoiceItemCreateParams:
+    return {
+        "customer": customer_id,
+        "invoice": invoice_id,
+        "amount": amount_cents,
+        "currency": currency,
+        "description": description,
+        "period": {"start": period[0], "end": period[1]},
+        "metadata": metadata,
+    }
+
+
+def create_invoice_item(c: stripe.StripeClient, params: InvoiceItemCreateParams,
+                        key: str) -> stripe.InvoiceItem:
+    return c.v1.invoice_items.create(params, {"idempotency_key": key})
+
+
+def finalize_invoice(c: stripe.StripeClient, invoice_id: str, key: str) -> stripe.Invoice:
+    # auto_advance: from here Stripe collects payment (and retries failed payments).
+    return c.v1.invoices.finalize_invoice(invoice_id, {"auto_advance": True},
+                                          {"idempotency_key": key})
+
+
+def retrieve_invoice(c: stripe.StripeClient, invoice_id: str) -> stripe.Invoice:
+    return c.v1.invoices.retrieve(invoice_id)
+
+
+def invoices_of(c: stripe.StripeClient, customer_id: str) -> Iterator[stripe.Invoice]:
+    yield from c.v1.invoices.list({"customer": customer_id, "limit": 100}).auto_paging_iter()

@@ -30,12 +30,18 @@ Behaviour that Tally's guarantees lean on, and how the double provides it:
    the double sends ``resource_already_exists`` and ``param=identifier``. The event is
    not stored twice, so summaries never double count.
 4. Injected faults (see :meth:`StripeDouble.faults`) are decided before a request has
-   any effect: nothing is stored and the idempotency key is not consumed.
+   any effect: nothing is stored and the idempotency key is not consumed. The one
+   exception is ``timeout``, a lost response: the request takes effect (and its key is
+   stored), then the answer is held back ``FaultPlan.timeout`` seconds, past the client's
+   timeout, so the client must retry with the same key to learn what happened.
+5. Prices (``POST /v1/prices``, with ``product_data`` for their product) are checked the
+   way Stripe checks them: a tiered price needs ``tiers_mode`` and an open last tier, a
+   metered price needs an existing meter, a ``lookup_key`` is unique among prices.
 
 Deliberate differences from Stripe, all stricter: meter event checks that Stripe runs
 asynchronously (meter exists, customer mapping, whole-number value) run synchronously
 and refuse the request with the error-report code Stripe would use; parameters the
-double does not model (prices, subscriptions, discounts) are refused with a message
+double does not model (subscriptions, discounts, currency options) are refused with a message
 saying so instead of being ignored; payments always succeed. On the v2 meter event
 stream Stripe validates asynchronously, so there the double accepts the request and
 drops invalid events into :attr:`DoubleSnapshot.dropped_stream_events`.
@@ -79,8 +85,9 @@ _log = logging.getLogger(__name__)
 JSON = dict[str, Any]
 """A Stripe object or request body as decoded JSON / parsed form data."""
 
-FAULT_KINDS: Final = frozenset({"429", "lock_timeout", "500"})
-"""Injectable faults: a rate-limit 429, a lock-timeout 429 (retryable), a 500."""
+FAULT_KINDS: Final = frozenset({"429", "lock_timeout", "500", "timeout"})
+"""Injectable faults: a rate-limit 429, a lock-timeout 429 (retryable), a 500, and a
+response lost after the request took effect (``timeout``)."""
 
 _DAY: Final = 86_400
 _METER_EVENT_MAX_AGE: Final = 35 * _DAY
@@ -457,6 +464,8 @@ class _Api:
         self.identifiers: set[str] = set()
         self.invoice_items: dict[str, JSON] = {}
         self.invoices: dict[str, JSON] = {}
+        self.prices: dict[str, JSON] = {}
+        self.products: dict[str, JSON] = {}
         self.sessions: dict[str, float] = {}
         self.dropped_stream_events: list[JSON] = []
 
@@ -807,6 +816,170 @@ class _Api:
                     {"event": event, "code": error.code, "message": error.message}
                 )
         return {}
+
+    # -- prices (each with its own product, from `product_data`)
+
+    def create_price(self, call: _Call) -> JSON:
+        params = call.params
+        _reject(params, "currency_options", "custom_unit_amount")
+        currency = (_get_str(params, "currency", required=True) or "").lower()
+        if not re.fullmatch(r"[a-z]{3}", currency):
+            raise _ApiError(400, f"Invalid currency: {currency}", param="currency")
+        product_id = _get_str(params, "product")
+        product_data = _get_dict(params, "product_data")
+        if (product_id is None) == (product_data is None):
+            raise _ApiError(
+                400, "You must specify exactly one of product or product_data.", param="product"
+            )
+        if product_id is not None:
+            if product_id not in self.products:
+                raise _no_such("product", product_id, "product")
+        else:
+            assert product_data is not None
+            product_id = _get_str(product_data, "id") or _new_id("prod")
+            if product_id in self.products:
+                raise _ApiError(
+                    400,
+                    f"Product already exists: {product_id}",
+                    code="resource_already_exists",
+                    param="product_data[id]",
+                )
+            self.products[product_id] = {
+                "id": product_id,
+                "object": "product",
+                "name": _get_str(product_data, "name", required=True),
+                "metadata": _get_metadata(product_data),
+                "created": call.now,
+            }
+        scheme = _get_enum(params, "billing_scheme", ("per_unit", "tiered"), "per_unit")
+        unit_amount = _get_int(params, "unit_amount")
+        unit_amount_decimal = _get_decimal(params, "unit_amount_decimal")
+        tiers = params.get("tiers")
+        transform = _get_dict(params, "transform_quantity")
+        if scheme == "per_unit":
+            if tiers is not None:
+                raise _ApiError(400, "tiers require billing_scheme=tiered.", param="tiers")
+            if (unit_amount is None) == (unit_amount_decimal is None):
+                raise _ApiError(
+                    400,
+                    "Exactly one of unit_amount and unit_amount_decimal is required.",
+                    param="unit_amount",
+                )
+        else:
+            tiers = self._tiers(tiers)
+            if not _get_enum(params, "tiers_mode", ("graduated", "volume"), ""):
+                raise _missing("tiers_mode")
+            if transform is not None:
+                raise _ApiError(
+                    400, "transform_quantity cannot be combined with tiers.",
+                    param="transform_quantity",
+                )
+        recurring = _get_dict(params, "recurring")
+        if recurring is not None:
+            if not _get_enum(recurring, "interval", ("day", "week", "month", "year"), ""):
+                raise _missing("recurring[interval]")
+            usage_type = _get_enum(recurring, "usage_type", ("licensed", "metered"), "licensed")
+            meter_id = _get_str(recurring, "meter")
+            if usage_type == "metered" and meter_id is None:
+                raise _missing("recurring[meter]")
+            if meter_id is not None and meter_id not in self.meters:
+                raise _no_such("billing meter", meter_id, "recurring[meter]")
+            recurring = {
+                "interval": recurring["interval"],
+                "interval_count": _get_int(recurring, "interval_count") or 1,
+                "meter": meter_id,
+                "usage_type": usage_type,
+            }
+        lookup_key = _get_str(params, "lookup_key")
+        if lookup_key is not None:
+            holder = next((p for p in self.prices.values() if p["lookup_key"] == lookup_key), None)
+            if holder is not None and not _get_bool(params, "transfer_lookup_key"):
+                raise _ApiError(
+                    400,
+                    f"A price (`{holder['id']}`) already uses that lookup key.",
+                    code="lookup_key_exists",  # not documented; the double's name for it
+                    param="lookup_key",
+                )
+            if holder is not None:
+                holder["lookup_key"] = None
+        price: JSON = {
+            "id": _new_id("price"),
+            "object": "price",
+            "active": _get_bool(params, "active") is not False,
+            "billing_scheme": scheme,
+            "created": call.now,
+            "currency": currency,
+            "livemode": False,
+            "lookup_key": lookup_key,
+            "metadata": _get_metadata(params),
+            "nickname": _get_str(params, "nickname"),
+            "product": product_id,
+            "recurring": recurring,
+            "tax_behavior": _get_str(params, "tax_behavior") or "unspecified",
+            "tiers": tiers,
+            "tiers_mode": _get_str(params, "tiers_mode"),
+            "transform_quantity": transform,
+            "type": "recurring" if recurring is not None else "one_time",
+            "unit_amount": unit_amount,
+            "unit_amount_decimal": None
+            if scheme == "tiered"
+            else str(unit_amount_decimal if unit_amount_decimal is not None else unit_amount),
+        }
+        self.prices[price["id"]] = price
+        return price
+
+    @staticmethod
+    def _tiers(raw: Any) -> list[JSON]:
+        """Stripe's tier rules: at least one, increasing `up_to`, the last one `inf`."""
+        if not isinstance(raw, list) or not raw:
+            raise _missing("tiers")
+        tiers: list[JSON] = []
+        previous = 0
+        for index, tier in enumerate(raw):
+            if not isinstance(tier, dict):
+                raise _ApiError(400, f"Invalid object: tiers[{index}]", param="tiers")
+            last = index == len(raw) - 1
+            bound = tier.get("up_to")
+            if bound == "inf":
+                if not last:
+                    raise _ApiError(400, "Only the last tier may be `inf`.", param="tiers")
+                up_to = None
+            else:
+                up_to = _get_int(tier, "up_to", required=True)
+                assert up_to is not None
+                if last:
+                    raise _ApiError(400, "The last tier must have up_to=inf.", param="tiers")
+                if up_to <= previous:
+                    raise _ApiError(400, "Tier up_to values must increase.", param="tiers")
+                previous = up_to
+            unit = _get_decimal(tier, "unit_amount_decimal")
+            flat = _get_decimal(tier, "flat_amount_decimal")
+            tiers.append(
+                {
+                    "up_to": up_to,
+                    "unit_amount": _get_int(tier, "unit_amount"),
+                    "unit_amount_decimal": None if unit is None else str(unit),
+                    "flat_amount": _get_int(tier, "flat_amount"),
+                    "flat_amount_decimal": None if flat is None else str(flat),
+                }
+            )
+        return tiers
+
+    def retrieve_price(self, call: _Call) -> JSON:
+        price = self.prices.get(call.path["id"])
+        if price is None:
+            raise _no_such("price", call.path["id"], "id", 404)
+        return price
+
+    def list_prices(self, call: _Call) -> JSON:
+        lookup_keys = call.params.get("lookup_keys")
+        wanted = set(lookup_keys) if isinstance(lookup_keys, list) else None
+        found = [
+            p
+            for p in reversed(self.prices.values())
+            if wanted is None or p["lookup_key"] in wanted
+        ]
+        return _page(found, call.params, "/v1/prices")
 
     # -- invoice items
 
@@ -1230,6 +1403,9 @@ _ROUTES: Final[tuple[_Route, ...]] = (
         billing_params.MeterEventCreateParams,
         _Api.create_meter_event,
     ),
+    _Route("POST", "/v1/prices", v1_params.PriceCreateParams, _Api.create_price),
+    _Route("GET", "/v1/prices", v1_params.PriceListParams, _Api.list_prices),
+    _Route("GET", "/v1/prices/{id}", v1_params.PriceRetrieveParams, _Api.retrieve_price),
     _Route("POST", "/v1/invoiceitems", v1_params.InvoiceItemCreateParams, _Api.create_invoice_item),
     _Route("GET", "/v1/invoiceitems", v1_params.InvoiceItemListParams, _Api.list_invoice_items),
     _Route(
@@ -1287,6 +1463,7 @@ class FaultPlan:
     kinds: tuple[str, ...] = ("429", "500")
     seed: int | None = None
     delay: float = 0.0
+    timeout: float = 2.0  # how long a `timeout` fault holds the response back
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.rate <= 1.0:
@@ -1338,6 +1515,7 @@ class DoubleSnapshot:
     meters: tuple[JSON, ...]
     meter_events: tuple[JSON, ...]
     invoice_items: tuple[JSON, ...]
+    prices: tuple[JSON, ...]
     invoices: tuple[JSON, ...]
     dropped_stream_events: tuple[JSON, ...]
     request_counts: Mapping[str, int]
@@ -1352,6 +1530,7 @@ class DoubleSnapshot:
             "meters": list(self.meters),
             "meter_events": list(self.meter_events),
             "invoice_items": list(self.invoice_items),
+            "prices": list(self.prices),
             "invoices": list(self.invoices),
             "dropped_stream_events": list(self.dropped_stream_events),
             "request_counts": dict(self.request_counts),
@@ -1401,8 +1580,11 @@ class _RequestHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(payload)))
         for name, value in response.headers.items():
             self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(payload)
+        try:
+            self.end_headers()
+            self.wfile.write(payload)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True  # the client gave up (a `timeout` fault)
 
     def log_message(self, format: str, *args: Any) -> None:
         _log.debug("stripe-double %s", format % args)
@@ -1485,12 +1667,14 @@ class StripeDouble:
         kinds: Sequence[str] = ("429", "500"),
         seed: int | None = None,
         delay: float = 0.0,
+        timeout: float = 2.0,
     ) -> FaultPlan:
         """Inject faults into API requests from now on; ``faults()`` turns them off.
 
-        ``kinds`` is drawn from :data:`FAULT_KINDS`. A faulted request has no effect.
+        ``kinds`` is drawn from :data:`FAULT_KINDS`. A faulted request has no effect,
+        except ``timeout``: it takes effect and its response is held ``timeout`` seconds.
         """
-        plan = FaultPlan(rate=rate, kinds=tuple(kinds), seed=seed, delay=delay)
+        plan = FaultPlan(rate=rate, kinds=tuple(kinds), seed=seed, delay=delay, timeout=timeout)
         with self._lock:
             self._plan = plan
             self._rng = random.Random(seed)
@@ -1516,17 +1700,19 @@ class StripeDouble:
                     tuple(api.meters.values()),
                     tuple(api.meter_events),
                     tuple(api.invoice_items.values()),
+                    tuple(api.prices.values()),
                     tuple(api.render_invoice(i) for i in api.invoices.values()),
                     tuple(api.dropped_stream_events),
                 )
             )
             counts, faults_injected = dict(self._counts), self._faults_injected
-        customers, meters, meter_events, invoice_items, invoices, dropped = state
+        customers, meters, meter_events, invoice_items, prices, invoices, dropped = state
         return DoubleSnapshot(
             customers=customers,
             meters=meters,
             meter_events=meter_events,
             invoice_items=invoice_items,
+            prices=prices,
             invoices=invoices,
             dropped_stream_events=dropped,
             request_counts=MappingProxyType(counts),
@@ -1564,7 +1750,23 @@ class StripeDouble:
         if route is None:
             raise _ApiError(404, f"Unrecognized request URL ({method}: {path}).")
         self._authenticate(route, headers)
-        self._maybe_fault()
+        hold = self._maybe_fault()
+        try:
+            return self._apply(route, path_params, method, path, query, headers, body)
+        finally:
+            if hold:
+                time.sleep(hold)  # a lost response: the effect is done, the answer comes late
+
+    def _apply(
+        self,
+        route: _Route,
+        path_params: dict[str, str],
+        method: str,
+        path: str,
+        query: str,
+        headers: Mapping[str, str],
+        body: bytes,
+    ) -> _Response:
         params = self._params(route, method, query, body)
         route.spec.check(params)
         call = _Call(params=params, path=path_params, now=int(self._clock()))
@@ -1629,7 +1831,8 @@ class StripeDouble:
         if not token.startswith("sk_test_"):
             raise _ApiError(401, f"Invalid API Key provided: {token[:8]}****{token[-4:]}")
 
-    def _maybe_fault(self) -> None:
+    def _maybe_fault(self) -> float:
+        """Raise an injected fault, or return how long to hold the response back."""
         with self._lock:
             plan = self._plan
             kind = None
@@ -1638,8 +1841,11 @@ class StripeDouble:
                 self._faults_injected += 1
         if plan.delay:
             time.sleep(plan.delay)  # outside the lock: a slow request must not stall others
+        if kind == "timeout":
+            return plan.timeout
         if kind is not None:
             raise _fault_error(kind)
+        return 0.0
 
     @staticmethod
     def _params(route: _Route, method: str, query: str, body: bytes) -> JSON:
@@ -1671,6 +1877,7 @@ class StripeDouble:
                     kinds=tuple(spec.get("kinds", ("429", "500"))),
                     seed=spec.get("seed"),
                     delay=float(spec.get("delay", 0.0)),
+                    timeout=float(spec.get("timeout", 2.0)),
                 )
             except (ValueError, TypeError, AttributeError) as error:
                 raise _ApiError(400, f"Invalid fault plan: {error}") from error

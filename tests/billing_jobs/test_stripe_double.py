@@ -606,3 +606,46 @@ def test_command_line_server_serves_and_stops_cleanly_on_sigterm() -> None:
     finally:
         if process.poll() is None:
             process.kill()
+
+
+# ------------------------------------------------------------------ prices and timeouts
+
+
+def test_metered_price_needs_an_existing_meter_and_tiers_need_an_open_last_tier(
+    client: stripe.StripeClient, meter_id: str
+) -> None:
+    price = client.v1.prices.create({
+        "currency": "usd", "product_data": {"name": "API calls"}, "billing_scheme": "tiered",
+        "tiers_mode": "graduated", "lookup_key": "api",
+        "recurring": {"interval": "month", "usage_type": "metered", "meter": meter_id},
+        "tiers": [{"up_to": 1000, "unit_amount_decimal": Decimal(0)},
+                  {"up_to": "inf", "unit_amount_decimal": Decimal("0.1")}],
+    })
+    assert price.recurring is not None and price.recurring.meter == meter_id
+    with pytest.raises(stripe.InvalidRequestError, match="No such billing meter"):
+        client.v1.prices.create({"currency": "usd", "product_data": {"name": "x"},
+                                 "unit_amount": 1, "recurring": {
+                                     "interval": "month", "usage_type": "metered",
+                                     "meter": "mtr_missing"}})
+    with pytest.raises(stripe.InvalidRequestError, match="last tier must have up_to=inf"):
+        client.v1.prices.create({"currency": "usd", "product_data": {"name": "x"},
+                                 "billing_scheme": "tiered", "tiers_mode": "volume",
+                                 "tiers": [{"up_to": 5, "unit_amount": 1}]})
+    with pytest.raises(stripe.InvalidRequestError, match="already uses that lookup key"):
+        client.v1.prices.create({"currency": "usd", "product_data": {"name": "x"},
+                                 "unit_amount": 1, "lookup_key": "api"})
+
+
+def test_timeout_fault_applies_the_request_then_loses_the_response(
+    double: StripeDouble,
+) -> None:
+    slow = stripe.StripeClient("sk_test_tally", base_addresses={"api": double.url},
+                               max_network_retries=0,
+                               http_client=stripe.RequestsClient(timeout=0.2))
+    double.faults(rate=1.0, kinds=("timeout",), timeout=0.5)
+    with pytest.raises(stripe.APIConnectionError):
+        slow.v1.customers.create({"email": "a@b.test"}, {"idempotency_key": "k1"})
+    double.faults()
+    again = slow.v1.customers.create({"email": "a@b.test"}, {"idempotency_key": "k1"})
+    [customer] = double.inspect().customers
+    assert again.id == customer["id"]  # the retry learned the first outcome

@@ -1,0 +1,212 @@
+"""`POST /stripe/webhook`: Stripe's events into Tally (`tally stripe webhooks serve`).
+
+1. Verify: `stripe.Webhook.construct_event` checks the `Stripe-Signature` HMAC with the
+   endpoint secret (env STRIPE_WEBHOOK_SECRET) and its timestamp against `tolerance`
+   (Stripe's default, 300 s). A missing, forged or stale signature gets 400: Stripe
+   keeps retrying, and an attacker learns nothing.
+2. Dedup: an event id already in `tally.stripe_webhook_events` was handled: 200, nothing
+   done again (Stripe redelivers until it sees a 2xx, and may deliver twice anyway).
+3. Apply, idempotently:
+   - `customer.subscription.created/updated/deleted` become Tally subscription events on
+     Kafka through the producer SDK, with event id `stripe-<Stripe event id>`, so a
+     redelivery that slips past step 2 (a crash between 3 and 4) is the same event
+     downstream too. The 200 goes out only after Kafka acknowledged it.
+   - `invoice.finalized/paid/payment_succeeded/payment_failed/voided/marked_uncollectible`
+     update `tally.invoices.status`. Stripe does not order deliveries, so a status only
+     moves forward (a late `finalized` never turns `paid` back into `open`).
+   - anything else is acknowledged and recorded as ignored.
+4. Record the event id (step 2's table), in the same transaction as the status update.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+import stripe
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from billing_jobs import metrics
+from billing_jobs.errors import BillingError
+from producers.sdk import ProducerOptions, SubscriptionKind, UsageProducer
+from projections.migrations import migrate
+from tally.settings import Settings
+
+log = logging.getLogger(__name__)
+
+TOLERANCE = 300
+# How far each invoice status is along its life; updates never move backwards.
+_INVOICE_STATUS = {"invoice.finalized": "open", "invoice.payment_failed": "payment_failed",
+                   "invoice.paid": "paid", "invoice.payment_succeeded": "paid",
+                   "invoice.voided": "void", "invoice.marked_uncollectible": "uncollectible"}
+_RANK = {"draft": 0, "no_charge": 0, "open": 1, "payment_failed": 2, "paid": 3, "void": 3,
+         "uncollectible": 3}
+_SUBSCRIPTION_EVENTS = ("customer.subscription.created", "customer.subscription.updated",
+                        "customer.subscription.deleted")
+
+
+def webhook_secret() -> str:
+    secret = os.environ.get("STRIPE_WEBHOOK_SECRET", "")
+    if not secret:
+        raise BillingError("set STRIPE_WEBHOOK_SECRET (the endpoint's whsec_... secret)")
+    return secret
+
+
+class WebhookReceiver:
+    """The aiohttp application behind `POST /stripe/webhook` (plus /healthz, /metrics)."""
+
+    def __init__(self, settings: Settings, secret: str, tolerance: int = TOLERANCE) -> None:
+        self.settings = settings
+        self.secret = secret
+        self.tolerance = tolerance
+        self.database_url = settings.require_database()
+        self.producer: UsageProducer | None = None
+        self.conn: psycopg.AsyncConnection[tuple[Any, ...]] | None = None
+        self.lock = asyncio.Lock()  # one connection: requests take turns on it
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/stripe/webhook", self.handle)
+        app.router.add_get("/healthz", self.health)
+        app.router.add_get("/metrics", self.metrics)
+        app.on_startup.append(self._start)
+        app.on_cleanup.append(self._stop)
+        return app
+
+    async def _start(self, _app: web.Application) -> None:
+        await asyncio.to_thread(migrate, self.database_url)
+        self.conn = await psycopg.AsyncConnection.connect(self.database_url, autocommit=True)
+        self.producer = UsageProducer(self.settings, ProducerOptions(source="stripe/webhooks"))
+        await self.producer.start()
+
+    async def _stop(self, _app: web.Application) -> None:
+        if self.producer is not None:
+            await self.producer.close()
+        if self.conn is not None:
+            await self.conn.close()
+
+    async def health(self, _request: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    async def metrics(self, _request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def handle(self, request: web.Request) -> web.Response:
+        payload = await request.text()
+        try:
+            event = stripe.Webhook.construct_event(
+                payload, request.headers.get("Stripe-Signature"), self.secret, self.tolerance)
+        except (ValueError, stripe.SignatureVerificationError) as e:
+            metrics.WEBHOOKS.labels("unknown", "rejected").inc()
+            return web.json_response({"error": f"invalid webhook: {e}"}, status=400)
+        assert self.conn is not None
+        async with self.lock:
+            seen = await (await self.conn.execute(
+                "SELECT outcome FROM tally.stripe_webhook_events WHERE event_id = %s",
+                (event.id,))).fetchone()
+            if seen is not None:
+                metrics.WEBHOOKS.labels(event.type, "duplicate").inc()
+                return web.json_response({"received": True, "duplicate": True})
+            data = event.data.object.to_dict()
+            try:
+                async with self.conn.transaction():
+                    outcome = await self._apply(event, data)
+                    await self.conn.execute(
+                        "INSERT INTO tally.stripe_webhook_events (event_id, type, outcome)"
+                        " VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
+                        (event.id, event.type, outcome))
+            except BillingError as e:
+                # Not retryable by redelivery (say, a subscription of no known tenant):
+                # recorded so it shows, acknowledged so Stripe stops.
+                log.error("stripe webhook %s (%s): %s", event.id, event.type, e)
+                outcome = f"error: {e}"
+                await self.conn.execute(
+                    "INSERT INTO tally.stripe_webhook_events (event_id, type, outcome)"
+                    " VALUES (%s, %s, %s) ON CONFLICT DO NOTHING", (event.id, event.type, outcome))
+        metrics.WEBHOOKS.labels(event.type, outcome.split(":")[0]).inc()
+        return web.json_response({"received": True, "outcome": outcome})
+
+    async def _apply(self, event: stripe.Event, data: dict[str, Any]) -> str:
+        assert self.conn is not None
+        if event.type in _INVOICE_STATUS:
+            status = _INVOICE_STATUS[event.type]
+            rank_case = " ".join(f"WHEN '{s}' THEN {r}" for s, r in _RANK.items())
+            updated = await self.conn.execute(
+                "UPDATE tally.invoices SET status = %s, updated_at = now()"
+                f" WHERE stripe_invoice_id = %s AND (CASE status {rank_case} ELSE 0 END) <= %s",
+                (status, data.get("id"), _RANK[status]))
+            return f"invoice {status}" if updated.rowcount else "invoice unchanged"
+        if event.type in _SUBSCRIPTION_EVENTS:
+            return await self._subscription(event, data)
+        return "ignored"
+
+    async def _subscription(self, event: stripe.Event, data: dict[str, Any]) -> str:
+        assert self.conn is not None and self.producer is not None
+        customer = str(data.get("customer") or "")
+        tenant = (data.get("metadata") or {}).get("tally_tenant_id")
+        if not tenant:
+            row = await (await self.conn.execute(
+                "SELECT tenant_id FROM tally.stripe_pushes WHERE kind = 'customer'"
+                " AND stripe_object_id = %s", (customer,))).fetchone()
+            tenant = row[0] if row else None
+        if not tenant:
+            raise BillingError(f"subscription {data.get('id')}: customer {customer!r} is not a"
+                               " Tally tenant (no tally_tenant_id metadata)")
+        items = (data.get("items") or {}).get("data") or [{}]
+        price = items[0].get("price") or {}
+        plan_id = ((data.get("metadata") or {}).get("tally_plan_id")
+                   or (price.get("metadata") or {}).get("tally_plan_id"))
+        if not plan_id:
+            raise BillingError(f"subscription {data.get('id')}: no tally_plan_id metadata on it"
+                               " or its price")
+        # API versions from 2025 keep the period on the items, older ones on the subscription.
+        start = data.get("current_period_start") or items[0].get("current_period_start")
+        end = data.get("current_period_end") or items[0].get("current_period_end")
+        if not start or not end:
+            raise BillingError(f"subscription {data.get('id')}: no current period")
+        period_start = datetime.fromtimestamp(int(start), UTC)
+        kind = await self._kind(event.type, data, str(tenant), plan_id, period_start)
+        await self.producer.subscription_event(
+            kind, str(tenant), plan_id, period_start, datetime.fromtimestamp(int(end), UTC),
+            stripe_customer_id=customer or None, stripe_subscription_id=data.get("id"),
+            cancel_at_period_end=data.get("cancel_at_period_end"),
+            trial_end=(datetime.fromtimestamp(int(data["trial_end"]), UTC)
+                       if data.get("trial_end") else None),
+            event_id=f"stripe-{event.id}", time=datetime.fromtimestamp(event.created, UTC))
+        await self.producer.flush()  # acknowledged by Kafka before Stripe hears 200
+        return f"subscription {kind}"
+
+    async def _kind(self, event_type: str, data: dict[str, Any], tenant: str, plan_id: str,
+                    period_start: datetime) -> SubscriptionKind:
+        if event_type.endswith(".created"):
+            return "created"
+        if event_type.endswith(".deleted") or data.get("status") == "canceled":
+            return "canceled"
+        assert self.conn is not None
+        row = await (await self.conn.execute(
+            "SELECT plan_id, current_period_start FROM tally.subscriptions WHERE tenant_id = %s",
+            (tenant,))).fetchone()
+        if row is not None and row[0] == plan_id and row[1] != period_start:
+            return "renewed"
+        return "plan_changed"  # a new plan, or other terms (cancel_at_period_end, trial)
+
+
+async def serve(settings: Settings, port: int, host: str = "0.0.0.0",
+                stop: asyncio.Event | None = None) -> None:
+    """Serve until `stop` is set (SIGTERM/SIGINT when run from the CLI)."""
+    runner = web.AppRunner(WebhookReceiver(settings, webhook_secret()).app())
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    log.info("stripe webhooks on %s:%d/stripe/webhook", host, port)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await runner.cleanup()

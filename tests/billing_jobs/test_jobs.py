@@ -1,0 +1,315 @@
+"""The billing jobs against real Postgres and the Stripe double, through the real SDK."""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from datetime import timedelta
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from prometheus_client import REGISTRY
+
+from billing_jobs import stripe_api
+from billing_jobs.invoicing import run_invoice
+from billing_jobs.push_usage import run_push_usage
+from billing_jobs.reconcile import run_reconcile
+from billing_jobs.stripe_catalog import price_specs, sync_catalog
+from billing_jobs.stripe_double import DoubleSnapshot, StripeDouble
+from tally.settings import Settings
+from tests.billing_jobs.conftest import (
+    CATALOG,
+    END,
+    FAST,
+    NEXT_END,
+    NOW,
+    START,
+    catalog_with,
+    sql,
+)
+
+# Starter, 2026-10: 2,000 API calls over at 0.1c, 500 executions over at 1c, 501 started
+# packages of 1,000 tokens at 2c, and the $29 base fee.
+STARTER_USAGE = {"api_calls": 12_000, "executions": 1_500, "tokens": 1_500_500}
+STARTER_TOTAL = 2900 + 200 + 500 + 1002
+
+
+def received(snapshot: DoubleSnapshot) -> dict[tuple[str, str], Decimal]:
+    """What Stripe holds per (tenant, meter), summed over every meter event."""
+    tenants = {c["id"]: c["metadata"]["tally_tenant_id"] for c in snapshot.customers}
+    out: dict[tuple[str, str], Decimal] = defaultdict(Decimal)
+    for e in snapshot.meter_events:
+        key = (tenants[e["payload"]["stripe_customer_id"]], e["event_name"].removeprefix("tally_"))
+        out[key] += Decimal(e["payload"]["value"])
+    return dict(out)
+
+
+def items_per_line(snapshot: DoubleSnapshot) -> Counter[tuple[str, str]]:
+    return Counter((i["metadata"]["tally_invoice_id"], i["metadata"]["tally_line_no"])
+                   for i in snapshot.invoice_items)
+
+
+# --- sync-catalog ----------------------------------------------------------------------------
+
+
+def test_sync_catalog_creates_each_meter_and_price_once_however_often_it_runs(
+    settings: Settings, double: StripeDouble,
+) -> None:
+    first = sync_catalog(settings, CATALOG, FAST)
+    second = sync_catalog(settings, CATALOG, FAST)
+
+    snapshot = double.inspect()
+    assert not first.failed and not second.failed
+    assert first.prices == second.prices
+    assert sorted(m["event_name"] for m in snapshot.meters) == [
+        "tally_api_calls", "tally_executions", "tally_storage_mb", "tally_tokens"]
+    assert len(snapshot.prices) == len(price_specs(CATALOG))
+    by_lookup = {p["lookup_key"]: p for p in snapshot.prices}
+    assert by_lookup["tally_starter_month"]["unit_amount_decimal"] == "2900"
+    assert by_lookup["tally_starter_year"]["recurring"]["interval"] == "year"
+    pro_api = by_lookup["tally_pro_api_calls"]  # 100k included, then two graduated tiers
+    assert [t["up_to"] for t in pro_api["tiers"]] == [100_000, 150_000, None]
+    assert pro_api["recurring"]["usage_type"] == "metered"
+
+
+def test_a_changed_catalog_price_becomes_a_new_price_holding_the_lookup_key(
+    settings: Settings, double: StripeDouble,
+) -> None:
+    sync_catalog(settings, CATALOG, FAST)
+    starter = CATALOG.plans["starter"].model_dump(mode="json")
+    changed = catalog_with(starter={**starter, "monthly_fee_cents": "3900"})
+    sync_catalog(settings, changed, FAST)
+
+    prices = [p for p in double.inspect().prices if p["metadata"]["tally_item"] == "month"
+              and p["metadata"]["tally_plan_id"] == "starter"]
+    assert sorted(p["unit_amount_decimal"] for p in prices) == ["2900", "3900"]
+    assert [p["unit_amount_decimal"] for p in prices if p["lookup_key"]] == ["3900"]
+
+
+# --- invoice ------------------------------------------------------------------------------
+
+
+def test_closed_period_becomes_one_finalized_stripe_invoice_with_the_rated_amounts(
+    settings: Settings, double: StripeDouble, put_usage: Callable[..., None], db: str,
+) -> None:
+    for meter, quantity in STARTER_USAGE.items():
+        put_usage("acme", meter, quantity)
+    sync_catalog(settings, CATALOG, FAST)
+
+    result = run_invoice(settings, NOW, FAST, catalog=CATALOG)
+    again = run_invoice(settings, NOW, FAST, catalog=CATALOG)
+
+    assert result.finalized == {"acme:20261001T000000Z": STARTER_TOTAL}, result.summary()
+    assert not again.finalized and not again.rated
+    [invoice] = double.inspect().invoices
+    assert invoice["status"] == "open" and invoice["total"] == STARTER_TOTAL
+    assert invoice["metadata"]["tally_invoice_id"] == "acme:20261001T000000Z"
+    assert sql(db, "SELECT status, total_cents, stripe_invoice_id FROM tally.invoices") == [
+        ("open", STARTER_TOTAL, invoice["id"])]
+    lines = sql(db, "SELECT meter, amount_cents FROM tally.invoice_lines ORDER BY line_no")
+    assert lines == [(None, 2900), ("api_calls", 200), ("executions", 500), ("tokens", 1002)]
+    assert all(i["metadata"]["stripe_price_id"].startswith("price_")
+               for i in double.inspect().invoice_items)
+
+
+def test_period_is_not_invoiced_until_its_lateness_window_has_passed(
+    settings: Settings, double: StripeDouble, put_usage: Callable[..., None],
+) -> None:
+    put_usage("acme", "api_calls", 12_000)
+    sync_catalog(settings, CATALOG, FAST)
+    lateness = max(m.lateness for m in CATALOG.meters.values())
+
+    early = run_invoice(settings, END + lateness, FAST, catalog=CATALOG,
+                        settle=timedelta(minutes=5))
+    assert not early.rated and not double.inspect().invoices
+    on_time = run_invoice(settings, END + lateness + timedelta(minutes=5), FAST,
+                          catalog=CATALOG, settle=timedelta(minutes=5))
+
+    assert list(on_time.finalized) == ["acme:20261001T000000Z"]
+
+
+def test_free_plan_period_with_nothing_to_charge_is_not_sent_to_stripe(
+    settings: Settings, double: StripeDouble, put_usage: Callable[..., None], db: str,
+) -> None:
+    put_usage("hobbyist", "api_calls", 900, plan="free")
+    result = run_invoice(settings, NOW, FAST, catalog=CATALOG)
+    assert result.rated and not result.finalized and not double.inspect().invoices
+    assert sql(db, "SELECT status, total_cents FROM tally.invoices") == [("no_charge", 0)]
+
+
+def test_usage_reaching_an_invoiced_period_goes_on_the_next_invoice_not_the_finalized_one(
+    settings: Settings, double: StripeDouble, put_usage: Callable[..., None], db: str,
+) -> None:
+    put_usage("acme", "api_calls", 12_000)
+    sync_catalog(settings, CATALOG, FAST)
+    run_invoice(settings, NOW, FAST, catalog=CATALOG)
+    first_total = double.inspect().invoices[0]["total"]
+    put_usage("acme", "api_calls", 12_500)  # projected after October was invoiced
+    put_usage("acme", "api_calls", 3_000, start=END, end=NEXT_END)
+
+    result = run_invoice(settings, NEXT_END + timedelta(days=1), FAST, catalog=CATALOG)
+
+    october, november = sorted(double.inspect().invoices, key=lambda i: i["created"])
+    assert october["total"] == first_total == 2900 + 200  # unchanged
+    assert result.finalized == {"acme:20261101T000000Z": 2900 + 50}  # 500 late at 0.1c
+    [(description, amount)] = sql(
+        db, "SELECT description, amount_cents FROM tally.invoice_lines"
+            " WHERE invoice_id = 'acme:20261101T000000Z' AND description LIKE 'Late%%'")
+    assert amount == 50 and "500 more after invoicing" in description
+    assert november["total"] == 2950
+    # Carried once: a third period does not bill the same 500 again.
+    put_usage("acme", "api_calls", 1, start=NEXT_END, end=NEXT_END + timedelta(days=31))
+    third = run_invoice(settings, NEXT_END + timedelta(days=33), FAST, catalog=CATALOG)
+    assert list(third.finalized.values()) == [2900]
+
+
+class Crash(BaseException):
+    """The process dies here: after Stripe acted, before the journal recorded it."""
+
+
+def test_invoice_job_crashing_after_a_stripe_call_and_rerun_creates_everything_once(
+    settings: Settings, double: StripeDouble, put_usage: Callable[..., None],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for tenant in ("acme", "globex"):
+        for meter, quantity in STARTER_USAGE.items():
+            put_usage(tenant, meter, quantity)
+    sync_catalog(settings, CATALOG, FAST)
+    real = stripe_api.create_invoice_item
+    calls = 0
+
+    def crash_on_third(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        item = real(*args, **kwargs)
+        if calls == 3:
+            raise Crash
+        return item
+
+    monkeypatch.setattr(stripe_api, "create_invoice_item", crash_on_third)
+    with pytest.raises(Crash):
+        run_invoice(settings, NOW, FAST, catalog=CATALOG)
+    monkeypatch.setattr(stripe_api, "create_invoice_item", real)
+    result = run_invoice(settings, NOW, FAST, catalog=CATALOG)
+
+    snapshot = double.inspect()
+    assert sorted(result.finalized.values()) == [STARTER_TOTAL, STARTER_TOTAL]
+    assert len(snapshot.invoices) == 2
+    assert set(items_per_line(snapshot).values()) == {1}
+    assert len(snapshot.invoice_items) == 8
+    assert [i["total"] for i in snapshot.invoices] == [STARTER_TOTAL, STARTER_TOTAL]
+
+
+# --- push-usage ---------------------------------------------------------------------------
+
+
+def test_late_usage_of_a_pushed_period_goes_to_stripe_as_a_new_delta(
+    settings: Settings, double: StripeDouble, put_usage: Callable[..., None],
+) -> None:
+    put_usage("acme", "api_calls", 100)
+    run_push_usage(settings, NOW, FAST, catalog=CATALOG)
+    put_usage("acme", "api_calls", 130)  # 30 late events reached October
+
+    result = run_push_usage(settings, NOW, FAST, catalog=CATALOG)
+
+    events = double.inspect().meter_events
+    assert [e["payload"]["value"] for e in events] == ["100", "30"]
+    assert [e["identifier"] for e in events] == [
+        "acme:api_calls:20261001T000000Z:100", "acme:api_calls:20261001T000000Z:130"]
+    assert result.events_sent == 1 and dict(result.pushed) == {("acme", "api_calls"): 30}
+
+
+@pytest.mark.parametrize("high_volume", [False, True], ids=["v1-events", "v2-stream"])
+def test_faults_on_a_third_of_calls_still_end_with_everything_pushed_and_invoiced_once(
+    settings: Settings, double: StripeDouble, put_usage: Callable[..., None],
+    high_volume: bool,
+) -> None:
+    expected = {}
+    for t in range(4):
+        for meter in ("api_calls", "tokens"):
+            put_usage(f"tenant-{t}", meter, 20_000 + t)
+            expected[(f"tenant-{t}", meter)] = Decimal(20_000 + t)
+    # A timeout is a lost response: the call took effect, the client hears nothing.
+    double.faults(rate=0.33, kinds=("429", "500", "timeout"), seed=11, timeout=0.5)
+    sync_catalog(settings, CATALOG, FAST)
+    pushed = run_push_usage(settings, NOW, FAST, high_volume=high_volume, catalog=CATALOG)
+    invoiced = run_invoice(settings, NOW, FAST, catalog=CATALOG)
+    double.faults()
+    again = run_push_usage(settings, NOW, FAST, high_volume=high_volume, catalog=CATALOG)
+
+    snapshot = double.inspect()
+    assert not pushed.failed and not invoiced.failed, pushed.summary() + invoiced.summary()
+    assert snapshot.faults_injected > 5
+    assert received(snapshot) == expected
+    assert again.events_sent == 0
+    assert len(snapshot.customers) == 4 and len(snapshot.meters) == 4
+    assert len(snapshot.prices) == len(price_specs(CATALOG))
+    assert len(snapshot.invoices) == 4 and set(items_per_line(snapshot).values()) == {1}
+    assert all(i["status"] == "open" for i in snapshot.invoices)
+    assert not snapshot.dropped_stream_events
+
+
+# --- reconcile -----------------------------------------------------------------------------
+
+
+def test_reconcile_agrees_after_a_clean_run_and_finds_a_deliberate_mismatch(
+    settings: Settings, double: StripeDouble, put_usage: Callable[..., None], db: str,
+) -> None:
+    for meter, quantity in STARTER_USAGE.items():
+        put_usage("acme", meter, quantity)
+    put_usage("globex", "api_calls", 50)
+    sync_catalog(settings, CATALOG, FAST)
+    run_push_usage(settings, NOW, FAST, catalog=CATALOG)
+    run_invoice(settings, NOW, FAST, catalog=CATALOG)
+
+    clean = run_reconcile(settings, NOW, FAST)
+    sql(db, "UPDATE tally.usage_by_period SET quantity = 51 WHERE tenant_id = 'globex'")
+    sql(db, "UPDATE tally.invoices SET total_cents = total_cents + 1 WHERE tenant_id = 'acme'")
+    dirty = run_reconcile(settings, NOW, FAST)
+
+    assert clean.mismatches == [] and clean.checked == 6, clean.summary()
+    assert dirty.mismatches == [
+        "usage globex api_calls 2026-10-01: Tally 51, Stripe 50",
+        f"invoice acme:20261001T000000Z: Tally total {STARTER_TOTAL + 1}, Stripe {STARTER_TOTAL}",
+    ]
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+
+def test_tenant_without_customer_plan_without_price_and_unknown_meter_fail_alone_and_journaled(
+    settings: Settings, double: StripeDouble, put_usage: Callable[..., None], db: str,
+) -> None:
+    sync_catalog(settings, CATALOG, FAST)
+    put_usage("acme", "api_calls", 12_000)  # a customer (from its subscription), a price
+    sql(db, "INSERT INTO tally.subscriptions VALUES ('acme', 'starter', 'active', %s, %s,"
+            " %s, NULL, now())", START, END,
+        stripe_api.create_customer(stripe_api.client(settings), "acme", "k-acme").id)
+    put_usage("nocust", "api_calls", 12_000)  # no customer, and creation is off
+    put_usage("teamco", "api_calls", 12_000, plan="team")  # a plan Stripe has no price for
+    put_usage("gpuco", "gpu_seconds", 10)  # a meter neither the catalog nor Stripe knows
+    team = {"name": "Team", "monthly_fee_cents": "19900",
+            "meters": {"api_calls": {"included": "10000"}}}
+    catalog = catalog_with(team=team)
+
+    def errors(job: str, reason: str) -> float:
+        labels = {"job": job, "reason": reason}
+        return REGISTRY.get_sample_value("tally_billing_push_errors_total", labels) or 0.0
+
+    before = errors("invoice", "MissingStripeObject")
+    pushed = run_push_usage(settings, NOW, FAST, create_missing=False, catalog=CATALOG)
+    invoiced = run_invoice(settings, NOW, FAST, catalog=catalog, create_missing=False)
+
+    assert received(double.inspect())[("acme", "api_calls")] == 12_000
+    assert list(invoiced.finalized) == ["acme:20261001T000000Z"]
+    failed = dict(sql(db, "SELECT idempotency_key, last_error FROM tally.stripe_pushes"
+                          " WHERE status = 'failed'"))
+    assert "has no Stripe customer and auto-creation is off" in failed["tally-customer-nocust"]
+    assert "'gpu_seconds' is not in the plan catalog" in failed["tally-meter-gpu_seconds"]
+    assert "plan 'team' has no Stripe price for team/month" in failed[
+        "tally-invoice-teamco:20261001T000000Z"]
+    assert "RatingError: meter 'gpu_seconds' is not on plan 'Starter'" in failed[
+        "tally-invoice-gpuco:20261001T000000Z"]
+    assert len(pushed.failed) == 3 and len(invoiced.failed) == 3  # gpuco, nocust, teamco
+    assert errors("invoice", "MissingStripeObject") == before + 2  # nocust, teamco

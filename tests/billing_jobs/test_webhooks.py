@@ -1,0 +1,129 @@
+"""`POST /stripe/webhook`: signatures, redelivery, subscription events to Kafka, invoice
+statuses to Postgres. Real Postgres and the real broker; Stripe's side is signed JSON."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp.test_utils import TestClient, TestServer
+
+from billing_jobs.webhooks import WebhookReceiver
+from schemas.codec import loads
+from tally.settings import Settings
+from tests.billing_jobs.conftest import sql
+from tests.kafka_helpers import read_records
+
+SECRET = "whsec_test_tally"
+PERIOD = (1_790_000_000, 1_792_600_000)
+
+
+def signed(body: str, secret: str = SECRET, at: int | None = None) -> dict[str, str]:
+    """The `Stripe-Signature` header Stripe sends: `t=<time>,v1=<HMAC-SHA256>`."""
+    t = int(time.time()) if at is None else at
+    mac = hmac.new(secret.encode(), f"{t}.{body}".encode(), hashlib.sha256).hexdigest()
+    return {"Stripe-Signature": f"t={t},v1={mac}", "Content-Type": "application/json"}
+
+
+def event(event_id: str, kind: str, obj: dict[str, Any]) -> str:
+    return json.dumps({"id": event_id, "object": "event", "type": kind, "api_version": "2025-03-31",
+                       "created": int(time.time()), "livemode": False, "pending_webhooks": 1,
+                       "data": {"object": obj}})
+
+
+def subscription(status: str = "active", plan: str = "pro") -> dict[str, Any]:
+    return {"id": "sub_123", "object": "subscription", "customer": "cus_acme", "status": status,
+            "metadata": {"tally_tenant_id": "acme"}, "cancel_at_period_end": False,
+            "items": {"object": "list", "data": [{
+                "id": "si_1", "object": "subscription_item",
+                "current_period_start": PERIOD[0], "current_period_end": PERIOD[1],
+                "price": {"id": "price_1", "object": "price",
+                          "metadata": {"tally_plan_id": plan}}}]}}
+
+
+def deliver(settings: Settings, *requests: tuple[str, dict[str, str]]) -> list[tuple[int, Any]]:
+    """POST each (body, headers) to a running receiver; the (status, JSON) answers."""
+
+    async def run() -> list[tuple[int, Any]]:
+        receiver = WebhookReceiver(settings, SECRET)
+        async with TestClient(TestServer(receiver.app())) as client:
+            answers = []
+            for body, headers in requests:
+                response = await client.post("/stripe/webhook", data=body, headers=headers)
+                answers.append((response.status, await response.json()))
+            return answers
+
+    return asyncio.run(run())
+
+
+def test_webhook_with_a_good_signature_moves_the_invoice_status_forward_only(
+    settings_factory: Callable[..., Settings], db: str,
+) -> None:
+    settings = settings_factory(database_url=db)
+    sql(db, "INSERT INTO tally.invoices (invoice_id, tenant_id, period_start, period_end,"
+            " currency, subtotal_cents, total_cents, status, stripe_invoice_id)"
+            " VALUES ('acme:1', 'acme', now(), now(), 'usd', 100, 100, 'open', 'in_1')")
+    paid = event("evt_paid", "invoice.paid", {"id": "in_1", "object": "invoice"})
+    late_finalized = event("evt_fin", "invoice.finalized", {"id": "in_1", "object": "invoice"})
+
+    answers = deliver(settings, (paid, signed(paid)), (late_finalized, signed(late_finalized)))
+
+    assert [status for status, _ in answers] == [200, 200]
+    assert [a["outcome"] for _, a in answers] == ["invoice paid", "invoice unchanged"]
+    assert sql(db, "SELECT status FROM tally.invoices") == [("paid",)]
+
+
+def test_webhook_with_a_forged_or_missing_signature_is_rejected_with_400(
+    settings_factory: Callable[..., Settings], db: str,
+) -> None:
+    settings = settings_factory(database_url=db)
+    body = event("evt_forged", "invoice.paid", {"id": "in_1", "object": "invoice"})
+    tampered = body.replace("in_1", "in_2")
+
+    answers = deliver(settings, (body, signed(body, secret="whsec_attacker")),
+                      (tampered, signed(body)), (body, {"Content-Type": "application/json"}))
+
+    assert [status for status, _ in answers] == [400, 400, 400]
+    assert sql(db, "SELECT count(*) FROM tally.stripe_webhook_events") == [(0,)]
+
+
+def test_webhook_with_a_stale_signature_is_rejected_with_400(
+    settings_factory: Callable[..., Settings], db: str,
+) -> None:
+    settings = settings_factory(database_url=db)
+    body = event("evt_old", "invoice.paid", {"id": "in_1", "object": "invoice"})
+
+    [(status, answer)] = deliver(settings, (body, signed(body, at=int(time.time()) - 600)))
+
+    assert status == 400 and "tolerance" in answer["error"]
+
+
+def test_subscription_webhook_becomes_one_tally_event_even_when_stripe_redelivers_it(
+    settings_factory: Callable[..., Settings], db: str,
+) -> None:
+    settings = settings_factory(database_url=db)
+    created = event("evt_sub_1", "customer.subscription.created", subscription())
+    deleted = event("evt_sub_2", "customer.subscription.deleted", subscription("canceled"))
+
+    answers = deliver(settings, (created, signed(created)), (created, signed(created)),
+                      (deleted, signed(deleted)))
+
+    assert [a for _, a in answers] == [
+        {"received": True, "outcome": "subscription created"},
+        {"received": True, "duplicate": True},
+        {"received": True, "outcome": "subscription canceled"}]
+    events = [e for r in read_records(settings, settings.topics.subscriptions)
+              for e in (lambda v: v if isinstance(v, list) else [v])(loads(r.value))]
+    assert [(e["id"], e["type"], e["subject"]) for e in events] == [
+        ("stripe-evt_sub_1", "tally.subscription.created.v1", "acme"),
+        ("stripe-evt_sub_2", "tally.subscription.canceled.v1", "acme")]
+    assert events[0]["data"]["plan_id"] == "pro"
+    assert events[0]["data"]["stripe_customer_id"] == "cus_acme"
+    assert events[0]["data"]["period_start"].startswith(
+        datetime.fromtimestamp(PERIOD[0], UTC).strftime("%Y-%m-%dT%H:%M:%S"))

@@ -1,4 +1,4 @@
-"""`tally project` and `tally db ...`."""
+"""`tally project`, `tally projections rebuild|checksum` and `tally db migrate`."""
 
 from __future__ import annotations
 
@@ -18,8 +18,35 @@ def _project(args: argparse.Namespace) -> int:
     s.require_database()
     asyncio.run(kafka.ensure_topics(s))
     start_http_server(args.metrics_port, addr="127.0.0.1")
-    run_until_signalled(lambda: Projector(s))
+    run_until_signalled(lambda: Projector(s, max_records=args.max_records))
     return 0
+
+
+def _rebuild(args: argparse.Namespace) -> int:
+    from projections.migrations import connect
+    from projections.rebuild import checksum, rebuild
+
+    s = settings()
+    report = asyncio.run(rebuild(s, max_records=args.max_records))
+    print(f"rebuilt from offset 0: {report.records} records in {report.seconds:.1f}s;"
+          " swapped into schema tally")
+    with connect(s.require_database()) as conn:
+        _print_checksums(checksum(conn))
+    return 0
+
+
+def _checksum(args: argparse.Namespace) -> int:
+    from projections.migrations import connect
+    from projections.rebuild import checksum
+
+    with connect(settings().require_database()) as conn:
+        _print_checksums(checksum(conn))
+    return 0
+
+
+def _print_checksums(digests: dict[str, tuple[int, str]]) -> None:
+    for table, (rows, digest) in digests.items():
+        print(f"{table:<16} {rows:>12} {digest}")
 
 
 def _db_migrate(args: argparse.Namespace) -> int:
@@ -33,7 +60,18 @@ def _db_migrate(args: argparse.Namespace) -> int:
 def register(sub: Subparsers) -> None:
     project = sub.add_parser("project", help="run the projector into Postgres")
     project.add_argument("--metrics-port", type=int, default=9466)
+    project.add_argument("--max-records", type=int, default=20000,
+                         help="Kafka records per transaction at most")
     project.set_defaults(func=_project)
+
+    projections = add_group(sub, "projections", "the Postgres read models")
+    rebuild = projections.add_parser(
+        "rebuild", help="rebuild the read models from offset 0 beside the live ones, then swap")
+    rebuild.add_argument("--max-records", type=int, default=20000)
+    rebuild.set_defaults(func=_rebuild)
+    projections.add_parser(
+        "checksum", help="a digest per finance-facing table (equal after a rebuild)"
+    ).set_defaults(func=_checksum)
 
     db = add_group(sub, "db", "the Postgres schema")
     db.add_parser("migrate", help="apply pending migrations").set_defaults(func=_db_migrate)

@@ -4,15 +4,31 @@ from prometheus_client import Counter, Gauge, Histogram
 
 ROWS = Counter("tally_projection_rows_total", "Ledger rows inserted (new events)")
 RECORDS = Counter("tally_projection_records_total", "Records projected", ["topic"])
+ERRORS = Counter(
+    "tally_projection_errors_total",
+    "Records (or events of batch records) reported to tally.projection_errors, not applied",
+    ["topic", "reason"],
+)
+FENCED = Counter(
+    "tally_projection_fenced_total",
+    "Batches discarded because the stored offsets moved under the projector (a rebuild swap"
+    " or a second projector); it re-seeks to the stored offsets",
+)
 BATCH_RECORDS = Histogram(
     "tally_projection_batch_records", "Records per transaction",
     buckets=(1, 10, 100, 1000, 5000, 20000, 50000),
+)
+BATCH_EVENTS = Histogram(
+    "tally_projection_batch_events", "Accepted events per transaction",
+    buckets=(1, 10, 100, 1000, 10000, 50000, 100000, 500000),
 )
 WRITE_SECONDS = Histogram(
     "tally_projection_write_seconds", "Duration of one projection transaction",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
+# The embedded broker under-reports the log end (DESIGN.md), so lag from end offsets can
+# come out negative there: it is clamped at 0, and reads 0 after a fetch comes back empty.
 LAG_RECORDS = Gauge("tally_projection_lag_records", "Records behind the log end (clamped >= 0)",
                     ["topic", "partition"])
-LAG_SECONDS = Gauge("tally_projection_lag_seconds", "Age of the last projected record",
-                    ["topic"])
+LAG_SECONDS = Gauge("tally_projection_lag_seconds",
+                    "Age of the last projected record (0 when caught up)", ["topic"])

@@ -1,35 +1,52 @@
 """The projector: Kafka topics -> Postgres read models, exactly once.
 
 Loop, per fetched batch:
-1. decode the records of every topic it projects;
-2. in ONE transaction: write the rows (ledger + rollups, subscriptions, quota states) and
-   upsert `projection_offsets` to the next offset of every partition in the batch;
-3. commit. A crash before 3 leaves neither rows nor offsets; on restart the consumer seeks
-   to the stored offsets, so every record is applied exactly once.
+1. decode and validate the records of every topic it projects; a record, or an event of a
+   batch record, that cannot be applied becomes a `Problem` (reason + log position);
+2. in ONE transaction:
+   a. take the projection's advisory lock and check that the stored offsets are the ones
+      this projector last committed. If they moved (a `tally projections rebuild` swap, or
+      a second projector of the same name), discard the batch and re-seek to them;
+   b. write the rows (ledger + rollups, subscriptions, quota states, plan catalog). An
+      event that still breaks a constraint is retried alone under a savepoint and becomes
+      a Problem, so the good rows of the batch land and the partition is never blocked;
+   c. write the Problems to `projection_errors` (keyed by log position: replays add none);
+   d. upsert `projection_offsets` to the next offset of every partition in the batch;
+3. commit; then log the Problems and count them in metrics. A crash before the commit
+   leaves neither rows nor offsets; on restart the consumer seeks to the stored offsets,
+   so every record is applied exactly once.
 Kafka consumer-group offsets are not used at all; Postgres holds the only offsets.
+
+Every handler is also safe to re-apply to a suffix of the log in order (ledger by unique
+key, the rest last-write-wins by key), which is what lets a rebuild hand over to the live
+projector with offsets that differ from its own (projections/rebuild.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeAlias
 
 import psycopg
-from aiokafka import TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 from pydantic import TypeAdapter, ValidationError
 
 from projections import metrics
-from projections.ledger import ensure_month_partitions, write_accepted
+from projections.ledger import accepted_problems, ensure_month_partitions, write_accepted
 from projections.migrations import connect, migrate
 from schemas.codec import RecordDecodeError, decode_record, loads
 from schemas.events import SubscriptionEvent
+from schemas.plans import MeterSpec, Plan, format_validation_error
 from schemas.records import AcceptedEvent, QuotaState
+from streams.catalog_follower import METERS_KEY
 from tally import kafka
 from tally.settings import Settings
 
@@ -37,31 +54,78 @@ log = logging.getLogger(__name__)
 
 PROJECTION = "read_models"
 _ACCEPTED = TypeAdapter(list[AcceptedEvent])
+_ACCEPTED_ONE = TypeAdapter(AcceptedEvent)
 _SUBSCRIPTION = TypeAdapter(SubscriptionEvent)
+_METERS = TypeAdapter(dict[str, MeterSpec])
 _STATUS = {
     "tally.subscription.created.v1": "active",
     "tally.subscription.plan_changed.v1": "active",
     "tally.subscription.renewed.v1": "active",
     "tally.subscription.canceled.v1": "canceled",
 }
+# Errors that mean "this data breaks a constraint", as opposed to a lost connection: the
+# rows are reported, the batch goes on. Anything else propagates and the process restarts
+# from the stored offsets.
+_REJECTED = (psycopg.DataError, psycopg.IntegrityError, psycopg.errors.CardinalityViolation)
 
 Conn = psycopg.Connection[tuple[Any, ...]]
-Records = list[ConsumerRecord[bytes, bytes]]
+Record: TypeAlias = ConsumerRecord[bytes, bytes]
+Records: TypeAlias = list[Record]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A record (item -1) or one event of a batch record that was not applied, and why."""
+
+    topic: str
+    partition: int
+    offset: int
+    item: int
+    reason: str
+    detail: str
+    record_timestamp: datetime
+
+
+def lock_key(schema: str, projection: str) -> int:
+    """The advisory lock serialising the transactions of one projection in one schema."""
+    digest = hashlib.blake2b(f"{schema}/{projection}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+class _Fenced(Exception):
+    """The stored offsets are not the ones this projector committed last."""
+
+
+def _timestamp(r: Record) -> datetime:
+    return datetime.fromtimestamp(r.timestamp / 1000, UTC)
 
 
 class Projector:
-    """Projects accepted usage, subscriptions and quota states into schema `tally`."""
+    """Projects accepted usage, subscriptions, quota states and the plan catalog.
 
-    def __init__(self, settings: Settings, max_records: int = 20000) -> None:
+    `schema` / `projection` let a second instance build the read models beside the live
+    ones (a rebuild); the default is the live read models of DESIGN.md.
+    """
+
+    def __init__(self, settings: Settings, max_records: int = 20000, *,
+                 schema: str = "tally", projection: str = PROJECTION) -> None:
         self.settings = settings
         self.max_records = max_records
+        self.schema = schema
+        self.projection = projection
         t = settings.topics
         self.handlers: dict[str, Callable[[Conn, Records], None]] = {
             t.usage_accepted: self._project_accepted,
             t.subscriptions: self._project_subscriptions,
             t.quota_state: self._project_quota_states,
+            t.plans: self._project_plans,
         }
         self._months: set[datetime] = set()
+        self._committed: dict[tuple[str, int], int] = {}
+        self._problems: list[Problem] = []
+        self._new_rows = 0
+        self._events = 0
+        self._consumer: AIOKafkaConsumer | None = None
         self.stopping = asyncio.Event()
         self.projected = 0
 
@@ -69,101 +133,241 @@ class Projector:
         """Project until `stop()` is called; the batch in progress is finished first."""
         database_url = self.settings.require_database()
         migrate(database_url)
-        consumer = kafka.consumer(self.settings)
-        await consumer.start()
-        try:
-            with connect(database_url) as conn:
-                await self._assign(consumer, conn)
+        with connect(database_url) as conn:
+            await self.open(conn)
+            try:
                 while not self.stopping.is_set():
-                    batch = await consumer.getmany(timeout_ms=200, max_records=self.max_records)
-                    if batch:
-                        self._apply(conn, batch)
-        finally:
-            await consumer.stop()
+                    await self.step(conn)
+            finally:
+                await self.close()
 
     def stop(self) -> None:
         self.stopping.set()
 
-    async def _assign(self, consumer: Any, conn: Conn) -> None:
-        stored = {
-            (topic, partition): offset
-            for topic, partition, offset in conn.execute(
-                "SELECT topic, partition, next_offset FROM tally.projection_offsets"
-                " WHERE projection = %s", (PROJECTION,),
-            )
-        }
-        conn.commit()
+    async def open(self, conn: Conn) -> None:
+        """Start the consumer at the stored offsets of this projection."""
+        self._consumer = kafka.consumer(self.settings)
+        await self._consumer.start()
+        await self._assign(conn)
+
+    async def close(self) -> None:
+        if self._consumer is not None:
+            await self._consumer.stop()
+            self._consumer = None
+
+    @property
+    def committed(self) -> dict[tuple[str, int], int]:
+        """Next offset per (topic, partition), as last committed by this projector."""
+        return dict(self._committed)
+
+    async def step(self, conn: Conn) -> int:
+        """Fetch and apply one batch; return how many records it held (0: caught up)."""
+        assert self._consumer is not None, "open() first"
+        batch = await self._consumer.getmany(timeout_ms=200, max_records=self.max_records)
+        if not batch:
+            self._observe_caught_up()
+            return 0
+        if not self._apply(conn, batch):
+            await self._assign(conn)
+            return 0
+        self._observe_lag(batch)
+        return sum(len(r) for r in batch.values())
+
+    async def _assign(self, conn: Conn) -> None:
+        assert self._consumer is not None
+        consumer = self._consumer
+        with conn.transaction():
+            self._committed = self._stored_offsets(conn)
         tps = []
         for topic in self.handlers:
             for p in sorted(consumer.partitions_for_topic(topic) or ()):
                 tps.append(TopicPartition(topic, p))
         consumer.assign(tps)
         for tp in tps:
-            if (tp.topic, tp.partition) in stored:
-                consumer.seek(tp, stored[(tp.topic, tp.partition)])
+            if (tp.topic, tp.partition) in self._committed:
+                consumer.seek(tp, self._committed[(tp.topic, tp.partition)])
             else:
                 await consumer.seek_to_beginning(tp)
 
-    def _apply(self, conn: Conn, batch: dict[TopicPartition, Records]) -> None:
+    def _stored_offsets(self, conn: Conn) -> dict[tuple[str, int], int]:
+        return {
+            (topic, partition): offset
+            for topic, partition, offset in conn.execute(
+                f"SELECT topic, partition, next_offset FROM {self.schema}.projection_offsets"
+                " WHERE projection = %s", (self.projection,),
+            )
+        }
+
+    def _apply(self, conn: Conn, batch: dict[TopicPartition, Records]) -> bool:
+        """Apply one batch in one transaction (steps 2-3 of the module docstring).
+
+        Returns False when fenced: nothing was written and the caller re-seeks.
+        """
         started = time.perf_counter()
         by_topic: dict[str, Records] = defaultdict(list)
         for tp, records in batch.items():
             by_topic[tp.topic].extend(records)
-        with conn.transaction():
-            for topic, records in by_topic.items():
-                self.handlers[topic](conn, records)
-                metrics.RECORDS.labels(topic).inc(len(records))
-            with conn.cursor() as cur:
-                cur.executemany(
-                    "INSERT INTO tally.projection_offsets (projection, topic, partition,"
-                    " next_offset) VALUES (%s, %s, %s, %s)"
-                    " ON CONFLICT (projection, topic, partition)"
-                    " DO UPDATE SET next_offset = excluded.next_offset",
-                    [(PROJECTION, tp.topic, tp.partition, records[-1].offset + 1)
-                     for tp, records in batch.items() if records],
-                )
+        offsets = {(tp.topic, tp.partition): records[-1].offset + 1
+                   for tp, records in batch.items() if records}
+        self._problems, self._new_rows, self._events = [], 0, 0
+        try:
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)",
+                             (lock_key(self.schema, self.projection),))
+                if self._stored_offsets(conn) != self._committed:
+                    raise _Fenced
+                for topic, records in by_topic.items():
+                    self.handlers[topic](conn, records)
+                self._write_problems(conn)
+                with conn.cursor() as cur:
+                    cur.executemany(
+                        f"INSERT INTO {self.schema}.projection_offsets (projection, topic,"
+                        " partition, next_offset) VALUES (%s, %s, %s, %s)"
+                        " ON CONFLICT (projection, topic, partition)"
+                        " DO UPDATE SET next_offset = excluded.next_offset",
+                        [(self.projection, t, p, o) for (t, p), o in offsets.items()],
+                    )
+        except _Fenced:
+            self._months.clear()  # partitions created in the rolled-back transaction
+            metrics.FENCED.inc()
+            log.warning("projection %s.%s: stored offsets moved (rebuild swap or another"
+                        " projector); re-seeking", self.schema, self.projection)
+            return False
+        except BaseException:
+            self._months.clear()
+            raise
+        self._committed.update(offsets)
         count = sum(len(r) for r in batch.values())
         self.projected += count
-        metrics.BATCH_RECORDS.observe(count)
-        metrics.WRITE_SECONDS.observe(time.perf_counter() - started)
         for topic, records in by_topic.items():
-            metrics.LAG_SECONDS.labels(topic).set(
-                max(time.time() - records[-1].timestamp / 1000, 0.0)
+            metrics.RECORDS.labels(topic).inc(len(records))
+        metrics.ROWS.inc(self._new_rows)
+        metrics.BATCH_RECORDS.observe(count)
+        metrics.BATCH_EVENTS.observe(self._events)
+        metrics.WRITE_SECONDS.observe(time.perf_counter() - started)
+        for p in self._problems:
+            metrics.ERRORS.labels(p.topic, p.reason).inc()
+            log.error("projection error %s/%s@%s item %s: %s: %s",
+                      p.topic, p.partition, p.offset, p.item, p.reason, p.detail)
+        return True
+
+    def _observe_lag(self, batch: dict[TopicPartition, Records]) -> None:
+        assert self._consumer is not None
+        now = time.time()
+        for tp, records in batch.items():
+            if not records:
+                continue
+            end = self._consumer.highwater(tp)
+            if end is not None:
+                behind = max(end - (records[-1].offset + 1), 0)
+                metrics.LAG_RECORDS.labels(tp.topic, str(tp.partition)).set(behind)
+            metrics.LAG_SECONDS.labels(tp.topic).set(max(now - records[-1].timestamp / 1000, 0))
+
+    def _observe_caught_up(self) -> None:
+        """An empty fetch: nothing is waiting on any assigned partition."""
+        assert self._consumer is not None
+        for tp in self._consumer.assignment():
+            metrics.LAG_RECORDS.labels(tp.topic, str(tp.partition)).set(0)
+        for topic in self.handlers:
+            metrics.LAG_SECONDS.labels(topic).set(0)
+
+    # --- problems ----------------------------------------------------------------------
+
+    def _report(self, r: Record, item: int, reason: str, detail: str) -> None:
+        self._problems.append(Problem(r.topic, r.partition, r.offset, item, reason,
+                                      detail[:2000], _timestamp(r)))
+
+    def _write_problems(self, conn: Conn) -> None:
+        if not self._problems:
+            return
+        with conn.cursor() as cur:
+            cur.executemany(
+                f"INSERT INTO {self.schema}.projection_errors (topic, partition, \"offset\","
+                " item, reason, detail, record_timestamp) VALUES (%s,%s,%s,%s,%s,%s,%s)"
+                " ON CONFLICT DO NOTHING",
+                [(p.topic, p.partition, p.offset, p.item, p.reason, p.detail,
+                  p.record_timestamp) for p in self._problems],
             )
 
     # --- handlers: each runs inside the batch transaction ------------------------------
 
+    def _decode_accepted(self, r: Record) -> list[tuple[int, AcceptedEvent]]:
+        """The applicable events of one record; every other one is reported."""
+        try:
+            items = decode_record(r.value)
+        except RecordDecodeError as e:
+            self._report(r, -1, "unreadable_record", str(e))
+            return []
+        try:
+            candidates = list(enumerate(_ACCEPTED.validate_python(items)))
+        except ValidationError:
+            candidates = []
+            for index, item in enumerate(items):
+                try:
+                    candidates.append((index, _ACCEPTED_ONE.validate_python(item)))
+                except ValidationError as e:
+                    self._report(r, index, "invalid_event", format_validation_error(e))
+        good = []
+        for index, event in candidates:
+            if problems := accepted_problems(event):
+                self._report(r, index, "constraint_violation", "; ".join(problems))
+            else:
+                good.append((index, event))
+        return good
+
     def _project_accepted(self, conn: Conn, records: Records) -> None:
-        events: list[AcceptedEvent] = []
-        for r in records:
+        decoded = [(r, pairs) for r in records if (pairs := self._decode_accepted(r))]
+        events = [event for _, pairs in decoded for _, event in pairs]
+        self._events += len(events)
+        ensure_month_partitions(conn, events, self._months, self.schema)
+        try:
+            with conn.transaction():  # a savepoint: the fallback below starts clean
+                self._new_rows += write_accepted(conn, events, self.schema)
+        except _REJECTED:
+            self._write_accepted_one_by_one(conn, decoded)
+
+    def _write_accepted_one_by_one(
+        self, conn: Conn, decoded: list[tuple[Record, list[tuple[int, AcceptedEvent]]]]
+    ) -> None:
+        """The slow path after the database refused the batch: a savepoint per record,
+        then per event of a refused record, in log order; refused events are reported."""
+        for r, pairs in decoded:
             try:
-                events.extend(_ACCEPTED.validate_python(decode_record(r.value)))
-            except (RecordDecodeError, ValidationError) as e:
-                # The worker wrote it, so this is a bug, not bad input: say so loudly,
-                # but do not block the partition behind it.
-                log.error("skipping unreadable accepted record %s/%s@%s: %s",
-                          r.topic, r.partition, r.offset, e)
-        ensure_month_partitions(conn, events, self._months)
-        metrics.ROWS.inc(write_accepted(conn, events))
+                with conn.transaction():
+                    self._new_rows += write_accepted(conn, [e for _, e in pairs], self.schema)
+                continue
+            except _REJECTED:
+                pass
+            for index, event in pairs:
+                try:
+                    with conn.transaction():
+                        self._new_rows += write_accepted(conn, [event], self.schema)
+                except _REJECTED as e:
+                    self._report(r, index, "rejected_by_database", str(e).splitlines()[0])
 
     def _project_subscriptions(self, conn: Conn, records: Records) -> None:
         rows = []
         for r in records:
             try:
                 items = decode_record(r.value)
-            except RecordDecodeError:
-                continue  # the worker dead-letters it; nothing to project
-            for item in items:
+            except RecordDecodeError as e:
+                self._report(r, -1, "unreadable_record", str(e))
+                continue
+            for index, item in enumerate(items):
                 try:
-                    e = _SUBSCRIPTION.validate_python(item)
-                except ValidationError:
+                    ev = _SUBSCRIPTION.validate_python(item)
+                except ValidationError as err:
+                    self._report(r, index, "invalid_event", format_validation_error(err))
                     continue
-                rows.append((e.subject, e.data.plan_id, _STATUS[e.type], e.data.period_start,
-                             e.data.period_end, e.data.stripe_customer_id,
-                             e.data.stripe_subscription_id, e.time))
+                rows.append((ev.subject, ev.data.plan_id, _STATUS[ev.type],
+                             ev.data.period_start, ev.data.period_end,
+                             ev.data.stripe_customer_id, ev.data.stripe_subscription_id,
+                             ev.time))
+        # Last write wins in log order; updated_at is the event's time, not now(), so a
+        # rebuild reproduces it.
         with conn.cursor() as cur:
             cur.executemany(
-                "INSERT INTO tally.subscriptions AS s (tenant_id, plan_id, status,"
+                f"INSERT INTO {self.schema}.subscriptions AS s (tenant_id, plan_id, status,"
                 " current_period_start, current_period_end, stripe_customer_id,"
                 " stripe_subscription_id, updated_at) VALUES (%s,%s,%s,%s,%s,%s,%s,%s)"
                 " ON CONFLICT (tenant_id) DO UPDATE SET plan_id = excluded.plan_id,"
@@ -177,20 +381,80 @@ class Projector:
             )
 
     def _project_quota_states(self, conn: Conn, records: Records) -> None:
-        latest: dict[tuple[str, str], tuple[QuotaState, datetime]] = {}
+        # A compacted topic: only the latest value per key matters, and a tombstone deletes
+        # (a rebuild after compaction sees no record for that key at all).
+        latest: dict[tuple[str, str], tuple[QuotaState, datetime] | None] = {}
         for r in records:
             if r.value is None:
+                tenant, _, meter = (r.key or b"").decode("utf-8", "replace").rpartition("/")
+                latest[(tenant, meter)] = None
                 continue
-            q = QuotaState.model_validate(loads(r.value))
-            latest[(q.tenant_id, q.meter)] = (q, datetime.fromtimestamp(r.timestamp / 1000, UTC))
+            try:
+                q = QuotaState.model_validate(loads(r.value))
+            except (ValueError, ValidationError) as e:
+                detail = format_validation_error(e) if isinstance(e, ValidationError) else str(e)
+                self._report(r, -1, "invalid_quota_state", detail)
+                continue
+            latest[(q.tenant_id, q.meter)] = (q, _timestamp(r))
         with conn.cursor() as cur:
             cur.executemany(
-                'INSERT INTO tally.quota_state (tenant_id, meter, period_start, used, "limit",'
-                " state, updated_at) VALUES (%s,%s,%s,%s,%s,%s,%s)"
+                f"DELETE FROM {self.schema}.quota_state WHERE tenant_id = %s AND meter = %s",
+                [key for key, value in latest.items() if value is None],
+            )
+            # updated_at is the record's timestamp, so a rebuild reproduces it.
+            cur.executemany(
+                f'INSERT INTO {self.schema}.quota_state (tenant_id, meter, period_start, used,'
+                ' "limit", state, updated_at) VALUES (%s,%s,%s,%s,%s,%s,%s)'
                 " ON CONFLICT (tenant_id, meter) DO UPDATE SET"
                 ' period_start = excluded.period_start, used = excluded.used,'
                 ' "limit" = excluded."limit", state = excluded.state,'
                 " updated_at = excluded.updated_at",
                 [(q.tenant_id, q.meter, q.period_start, q.used, q.limit, q.state, at)
-                 for q, at in latest.values()],
+                 for value in latest.values() if value is not None for q, at in [value]],
             )
+
+    def _project_plans(self, conn: Conn, records: Records) -> None:
+        # Compacted too: each key's latest value replaces what it described.
+        latest: dict[str, Record] = {}
+        for r in records:
+            latest[(r.key or b"").decode("utf-8", "replace")] = r
+        s = self.schema
+        for key, r in latest.items():
+            try:
+                document = loads(r.value) if r.value is not None else None
+                if key == METERS_KEY:
+                    meters = _METERS.validate_python(document["meters"]) if document else {}
+                    conn.execute(f"DELETE FROM {s}.meters")
+                    with conn.cursor() as cur:
+                        cur.executemany(
+                            f"INSERT INTO {s}.meters (meter, aggregation, unit,"
+                            " unique_dimension, lateness_seconds) VALUES (%s,%s,%s,%s,%s)",
+                            [(name, m.aggregation, m.unit, m.unique_dimension,
+                              m.lateness_seconds) for name, m in sorted(meters.items())],
+                        )
+                    continue
+                plan = Plan.model_validate(document) if document is not None else None
+            except ValidationError as e:
+                self._report(r, -1, "invalid_plan", format_validation_error(e))
+                continue
+            except (ValueError, TypeError, KeyError) as e:
+                self._report(r, -1, "unreadable_record", repr(e))
+                continue
+            conn.execute(f"DELETE FROM {s}.plan_meters WHERE plan_id = %s", (key,))
+            conn.execute(f"DELETE FROM {s}.plans WHERE plan_id = %s", (key,))
+            if plan is None:
+                continue
+            conn.execute(
+                f"INSERT INTO {s}.plans (plan_id, name, currency, monthly_fee_cents,"
+                " yearly_fee_cents, tier, document) VALUES (%s,%s,%s,%s,%s,%s,%s)",
+                (key, plan.name, plan.currency, plan.monthly_fee_cents, plan.yearly_fee_cents,
+                 plan.tier, r.value.decode() if r.value else "null"),
+            )
+            with conn.cursor() as cur:
+                cur.executemany(
+                    f"INSERT INTO {s}.plan_meters (plan_id, meter, included, hard_limit,"
+                    " overage) VALUES (%s,%s,%s,%s,%s)",
+                    [(key, meter, pm.included, pm.hard_limit,
+                      pm.overage.model_dump_json() if pm.overage else None)
+                     for meter, pm in sorted(plan.meters.items())],
+                )

@@ -105,10 +105,10 @@ def run_tally(settings: Settings, expected: int, home: Path) -> float:
 
 def run_baseline(module: str, args: list[str]) -> float:
     out = subprocess.run([sys.executable, "-m", module, *args], capture_output=True,
-                         text=True, timeout=900)
-    for line in out.stdout.splitlines():
-        if line.startswith("DONE "):
-            return float(line.split()[2])
+                         text=True, timeout=300)
+    # Faust prints terminal escapes before our line: search, don't anchor.
+    if match := re.search(r"DONE (\d+) ([0-9.]+)", out.stdout):
+        return float(match.group(2))
     raise RuntimeError(f"{module} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
 
 
@@ -125,7 +125,8 @@ def bench_dataset(name: str, bootstrap: str, events: int, per_record: int,
         "tally": run_tally(settings, events, home),
         "faust-textbook": run_baseline(
             "bench.baselines.faust_textbook",
-            [bootstrap, topic, str(events), str(devstack.free_port())]),
+            [bootstrap, topic, str(events), str(devstack.free_port()),
+             str(settings.partitions)]),
         "quixstreams": run_baseline(
             "bench.baselines.quix_sum", [bootstrap, topic, str(events),
                                          tempfile.mkdtemp(prefix="quix-", dir=home)]),

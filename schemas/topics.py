@@ -37,6 +37,9 @@ QUOTA_STATE = TopicSpec("quota-state", compacted=True, retention_ms=-1)
 USAGE_ACCEPTED = TopicSpec("usage.accepted", compacted=False, retention_ms=_YEAR_MS)
 USAGE_DLQ = TopicSpec("usage.dlq", compacted=False, retention_ms=_MONTH_MS)
 NOTIFICATIONS = TopicSpec("notifications", compacted=False, retention_ms=_MONTH_MS)
+# Internal: tally.usage records repacked into frames by the worker's pre-batching stage
+# (streams/prebatch.py). Kept as long as tally.usage: a stopped worker must find them.
+USAGE_BATCHED = TopicSpec("usage.batched", compacted=False, retention_ms=_YEAR_MS)
 # Internal: the worker's changelog (counters with applied offsets, dedup windows,
 # subscription state), partition-aligned with tally.usage. Not for services to read.
 WORKER_STATE = TopicSpec("worker-state", compacted=True, retention_ms=-1)
@@ -50,6 +53,7 @@ ALL = (
     USAGE_ACCEPTED,
     USAGE_DLQ,
     NOTIFICATIONS,
+    USAGE_BATCHED,
     WORKER_STATE,
 )
 
@@ -91,6 +95,10 @@ class Topics:
     @property
     def notifications(self) -> str:
         return NOTIFICATIONS.name(self.prefix)
+
+    @property
+    def usage_batched(self) -> str:
+        return USAGE_BATCHED.name(self.prefix)
 
     @property
     def worker_state(self) -> str:

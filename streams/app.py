@@ -1,5 +1,9 @@
 """The Faust worker: the adapter around `PartitionProcessor`.
 
+Usage records reach the Faust agent as frames written by the pre-batching stage
+(streams/prebatch.py), each carrying many `tally.usage` records with their original
+offsets and timestamps; subscription records arrive directly.
+
 Per micro-batch (`stream.take_events`), in this order:
 1. restore the state of any partition seen for the first time from `tally.worker-state`
    (read until a fetch returns nothing: end offsets are not trusted, see DESIGN.md);
@@ -27,9 +31,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from schemas.codec import BATCH_CONTENT_TYPE, CONTENT_TYPE_HEADER, dumps, loads
 from schemas.plans import Catalog
-from streams import metrics
+from streams import frames, metrics
 from streams.catalog_follower import CatalogFollower
 from streams.errors import StateRecoveryError
+from streams.prebatch import PreBatcher
 from streams.processor import Effects, PartitionProcessor, ProcessorConfig, counter_key
 from streams.quota_view import QuotaView, parse_quantity
 from tally import kafka
@@ -77,11 +82,9 @@ class Worker:
             processor = await self._processor(message.partition)
             touched.add(message.partition)
             metrics.RECORDS.labels(message.topic).inc()
-            if message.topic == self.topics.usage:
-                processor.process_usage(
-                    message.topic, message.offset, message.key, message.value,
-                    int(message.timestamp * 1000),
-                )
+            if message.topic == self.topics.usage_batched:
+                for offset, timestamp_ms, key, value in frames.decode(message.value):
+                    processor.process_usage(self.topics.usage, offset, key, value, timestamp_ms)
             else:
                 processor.process_subscription(
                     message.topic, message.offset, message.key, message.value
@@ -214,13 +217,23 @@ def create_app(settings: Settings, web_port: int = 6066,
     )
     worker = Worker(app, settings, config or ProcessorConfig())
     app.tally_worker = worker  # type: ignore[attr-defined]
-    source = app.topic(settings.topics.usage, settings.topics.subscriptions)
+    # Usage arrives through the pre-batching stage (streams/prebatch.py): one Faust event
+    # per frame of many records, so Faust's per-record cost does not bound throughput.
+    source = app.topic(settings.topics.usage_batched, settings.topics.subscriptions)
+    prebatcher = PreBatcher(settings)
 
     @app.agent(source)
     async def process(stream: Any) -> None:
         try:
             async for events in stream.take_events(MAX_BATCH_RECORDS, BATCH_WITHIN_SECONDS):
                 await worker.handle(list(events))
+        except Exception as e:
+            await _fail(app, e)
+
+    @app.task  # type: ignore[untyped-decorator]
+    async def prebatch() -> None:
+        try:
+            await prebatcher.run()
         except Exception as e:
             await _fail(app, e)
 
@@ -233,7 +246,7 @@ def create_app(settings: Settings, web_port: int = 6066,
 
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]
     async def on_revoked(app: faust.App, revoked: set[Any], **_: Any) -> None:
-        worker.forget(tp.partition for tp in revoked if tp.topic == settings.topics.usage)
+        worker.forget(tp.partition for tp in revoked)
 
     @app.page("/metrics")
     async def metrics_page(web: Any, request: Any) -> Any:

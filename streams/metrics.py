@@ -15,4 +15,7 @@ BATCH_SECONDS = Histogram(
 )
 DEDUP_IDS = Gauge("tally_worker_dedup_ids", "Event ids held in the dedup window", ["partition"])
 RECOVERY_SECONDS = Histogram("tally_worker_recovery_seconds", "Time to restore a partition")
+PREBATCH_RECORDS = Counter("tally_worker_prebatch_records_total",
+                           "tally.usage records repacked into frames")
+PREBATCH_FRAMES = Counter("tally_worker_prebatch_frames_total", "Frames written")
 CATALOG_PLANS = Gauge("tally_worker_catalog_plans", "Plans in the catalog the worker uses")

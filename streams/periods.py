@@ -11,6 +11,7 @@ from __future__ import annotations
 import calendar
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import cached_property
 
 
 @dataclass(frozen=True, order=True)
@@ -20,6 +21,15 @@ class Period:
 
     def __contains__(self, moment: datetime) -> bool:
         return self.start <= moment < self.end
+
+    @cached_property
+    def start_text(self) -> str:
+        """`start` in ISO 8601, computed once (it is written with every accepted event)."""
+        return self.start.isoformat()
+
+    @cached_property
+    def end_text(self) -> str:
+        return self.end.isoformat()
 
 
 def add_months(moment: datetime, months: int, anchor_day: int | None = None) -> datetime:

@@ -28,7 +28,7 @@ from pydantic import TypeAdapter, ValidationError
 from schemas.codec import RecordDecodeError, decode_record, dumps
 from schemas.events import SUBSCRIPTION_TYPES, USAGE_TYPE, SubscriptionEvent, UsageEvent
 from schemas.plans import Catalog, PlanMeter
-from schemas.records import AcceptedEvent, DeadLetter, Notification, QuotaState
+from schemas.records import DeadLetter, Notification, QuotaState
 from streams import quota
 from streams.aggregation import Counter
 from streams.dedup import DedupWindow
@@ -105,7 +105,10 @@ class Subscription:
 class Effects:
     """What processing produced since the last drain, ready to be written."""
 
-    accepted: dict[str, list[AcceptedEvent]] = field(default_factory=lambda: defaultdict(list))
+    # Accepted events in AcceptedEvent's JSON form, built as dicts: constructing a model
+    # per event would cost more than all the other per-event work together.
+    accepted: dict[str, list[dict[str, Any]]] = field(
+        default_factory=lambda: defaultdict(list))
     dead_letters: list[DeadLetter] = field(default_factory=list)
     counters: list[Counter] = field(default_factory=list)
     quota_states: list[QuotaState] = field(default_factory=list)
@@ -143,6 +146,7 @@ class PartitionProcessor:
         self._touched: set[tuple[str, str, datetime]] = set()
         self._touched_subscriptions: set[str] = set()
         self._effects = Effects()
+        self._lateness = {name: m.lateness for name, m in catalog.meters.items()}
 
     # --- usage -------------------------------------------------------------------------
 
@@ -174,6 +178,9 @@ class PartitionProcessor:
 
         folded_here: set[tuple[str, str, datetime]] = set()
         ids_here: set[str] = set()
+        ingested_text = ingested_at.isoformat()
+        accepted = self._effects.accepted[tenant]
+        period: Period | None = None  # events of a record mostly share one period
         for index, event in events:
             where = index if is_batch else None
             if event.subject != tenant:
@@ -200,33 +207,37 @@ class PartitionProcessor:
             ids_here.add(event.id)
             self.dedup.add(bucket, event.id, offset)
 
-            period, plan_id, late, adjustment = self._placement(
-                tenant, event_time, ingested_at, meter.lateness
+            if period is None or not period.start <= event_time < period.end:
+                period = self.period_of(tenant, event_time)
+            counted_in, plan_id, late, adjustment = self._placement(
+                tenant, period, event_time, ingested_at, self._lateness[event.data.meter]
             )
-            counter_key = (tenant, event.data.meter, period.start)
+            counter_key = (tenant, event.data.meter, counted_in.start)
             counter = self.counters.get(counter_key)
             if counter is None:
-                counter = Counter(tenant, event.data.meter, period.start, period.end,
+                counter = Counter(tenant, event.data.meter, counted_in.start, counted_in.end,
                                   meter.aggregation)
                 self.counters[counter_key] = counter
             if counter.applied_offset < offset:
                 counter.applied_offset = offset
                 folded_here.add(counter_key)
+                self._note_current(tenant, event.data.meter, counted_in.start)
             unique = (event.data.dimensions.get(meter.unique_dimension)
                       if meter.unique_dimension else None)
             if counter_key in folded_here:
                 counter.fold(event.data.quantity, unique, event_time)
                 self._touched.add(counter_key)
                 self._effects.counted += 1
-            self._note_current(tenant, event.data.meter, period.start)
-            self._effects.accepted[tenant].append(AcceptedEvent(
-                tenant_id=tenant, event_id=event.id, meter=event.data.meter,
-                aggregation=meter.aggregation, unique_value=unique,
-                quantity=event.data.quantity, event_time=event_time, ingested_at=ingested_at,
-                source=event.source, dimensions=dict(event.data.dimensions),
-                period_start=period.start, period_end=period.end, plan_id=plan_id,
-                late=late, adjustment=adjustment,
-            ))
+            accepted.append({
+                "tenant_id": tenant, "event_id": event.id, "meter": event.data.meter,
+                "aggregation": meter.aggregation, "unique_value": unique,
+                "quantity": str(event.data.quantity), "event_time": event_time.isoformat(),
+                "ingested_at": ingested_text, "source": event.source,
+                "dimensions": event.data.dimensions,
+                "period_start": counted_in.start_text,
+                "period_end": counted_in.end_text, "plan_id": plan_id,
+                "late": late, "adjustment": adjustment,
+            })
 
     def _validate_usage(
         self, items: list[Any], is_batch: bool, dead: Any
@@ -250,10 +261,11 @@ class PartitionProcessor:
         return valid
 
     def _placement(
-        self, tenant: str, event_time: datetime, ingested_at: datetime, lateness: timedelta
+        self, tenant: str, period: Period, event_time: datetime, ingested_at: datetime,
+        lateness: timedelta,
     ) -> tuple[Period, str, bool, bool]:
-        """The period and plan an event counts under, and whether it is late / an adjustment."""
-        period = self.period_of(tenant, event_time)
+        """The period and plan an event in `period` counts under, and whether it is late or
+        an adjustment."""
         late = ingested_at >= period.end
         adjustment = late and ingested_at >= period.end + lateness
         moment = event_time
@@ -334,6 +346,7 @@ class PartitionProcessor:
     def use_catalog(self, catalog: Catalog) -> None:
         """Switch to a new plan catalog; current quota states are re-evaluated."""
         self.catalog = catalog
+        self._lateness = {name: m.lateness for name, m in catalog.meters.items()}
         self._touched.update(
             (t, m, start) for (t, m), start in self.current_period.items()
         )

@@ -1,6 +1,6 @@
 """Baseline: the textbook Faust agent — one event per iteration, a Faust table per tenant.
 
-    python -m bench.baselines.faust_textbook BOOTSTRAP TOPIC EXPECTED_EVENTS WEB_PORT
+    python -m bench.baselines.faust_textbook BOOTSTRAP TOPIC EXPECTED_EVENTS WEB_PORT PARTITIONS
 
 Prints `DONE <events> <seconds>` (first to last event processed) and exits.
 """
@@ -14,12 +14,13 @@ import time
 import faust
 import orjson
 
-bootstrap, topic_name, expected, web_port = sys.argv[1], sys.argv[2], int(sys.argv[3]), \
-    int(sys.argv[4])
+bootstrap, topic_name = sys.argv[1], sys.argv[2]
+expected, web_port, partitions = (int(a) for a in sys.argv[3:6])
 app = faust.App(
     f"bench-textbook-{topic_name}", broker=f"kafka://{bootstrap}", value_serializer="raw",
     broker_session_timeout=4, broker_heartbeat_interval=0.5, web_port=web_port,
     store="memory://", consumer_auto_offset_reset="earliest",
+    topic_partitions=partitions,  # the table's changelog must match the source topic
 )
 topic = app.topic(topic_name)
 totals = app.Table("totals", default=int)
@@ -28,6 +29,14 @@ seen = {"events": 0, "first": 0.0}
 
 @app.agent(topic)
 async def count(stream: faust.StreamT[bytes]) -> None:
+    try:
+        await _count(stream)
+    except Exception as e:  # a crashed agent leaves Faust idling: fail the run instead
+        print(f"FAILED {e!r}", flush=True)
+        os._exit(1)
+
+
+async def _count(stream: faust.StreamT[bytes]) -> None:
     async for value in stream:
         if not seen["first"]:
             seen["first"] = time.perf_counter()
@@ -41,4 +50,4 @@ async def count(stream: faust.StreamT[bytes]) -> None:
 
 
 if __name__ == "__main__":
-    faust.Worker(app, loglevel="error", quiet=True).execute_from_commandline()
+    faust.Worker(app, loglevel="error", quiet=True, redirect_stdouts=False).execute_from_commandline()

@@ -29,7 +29,7 @@ from schemas.codec import RecordDecodeError, decode_record, dumps
 from schemas.events import SUBSCRIPTION_TYPES, USAGE_TYPE, SubscriptionEvent, UsageEvent
 from schemas.plans import Catalog, PlanMeter
 from schemas.records import DeadLetter, Notification, QuotaState
-from streams import quota
+from streams import quota, trials
 from streams.aggregation import Counter
 from streams.dedup import DedupWindow
 from streams.periods import Period, anniversary_period, calendar_month
@@ -68,6 +68,7 @@ class Subscription:
     cancel_at: datetime | None  # from then on the default plan applies
     trial_end: datetime | None
     applied_offset: int
+    trial_notified: datetime | None = None  # the trial_end a trial_ending notice went for
 
     def plan_at(self, moment: datetime, default_plan: str) -> str:
         if self.cancel_at is not None and moment >= self.cancel_at:
@@ -83,6 +84,7 @@ class Subscription:
             "cancel_at": self.cancel_at.isoformat() if self.cancel_at else None,
             "trial_end": self.trial_end.isoformat() if self.trial_end else None,
             "applied_offset": self.applied_offset,
+            "trial_notified": self.trial_notified.isoformat() if self.trial_notified else None,
         }
 
     @classmethod
@@ -98,6 +100,7 @@ class Subscription:
             cancel_at=ts(s["cancel_at"]),
             trial_end=ts(s["trial_end"]),
             applied_offset=int(s["applied_offset"]),
+            trial_notified=ts(s.get("trial_notified")),
         )
 
 
@@ -141,6 +144,7 @@ class PartitionProcessor:
         self.counters: dict[tuple[str, str, datetime], Counter] = {}
         self.current_period: dict[tuple[str, str], datetime] = {}
         self.subscriptions: dict[str, Subscription] = {}
+        self._trialing: set[str] = set()
         self.dedup = DedupWindow(config.dedup_horizon)
         self.watermark = datetime.fromtimestamp(0, UTC)
         self._touched: set[tuple[str, str, datetime]] = set()
@@ -317,8 +321,19 @@ class PartitionProcessor:
             current = self.subscriptions.get(event.subject)
             if current is not None and current.applied_offset >= offset:
                 continue
-            self.subscriptions[event.subject] = self._next_subscription(event, offset)
+            new = self._next_subscription(event, offset)
+            if current is not None:
+                new.trial_notified = current.trial_notified
+            self._set_subscription(event.subject, new)
             self._touched_subscriptions.add(event.subject)
+
+    def _set_subscription(self, tenant: str, subscription: Subscription) -> None:
+        self.subscriptions[tenant] = subscription
+        # Only trialing tenants are scanned for trial notices, at every drain.
+        if subscription.status == "trialing":
+            self._trialing.add(tenant)
+        else:
+            self._trialing.discard(tenant)
 
     def _next_subscription(self, event: SubscriptionEvent, offset: int) -> Subscription:
         d = event.data
@@ -357,6 +372,7 @@ class PartitionProcessor:
         """Everything to write for the records processed since the last drain."""
         effects, self._effects = self._effects, Effects()
         self.dedup.evict_before(self.watermark)
+        self._notice_trials(effects)
         for tenant in self._touched_subscriptions:
             self._touched.update(
                 (t, m, start) for (t, m), start in self.current_period.items() if t == tenant
@@ -373,6 +389,18 @@ class PartitionProcessor:
         effects.changelog.extend(self.dedup.drain_changes())
         effects.changelog.append(("w/", {"watermark": self.watermark.isoformat()}))
         return effects
+
+    def _notice_trials(self, effects: Effects) -> None:
+        """Emit each trial's `trial_ending` notice once, `trials.DEFAULT_NOTICE` before it
+        ends (by the watermark); the flag reaches the changelog in the same batch."""
+        for tenant in self._trialing:
+            sub = self.subscriptions[tenant]
+            if trials.trial_ending_due(sub.status, sub.trial_end, sub.trial_notified,
+                                       self.watermark):
+                sub.trial_notified = sub.trial_end
+                self._touched_subscriptions.add(tenant)
+                effects.notifications.append(trials.trial_ending_notification(
+                    tenant, self.catalog.plan(sub.plan_id)[0], sub.period.start))
 
     def _evaluate(self, counter: Counter, effects: Effects) -> None:
         # The plan in force now (the watermark), seen from inside the counter's period.
@@ -414,7 +442,7 @@ class PartitionProcessor:
             self.counters[k] = counter
             self._note_current(counter.tenant_id, counter.meter, counter.period_start)
         elif kind == "s/" and value is not None:
-            self.subscriptions[key[2:]] = Subscription.from_state(value)
+            self._set_subscription(key[2:], Subscription.from_state(value))
         elif kind == "d/":
             self.dedup.restore_chunk(key, value)
         elif kind == "w/" and value is not None:

@@ -166,6 +166,22 @@ def test_too_late_event_is_an_adjustment_in_the_open_period() -> None:
     assert total(p, "t1", start=NOV) == Decimal(0)
 
 
+def test_trial_ending_is_notified_once_and_survives_a_restart() -> None:
+    p = processor()
+    trial_end = NOW + timedelta(days=2)
+    sub = subscription("t1", "created", "pro", NOV, DEC, time=NOV, trial_end=trial_end)
+    p.process_subscription("tally.subscriptions", 0, b"t1", record(sub))
+    feed(p, 0, "t1", usage("t1", time=NOW))
+    fx = p.drain()
+    assert [n.kind for n in fx.notifications] == ["trial_ending"]
+    restarted = processor()
+    for key, value in fx.changelog:
+        restarted.restore(key, value)
+    feed(restarted, 1, "t1", usage("t1", time=NOW))
+    feed(p, 1, "t1", usage("t1", time=NOW))
+    assert restarted.drain().notifications == [] and p.drain().notifications == []
+
+
 def test_cancellation_at_once_returns_the_tenant_to_the_default_plan() -> None:
     p = processor()
     p.process_subscription("tally.subscriptions", 0, b"t1",

@@ -50,4 +50,6 @@ async def _count(stream: faust.StreamT[bytes]) -> None:
 
 
 if __name__ == "__main__":
-    faust.Worker(app, loglevel="error", quiet=True, redirect_stdouts=False).execute_from_commandline()
+    # redirect_stdouts=False: the DONE line must reach stdout, not Faust's logger.
+    worker = faust.Worker(app, loglevel="error", quiet=True, redirect_stdouts=False)
+    worker.execute_from_commandline()

@@ -19,9 +19,9 @@ from streams.periods import calendar_month
 from tally.settings import Settings
 from tests.billing_jobs.conftest import CATALOG, FAST, sql
 from tests.conftest import WorkerProcess
-from tests.e2e.test_pipeline import ProjectorThread
 from tests.helpers import record, usage
 from tests.kafka_helpers import publish, publish_seed_catalog, wait_for
+from tests.services import ProjectorThread
 
 pytestmark = pytest.mark.e2e
 

@@ -3,8 +3,6 @@ projector -> push-usage -> Stripe double. Totals must be exact at every stage.""
 
 from __future__ import annotations
 
-import asyncio
-import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -16,39 +14,15 @@ import pytest
 from billing_jobs.journal import RetryPolicy
 from billing_jobs.push_usage import run_push_usage
 from billing_jobs.stripe_double import StripeDouble
-from projections.migrations import migrate
-from projections.projector import Projector
 from tally.settings import Settings
 from tests.conftest import WorkerProcess
 from tests.helpers import record, usage
 from tests.kafka_helpers import publish, publish_seed_catalog, wait_for
+from tests.services import ProjectorThread
 
 pytestmark = pytest.mark.e2e
 NOW = datetime.now(UTC)
 FAST_RETRIES = RetryPolicy(attempts=8, base_delay=0.01, max_delay=0.05)
-
-
-class ProjectorThread:
-    """The projector running in a thread with its own event loop, stopped like SIGTERM."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.projector = Projector(settings)
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.error: BaseException | None = None
-        self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            self.loop.run_until_complete(self.projector.run())
-        except BaseException as e:  # surfaced by stop()
-            self.error = e
-
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.projector.stop)
-        self.thread.join(30)
-        if self.error:
-            raise self.error
 
 
 @pytest.fixture
@@ -71,7 +45,6 @@ def test_events_with_duplicates_arrive_exactly_once_in_ledger_rollups_and_stripe
     settings = settings_factory(database_url=database_url, stripe_api_key="sk_test_e2e",
                                 stripe_api_base=stripe_double.url)
     publish_seed_catalog(settings)
-    migrate(database_url)  # `tally db migrate`
     worker = worker_factory(settings)
     projector = ProjectorThread(settings)
 

@@ -18,12 +18,12 @@ from tests.kafka_helpers import publish_seed_catalog
 from tests.projections.support import (
     PERIOD_END,
     PERIOD_START,
-    ProjectorThread,
     accepted,
     by_period,
     publish_accepted,
     wait_for_offsets,
 )
+from tests.services import ProjectorThread
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "finance.md"
 FIRST_INGEST = PERIOD_START + timedelta(days=5)

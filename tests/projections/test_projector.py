@@ -21,7 +21,6 @@ from tests.kafka_helpers import publish
 from tests.projections.support import (
     AGGREGATION_OF,
     PERIOD_START,
-    ProjectorThread,
     accepted,
     by_period,
     expected_by_period,
@@ -29,6 +28,7 @@ from tests.projections.support import (
     query,
     wait_for_offsets,
 )
+from tests.services import ProjectorThread
 
 DAY_1 = PERIOD_START + timedelta(days=3, hours=10)
 DAY_2 = PERIOD_START + timedelta(days=4, hours=10)

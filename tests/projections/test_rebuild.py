@@ -24,7 +24,6 @@ from tests.projections.support import (
     AGGREGATION_OF,
     PERIOD_END,
     PERIOD_START,
-    ProjectorThread,
     accepted,
     by_period,
     expected_by_period,
@@ -32,6 +31,7 @@ from tests.projections.support import (
     query,
     wait_for_offsets,
 )
+from tests.services import ProjectorThread
 
 
 def _digests(url: str) -> dict[str, tuple[int, str]]:

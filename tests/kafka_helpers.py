@@ -40,6 +40,26 @@ def publish(settings: Settings, topic: str, records: Iterable[tuple[str | None, 
     asyncio.run(_publish(settings, topic, list(records)))
 
 
+async def _publish_stamped(settings: Settings, topic: str,
+                           records: list[tuple[str, bytes, int]]) -> None:
+    producer = kafka.producer(settings)
+    await producer.start()
+    try:
+        futures = [await producer.send(topic, key=k.encode(), value=v, timestamp_ms=ts)
+                   for k, v, ts in records]
+        for f in futures:
+            await f
+    finally:
+        await producer.stop()
+
+
+def publish_stamped(settings: Settings, topic: str,
+                    records: Iterable[tuple[str, bytes, int]]) -> None:
+    """Send (key, value, timestamp_ms) records: the timestamp is the ingestion time the
+    worker sees, as if the broker had received them then."""
+    asyncio.run(_publish_stamped(settings, topic, list(records)))
+
+
 def publish_seed_catalog(settings: Settings) -> None:
     asyncio.run(publish_catalog(settings, load_catalog(default_catalog_path())))
 

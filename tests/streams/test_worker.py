@@ -10,10 +10,11 @@ from typing import Any
 from schemas.codec import loads
 from tally.settings import Settings
 from tests.conftest import WorkerProcess
-from tests.helpers import record, usage
+from tests.helpers import record, subscription, usage
 from tests.kafka_helpers import (
     publish,
     publish_seed_catalog,
+    publish_stamped,
     read_compacted,
     read_records,
     wait_for,
@@ -111,3 +112,66 @@ def test_hard_limit_turns_blocked_in_quota_state(
     final = wait_for(state, lambda s: s is not None and s["state"] == "blocked",
                      what="blocked quota state")
     assert Decimal(final["used"]) == 1000 and Decimal(final["remaining"]) == 0
+
+
+def _at(day: str, time: str = "12:00") -> datetime:
+    return datetime.fromisoformat(f"2026-{day}T{time}:00+00:00")
+
+
+def test_periods_plan_changes_and_late_events_on_the_broker(
+    settings_factory: Callable[..., Settings],
+    worker_factory: Callable[[Settings], WorkerProcess],
+) -> None:
+    """Upgrade and downgrade mid-period, rollover, a late event (counted in its period)
+    and a too-late one (an adjustment in the open period), with ingestion times set on
+    the records as the broker would stamp them."""
+    settings = settings_factory()
+    publish_seed_catalog(settings)
+    oct1, nov1 = _at("10-01", "00:00"), _at("11-01", "00:00")
+    publish(settings, settings.topics.subscriptions, [
+        ("t1", record(subscription("t1", "created", "free", oct1, nov1, time=oct1))),
+        ("t1", record(subscription("t1", "plan_changed", "starter", oct1, nov1,
+                                   time=_at("10-15")))),
+    ])
+    worker_factory(settings)
+
+    def usage_at(quantity: str, event_day: str, event_time: str, arrives: datetime) -> Any:
+        event = usage("t1", quantity=quantity, time=_at(event_day, event_time))
+        return ("t1", record(event), int(arrives.timestamp() * 1000))
+
+    publish_stamped(settings, settings.topics.usage, [
+        usage_at("900", "10-10", "12:00", _at("10-10")),
+        usage_at("300", "10-20", "12:00", _at("10-20")),
+        usage_at("5", "10-31", "23:59", _at("11-01", "00:30")),  # late, inside 1 h window
+        usage_at("7", "10-31", "23:58", _at("11-01", "02:00")),  # too late: adjustment
+        usage_at("10", "11-05", "12:00", _at("11-05")),
+    ])
+    expected = {"t1/api_calls/2026-10-01T00:00:00+00:00": Decimal(1205),
+                "t1/api_calls/2026-11-01T00:00:00+00:00": Decimal(17)}
+
+    def counters() -> dict[str, Decimal]:
+        return {k: Decimal(v["value"]) for k, v in
+                read_compacted(settings, settings.topics.counters).items()}
+
+    wait_for(counters, lambda got: got == expected, what="counters per period")
+    # Downgrade in the new period: limits switch at once, usage is kept.
+    publish(settings, settings.topics.subscriptions, [
+        ("t1", record(subscription("t1", "plan_changed", "free", nov1, _at("12-01", "00:00"),
+                                   time=_at("11-06"))))])
+    publish_stamped(settings, settings.topics.usage,
+                    [usage_at("990", "11-07", "12:00", _at("11-07"))])
+
+    def state() -> Any:
+        return read_compacted(settings, settings.topics.quota_state).get("t1/api_calls")
+
+    # Topics are consumed independently: wait for both the usage and the downgrade.
+    final = wait_for(state, lambda s: s is not None and Decimal(s["used"]) == 1007
+                     and s["plan_id"] == "free", what="quota state after the downgrade")
+    assert (final["plan_id"], final["state"], Decimal(final["limit"])) == (
+        "free", "blocked", Decimal(1000))
+    accepted = [e for r in read_records(settings, settings.topics.usage_accepted)
+                for e in loads(r.value)]
+    flags = {e["quantity"]: (e["late"], e["adjustment"], e["period_start"][:10])
+             for e in accepted}
+    assert flags["5"] == (True, False, "2026-10-01")
+    assert flags["7"] == (True, True, "2026-11-01")

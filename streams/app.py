@@ -4,14 +4,16 @@ Usage records reach the Faust agent as frames written by the pre-batching stage
 (streams/prebatch.py), each carrying many `tally.usage` records with their original
 offsets and timestamps; subscription records arrive directly.
 
-Per micro-batch (`stream.take_events`), in this order:
+Per micro-batch (`stream.noack_take`), in this order:
 1. restore the state of any partition seen for the first time from `tally.worker-state`
    (read until a fetch returns nothing: end offsets are not trusted, see DESIGN.md);
 2. fold every record into its partition's processor (pure decisions);
-3. write the effects — changelog, accepted events, counters, quota states, DLQ,
-   notifications — to the same partition number as the source, and wait until the broker
-   has acknowledged every one of them;
-4. only then return to Faust, which acks the records; their offsets are committed later.
+3. send the effects — changelog, accepted events, counters, quota states, DLQ,
+   notifications — to the same partition number as the source;
+4. ack the batch's events to Faust (whose offsets it commits later) only once the broker
+   has acknowledged every effect of this batch and of the batches before it.
+The next batch is processed while the broker stores the effects of the previous one (at
+most MAX_BATCHES_IN_FLIGHT), so the worker does not idle waiting for acknowledgements.
 A crash anywhere before 4 replays the records; the applied offsets kept in the state make
 the replay change nothing that was already counted (see streams/processor.py).
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Iterable
 from typing import Any
 
@@ -42,8 +45,10 @@ from tally.settings import Settings
 
 log = logging.getLogger(__name__)
 
-MAX_BATCH_RECORDS = 2000
+# A frame holds up to 2 MiB of source records: 8 frames bound a batch's memory.
+MAX_BATCH_FRAMES = 8
 BATCH_WITHIN_SECONDS = 0.02
+MAX_BATCHES_IN_FLIGHT = 2
 # Accepted events per output record: keeps each record far below the broker's size limit.
 ACCEPTED_PER_RECORD = 1000
 
@@ -69,17 +74,19 @@ class Worker:
         for p in partitions:
             self.processors.pop(p, None)
 
-    async def handle(self, events: list[Any]) -> None:
-        """Process one micro-batch of Faust events; return once its effects are durable."""
+    async def handle(self, events: list[Any]) -> list[Awaitable[Any]]:
+        """Process one micro-batch of Faust events and send its effects; return the
+        broker acknowledgements to wait for before the events may be acked."""
         started = time.perf_counter()
         await self.catalog_follower.ready.wait()
         assignment = self.app.consumer.assignment()
+        # Revoked while buffered: their new owner processes them.
+        events = [e for e in events if e.message.tp in assignment]
+        await self._restore({e.message.partition for e in events} - set(self.processors))
         touched: set[int] = set()
         for event in events:
             message = event.message
-            if message.tp not in assignment:
-                continue  # revoked while buffered: its new owner processes it
-            processor = await self._processor(message.partition)
+            processor = self.processors[message.partition]
             touched.add(message.partition)
             metrics.RECORDS.labels(message.topic).inc()
             if message.topic == self.topics.usage_batched:
@@ -95,10 +102,9 @@ class Worker:
             effects = processor.drain()
             pending += await self._write(p, effects)
             metrics.DEDUP_IDS.labels(str(p)).set(processor.dedup.size)
-        if pending:
-            await asyncio.gather(*pending)
         metrics.BATCH_RECORDS.observe(len(events))
         metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
+        return pending
 
     async def _write(self, p: int, fx: Effects) -> list[Awaitable[Any]]:
         """Send every effect of one partition; return the delivery futures."""
@@ -135,42 +141,54 @@ class Worker:
             futures.append(fut)
         return futures
 
-    async def _processor(self, p: int) -> PartitionProcessor:
-        processor = self.processors.get(p)
-        if processor is None:
-            assert self.catalog_follower.catalog is not None
-            processor = PartitionProcessor(p, self.catalog_follower.catalog, self.config)
-            await self._restore(processor)
-            self.processors[p] = processor
-        return processor
+    async def _restore(self, partitions: set[int]) -> None:
+        """Give each partition a processor restored from its changelog, all in one read.
 
-    async def _restore(self, processor: PartitionProcessor) -> None:
-        """Read the partition's changelog to its true end into a fresh processor."""
+        The changelog is read to its true end: Tansu under-reports end offsets, so the
+        read stops after consecutive empty fetches instead (DESIGN.md).
+        """
+        if not partitions:
+            return
         started = time.perf_counter()
-        tp = TopicPartition(self.topics.worker_state, processor.partition)
+        catalog = self.catalog_follower.catalog
+        assert catalog is not None
+        restoring = {p: PartitionProcessor(p, catalog, self.config) for p in partitions}
+        tps = [TopicPartition(self.topics.worker_state, p) for p in sorted(partitions)]
         consumer = kafka.consumer(self.settings)
+        count = 0
         try:
             await consumer.start()
-            consumer.assign([tp])
-            await consumer.seek_to_beginning(tp)
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
             empty_fetches = 0
-            count = 0
-            # Tansu under-reports end offsets: stop on consecutive empty fetches instead.
             while empty_fetches < 2:
                 batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]] = (
-                    await consumer.getmany(tp, timeout_ms=200)
+                    await consumer.getmany(*tps, timeout_ms=200)
                 )
-                records = batch.get(tp, [])
-                empty_fetches = 0 if records else empty_fetches + 1
-                for r in records:
-                    processor.restore(r.key.decode(), loads(r.value) if r.value else None)
-                    count += 1
+                empty_fetches = 0 if batch else empty_fetches + 1
+                for tp, records in batch.items():
+                    processor = restoring[tp.partition]
+                    for r in records:
+                        processor.restore(r.key.decode(), loads(r.value) if r.value else None)
+                    count += len(records)
         except Exception as e:
-            raise StateRecoveryError(f"cannot restore partition {processor.partition}: {e}") from e
+            raise StateRecoveryError(f"cannot restore partitions {sorted(partitions)}: {e}") from e
         finally:
             await consumer.stop()
+        self.processors.update(restoring)
         metrics.RECOVERY_SECONDS.observe(time.perf_counter() - started)
-        log.info("restored partition %d from %d changelog records", processor.partition, count)
+        log.info("restored partitions %s from %d changelog records", sorted(partitions), count)
+
+
+async def _ack_when_durable(stream: Any, events: list[Any], pending: list[Awaitable[Any]],
+                            previous: asyncio.Future[None] | None) -> None:
+    """Ack a batch's events once its effects are stored and the batch before it is acked
+    (acks in log order keep the committed offsets behind every durable effect)."""
+    if previous is not None:
+        await previous
+    await asyncio.gather(*pending)
+    for event in events:
+        await stream.ack(event)
 
 
 async def _fail(app: faust.App, error: Exception) -> None:
@@ -224,9 +242,18 @@ def create_app(settings: Settings, web_port: int = 6066,
 
     @app.agent(source)
     async def process(stream: Any) -> None:
+        in_flight: deque[asyncio.Future[None]] = deque()
         try:
-            async for events in stream.take_events(MAX_BATCH_RECORDS, BATCH_WITHIN_SECONDS):
-                await worker.handle(list(events))
+            async for taken in stream.noack_take(MAX_BATCH_FRAMES, BATCH_WITHIN_SECONDS):
+                events = list(taken)
+                pending = await worker.handle(events)
+                previous = in_flight[-1] if in_flight else None
+                in_flight.append(asyncio.ensure_future(
+                    _ack_when_durable(stream, events, pending, previous)))
+                while len(in_flight) > MAX_BATCHES_IN_FLIGHT or (in_flight and in_flight[0].done()):
+                    await in_flight.popleft()
+            while in_flight:  # stopping: let the last batches become durable and acked
+                await in_flight.popleft()
         except Exception as e:
             await _fail(app, e)
 

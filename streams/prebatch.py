@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from typing import Any
 
 from aiokafka import TopicPartition
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 
 MAX_FRAME_BYTES = 2 << 20  # below the producer's 4 MiB request size
 MAX_RECORDS_PER_FETCH = 20000
+MAX_FETCHES_IN_FLIGHT = 4
 
 
 class PreBatcher:
@@ -50,25 +52,44 @@ class PreBatcher:
         producer = kafka.producer(self.settings, linger_ms=0)
         await consumer.start()
         await producer.start()
+        # Fetching goes on while the broker stores earlier frames; commits stay in order.
+        in_flight: deque[asyncio.Future[None]] = deque()
         try:
             while not self._stopping.is_set():
                 batch = await consumer.getmany(timeout_ms=20, max_records=MAX_RECORDS_PER_FETCH)
                 if batch:
-                    await self._forward(consumer, producer, batch)
+                    futures = await self._send(producer, batch)
+                    previous = in_flight[-1] if in_flight else None
+                    in_flight.append(asyncio.ensure_future(
+                        self._commit_when_durable(consumer, batch, futures, previous)))
+                while len(in_flight) > MAX_FETCHES_IN_FLIGHT or (
+                    in_flight and in_flight[0].done()
+                ):
+                    await in_flight.popleft()
+            while in_flight:
+                await in_flight.popleft()
         finally:
             await producer.stop()
             await consumer.stop()
 
-    async def _forward(self, consumer: Any, producer: Any,
-                       batch: dict[TopicPartition, list[Any]]) -> None:
+    async def _send(self, producer: Any,
+                    batch: dict[TopicPartition, list[Any]]) -> list[asyncio.Future[Any]]:
         futures = []
         for tp, records in batch.items():
             for frame in _frames(records):
                 futures.append(await producer.send(self.target, value=frame,
                                                    partition=tp.partition))
             metrics.PREBATCH_RECORDS.inc(len(records))
-        await asyncio.gather(*futures)  # 1. frames durable ...
         metrics.PREBATCH_FRAMES.inc(len(futures))
+        return futures
+
+    async def _commit_when_durable(
+        self, consumer: Any, batch: dict[TopicPartition, list[Any]],
+        futures: list[asyncio.Future[Any]], previous: asyncio.Future[None] | None,
+    ) -> None:
+        if previous is not None:
+            await previous
+        await asyncio.gather(*futures)  # 1. frames durable ...
         offsets = {tp: records[-1].offset + 1 for tp, records in batch.items() if records}
         try:
             await consumer.commit(offsets)  # 2. ... then the source offsets

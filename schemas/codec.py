@@ -7,7 +7,7 @@ non-blank byte, so records without a content-type header are read too.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from decimal import Decimal
 from typing import Any
 
@@ -84,9 +84,3 @@ def content_type_headers(batch: bool) -> list[tuple[str, bytes]]:
     """Kafka headers announcing the record's CloudEvents content mode."""
     kind = BATCH_CONTENT_TYPE if batch else SINGLE_CONTENT_TYPE
     return [(CONTENT_TYPE_HEADER, kind.encode())]
-
-
-def iter_json_lines(values: Iterable[bytes]) -> Iterable[Any]:
-    """Decode each value as JSON (helper for line-oriented files such as spools)."""
-    for v in values:
-        yield orjson.loads(v)

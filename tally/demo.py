@@ -21,7 +21,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -72,23 +72,11 @@ def demo_tenants(count: int, events: int) -> list[DemoTenant]:
             for i, (plan, a, e, t) in enumerate(profiles)]
 
 
-@contextlib.contextmanager
-def demo_stack(home: Path) -> Iterator[dict[str, str]]:
+def demo_stack(home: Path) -> contextlib.AbstractContextManager[dict[str, str]]:
     """The external stack when configured, else an embedded one stopped on exit."""
-    env = {k: os.environ[k] for k in ("KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL")
-           if os.environ.get(k)}
-    stops: list[Callable[[], None]] = []
-    try:
-        if "KAFKA_BOOTSTRAP_SERVERS" not in env:
-            env["KAFKA_BOOTSTRAP_SERVERS"], pid = devstack.start_kafka(home)
-            stops.append(lambda: devstack.stop_kafka(pid))
-        if "DATABASE_URL" not in env:
-            env["DATABASE_URL"], pg_data = devstack.start_postgres(home)
-            stops.append(lambda: devstack.stop_postgres(pg_data))
-        yield env
-    finally:
-        for stop in reversed(stops):
-            stop()
+    configured = {k: os.environ[k] for k in ("KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL")
+                  if os.environ.get(k)}
+    return devstack.embedded_where_missing(home, configured)
 
 
 @contextlib.contextmanager

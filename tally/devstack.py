@@ -15,6 +15,7 @@ import socket
 import subprocess
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -173,6 +174,25 @@ def stop_postgres(pg_data: Path) -> None:
         [_pg_bin("pg_ctl"), "-D", str(pg_data), "-m", "fast", "-w", "stop"],
         capture_output=True, **_as_pg_user(),  # type: ignore[call-overload]
     )
+
+
+@contextlib.contextmanager
+def embedded_where_missing(home: Path, env: dict[str, str]) -> Iterator[dict[str, str]]:
+    """`env` completed with an embedded Tansu and/or Postgres for whichever of
+    KAFKA_BOOTSTRAP_SERVERS / DATABASE_URL it lacks; what was started stops on exit."""
+    env = dict(env)
+    stops: list[Callable[[], None]] = []
+    try:
+        if not env.get("KAFKA_BOOTSTRAP_SERVERS"):
+            env["KAFKA_BOOTSTRAP_SERVERS"], pid = start_kafka(home)
+            stops.append(lambda: stop_kafka(pid))
+        if not env.get("DATABASE_URL"):
+            env["DATABASE_URL"], pg_data = start_postgres(home)
+            stops.append(lambda: stop_postgres(pg_data))
+        yield env
+    finally:
+        for stop in reversed(stops):
+            stop()
 
 
 def up(home: Path) -> DevStack:

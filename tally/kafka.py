@@ -85,14 +85,3 @@ async def _wait_for_metadata(admin: AIOKafkaAdminClient, names: list[str]) -> No
             return
         await asyncio.sleep(0.1)
     raise KafkaUnavailable(f"topics not visible after creation: {names}")
-
-
-async def partition_count(settings: Settings, topic: str) -> int:
-    """How many partitions a topic has (0 when it does not exist)."""
-    c = consumer(settings)
-    await c.start()
-    try:
-        parts = await c._client.fetch_all_metadata()
-        return len(parts.partitions_for_topic(topic) or ())
-    finally:
-        await c.stop()

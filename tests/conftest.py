@@ -56,15 +56,8 @@ def stack() -> Iterator[dict[str, str]]:
                 pg = PostgresContainer("postgres:17", driver=None).start()
                 cleanups.append(pg.stop)
                 env["DATABASE_URL"] = pg.get_connection_url()
-        if "KAFKA_BOOTSTRAP_SERVERS" not in env:
-            address, pid = devstack.start_kafka(home)
-            cleanups.append(lambda: devstack.stop_kafka(pid))
-            env["KAFKA_BOOTSTRAP_SERVERS"] = address
-        if "DATABASE_URL" not in env:
-            url, pg_data = devstack.start_postgres(home)
-            cleanups.append(lambda: devstack.stop_postgres(pg_data))
-            env["DATABASE_URL"] = url
-        yield env
+        with devstack.embedded_where_missing(home, env) as complete:
+            yield complete
     finally:
         for cleanup in reversed(cleanups):
             cleanup()
@@ -145,6 +138,15 @@ class WorkerProcess:
 
     def log(self) -> str:
         return self.log_path.read_text()[-5000:] if self.log_path.exists() else ""
+
+    def healthy(self) -> bool:
+        """Up, with the plan catalog loaded (GET /healthz answers 200)."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.web_port}/healthz",
+                                        timeout=2) as r:
+                return bool(r.status == 200)
+        except OSError:
+            return False
 
     def metrics(self) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.web_port}/metrics", timeout=2) as r:

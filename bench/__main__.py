@@ -22,6 +22,7 @@ BENCHES = [
     ("bench.bench_projection", "projection.jsonl", ["--events", "200000"],
      ["--events", "40000"]),
     ("bench.bench_quota_view", "quota_view.jsonl", [], []),
+    ("bench.bench_latency", "latency.jsonl", ["--seconds", "15"], ["--seconds", "5"]),
 ]
 
 

@@ -37,6 +37,7 @@ from schemas.plans import Catalog
 from streams import frames, metrics
 from streams.catalog_follower import CatalogFollower
 from streams.errors import StateRecoveryError
+from streams.faust_transport import App
 from streams.prebatch import PreBatcher
 from streams.processor import Effects, PartitionProcessor, ProcessorConfig, counter_key
 from streams.quota_view import QuotaView, parse_quantity
@@ -45,8 +46,10 @@ from tally.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# A frame holds up to 2 MiB of source records: 8 frames bound a batch's memory.
-MAX_BATCH_FRAMES = 8
+# A frame holds up to 512 KiB of source records (streams/prebatch.py): 64 frames bound a
+# batch's memory to 32 MiB, and let batches grow when the worker falls behind, which is
+# what lets it catch up (its costs per batch are mostly per tenant, not per event).
+MAX_BATCH_FRAMES = 64
 BATCH_WITHIN_SECONDS = 0.02
 MAX_BATCHES_IN_FLIGHT = 2
 # Accepted events per output record: keeps each record far below the broker's size limit.
@@ -214,7 +217,7 @@ def _counter_record(c: Any, p: int) -> dict[str, Any]:
 def create_app(settings: Settings, web_port: int = 6066,
                config: ProcessorConfig | None = None) -> faust.App:
     """The Faust app of `tally worker`."""
-    app = faust.App(
+    app = App(
         settings.worker_id,
         broker=f"kafka://{settings.require_kafka()}",
         key_serializer="raw",

@@ -10,8 +10,10 @@ watermark (the newest ingestion time seen) are evicted. An event older than the 
 bucketed by its arrival day instead, so its redeliveries are still caught. The horizon must
 be at least the longest lateness window (checked where settings are built).
 
-The changelog form is append-only chunks of at most CHUNK_SIZE ids, so persisting a batch
-rewrites only the chunks it touched, never a whole tenant's ids.
+The changelog form is append-only segments: each drain writes, per bucket, one record with
+only the ids added since the previous drain (key `d/<tenant>/<bucket>/<segment no>`), so
+the bytes written are proportional to new ids whatever the batch size. Eviction writes a
+tombstone for every segment of the bucket.
 """
 
 from __future__ import annotations
@@ -21,13 +23,12 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from typing import Any
 
-CHUNK_SIZE = 1000
-
 
 @dataclass
 class _Bucket:
     ids: dict[str, int] = field(default_factory=dict)
-    chunks: list[list[str]] = field(default_factory=list)
+    segments: int = 0  # segments written to the changelog so far
+    unwritten: list[str] = field(default_factory=list)  # ids added since the last drain
 
 
 BucketKey = tuple[str, str]  # (tenant, "e2026-11-21" by event day | "a2026-11-21" by arrival)
@@ -39,8 +40,8 @@ class DedupWindow:
 
     horizon: timedelta
     buckets: dict[BucketKey, _Bucket] = field(default_factory=dict)
-    dirty: set[tuple[BucketKey, int]] = field(default_factory=set)
-    # Evicted buckets and how many chunks each had, awaiting their tombstones.
+    dirty: set[BucketKey] = field(default_factory=set)
+    # Evicted buckets and how many segments each had, awaiting their tombstones.
     evicted: dict[BucketKey, int] = field(default_factory=dict)
     size: int = 0
 
@@ -55,14 +56,14 @@ class DedupWindow:
         return None if found is None else found.ids.get(event_id)
 
     def add(self, bucket: BucketKey, event_id: str, offset: int) -> None:
-        b = self.buckets.setdefault(bucket, _Bucket())
+        b = self.buckets.get(bucket)
+        if b is None:
+            b = self.buckets[bucket] = _Bucket()
         if event_id in b.ids:
             return
         b.ids[event_id] = offset
-        if not b.chunks or len(b.chunks[-1]) >= CHUNK_SIZE:
-            b.chunks.append([])
-        b.chunks[-1].append(event_id)
-        self.dirty.add((bucket, len(b.chunks) - 1))
+        b.unwritten.append(event_id)
+        self.dirty.add(bucket)
         self.size += 1
 
     def evict_before(self, watermark: datetime) -> None:
@@ -71,43 +72,42 @@ class DedupWindow:
         for key in [k for k in self.buckets if date.fromisoformat(k[1][1:]) < oldest]:
             bucket = self.buckets.pop(key)
             self.size -= len(bucket.ids)
-            self.dirty = {d for d in self.dirty if d[0] != key}
-            self.evicted[key] = len(bucket.chunks)
+            self.dirty.discard(key)
+            # Unwritten ids never reached the changelog: only written segments need
+            # tombstones (the one being built is dropped with the bucket).
+            self.evicted[key] = bucket.segments
 
     # --- changelog -------------------------------------------------------------------
 
     @staticmethod
-    def chunk_key(bucket: BucketKey, index: int) -> str:
+    def segment_key(bucket: BucketKey, index: int) -> str:
         return f"d/{bucket[0]}/{bucket[1]}/{index}"
 
     def drain_changes(self) -> Iterator[tuple[str, dict[str, Any] | None]]:
-        """Changelog entries since the last drain: rewritten chunks and tombstones."""
-        for bucket, index in sorted(self.dirty):
+        """Changelog entries since the last drain: new segments and tombstones."""
+        for bucket in sorted(self.dirty):
             b = self.buckets[bucket]
-            ids = {i: b.ids[i] for i in b.chunks[index]}
-            yield self.chunk_key(bucket, index), {"ids": ids}
+            yield self.segment_key(bucket, b.segments), {
+                "ids": {i: b.ids[i] for i in b.unwritten}}
+            b.segments += 1
+            b.unwritten = []
         self.dirty.clear()
-        for bucket, chunk_count in self.evicted.items():
-            for index in range(chunk_count):
-                yield self.chunk_key(bucket, index), None
+        for bucket, segments in self.evicted.items():
+            for index in range(segments):
+                yield self.segment_key(bucket, index), None
         self.evicted.clear()
 
-    def restore_chunk(self, key: str, value: dict[str, Any] | None) -> None:
+    def restore_segment(self, key: str, value: dict[str, Any] | None) -> None:
         """Apply one changelog entry read back during recovery."""
-        _, tenant, day, index = key.split("/", 3)
+        _, tenant, day, index = key.split("/")  # tenant ids cannot hold "/"
         bucket = (tenant, day)
         if value is None:
             if bucket in self.buckets:
                 self.size -= len(self.buckets.pop(bucket).ids)
             return
         b = self.buckets.setdefault(bucket, _Bucket())
-        i = int(index)
-        while len(b.chunks) <= i:
-            b.chunks.append([])
-        old = b.chunks[i]
-        for event_id in old:
-            b.ids.pop(event_id, None)
-        self.size -= len(old)
-        b.chunks[i] = list(value["ids"])
-        b.ids.update(value["ids"])
-        self.size += len(value["ids"])
+        b.segments = max(b.segments, int(index) + 1)
+        for event_id, offset in value["ids"].items():
+            if event_id not in b.ids:
+                b.ids[event_id] = offset
+                self.size += 1

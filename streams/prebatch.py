@@ -28,7 +28,7 @@ from tally.settings import Settings
 
 log = logging.getLogger(__name__)
 
-MAX_FRAME_BYTES = 2 << 20  # below the producer's 4 MiB request size
+MAX_FRAME_BYTES = 512 << 10  # well below the producer's 4 MiB request size
 MAX_RECORDS_PER_FETCH = 20000
 MAX_FETCHES_IN_FLIGHT = 4
 

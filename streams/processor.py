@@ -444,7 +444,7 @@ class PartitionProcessor:
         elif kind == "s/" and value is not None:
             self._set_subscription(key[2:], Subscription.from_state(value))
         elif kind == "d/":
-            self.dedup.restore_chunk(key, value)
+            self.dedup.restore_segment(key, value)
         elif kind == "w/" and value is not None:
             self.watermark = datetime.fromisoformat(value["watermark"])
 

@@ -44,6 +44,9 @@ def consumer(settings: Settings, *topic_names: str, **overrides: Any) -> AIOKafk
         "enable_auto_commit": False,
         "auto_offset_reset": "earliest",
         "max_partition_fetch_bytes": 8 << 20,
+        # Tansu holds a fetch for its whole wait even when data is there (see
+        # streams/faust_transport.py): keep it short, or latency is half the wait.
+        "fetch_max_wait_ms": 50,
         "fetch_max_bytes": 32 << 20,
     }
     options.update(overrides)

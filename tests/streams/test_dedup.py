@@ -1,6 +1,6 @@
 from datetime import UTC, datetime, timedelta
 
-from streams.dedup import CHUNK_SIZE, DedupWindow
+from streams.dedup import DedupWindow
 
 NOW = datetime(2026, 11, 21, tzinfo=UTC)
 
@@ -22,7 +22,7 @@ def test_buckets_beyond_the_horizon_are_evicted_with_tombstones() -> None:
     list(w.drain_changes())
     w.evict_before(NOW + timedelta(days=5))
     assert w.size == 0
-    assert list(w.drain_changes()) == [(DedupWindow.chunk_key(old, 0), None)]
+    assert list(w.drain_changes()) == [(DedupWindow.segment_key(old, 0), None)]
 
 
 def test_event_older_than_the_horizon_is_bucketed_by_arrival() -> None:
@@ -31,20 +31,24 @@ def test_event_older_than_the_horizon_is_bucketed_by_arrival() -> None:
     assert bucket == ("t1", "a" + NOW.date().isoformat())
 
 
-def test_changelog_rewrites_only_touched_chunks_and_restores_exactly() -> None:
+def test_changelog_writes_only_new_ids_and_restores_exactly() -> None:
     w = DedupWindow(timedelta(days=35))
     b = w.bucket_for("t1", NOW, NOW)
-    for i in range(CHUNK_SIZE + 5):
+    for i in range(1500):
         w.add(b, f"e{i}", i)
     first = list(w.drain_changes())
-    assert len(first) == 2
+    assert [k for k, _ in first] == [DedupWindow.segment_key(b, 0)]
     w.add(b, "late", 99999)
+    w.add(b, "e3", 5)  # already known: not written again
     second = list(w.drain_changes())
-    assert [k for k, _ in second] == [DedupWindow.chunk_key(b, 1)]
+    assert second == [(DedupWindow.segment_key(b, 1), {"ids": {"late": 99999}})]
+    assert list(w.drain_changes()) == []
 
     restored = DedupWindow(timedelta(days=35))
     for key, value in first + second:
-        restored.restore_chunk(key, value)
-    assert restored.size == w.size
+        restored.restore_segment(key, value)
+    assert restored.size == w.size == 1501
     assert restored.first_offset(b, "late") == 99999
     assert restored.first_offset(b, "e3") == 3
+    restored.add(b, "next", 7)  # continues after the restored segments
+    assert [k for k, _ in restored.drain_changes()] == [DedupWindow.segment_key(b, 2)]

@@ -2,7 +2,7 @@
 
     python -m bench.bench_latency --rate 20000 --seconds 15 --out FILE
 
-Publishes usage at a steady rate (records of 20 events, 100 tenants, api_calls on the
+Publishes usage at a steady rate (records of 20 events, --tenants tenants, api_calls on the
 Enterprise plan so nothing is ever blocked) to a running `tally worker`, while reading
 `tally.quota-state`. For each published record, the latency is the time until a quota
 state of its tenant shows a `used` at least as high as the tenant's total after that
@@ -33,16 +33,15 @@ from tally import devstack, kafka
 from tally.plans_publish import publish_catalog
 from tally.settings import Settings
 
-TENANTS = 100
 EVENTS_PER_RECORD = 20
 
 
-async def subscribe_enterprise(settings: Settings) -> None:
+async def subscribe_enterprise(settings: Settings, tenants: int) -> None:
     producer = kafka.producer(settings)
     await producer.start()
     start, end = datetime(2026, 1, 1, tzinfo=UTC), datetime(2036, 1, 1, tzinfo=UTC)
     try:
-        for t in range(TENANTS):
+        for t in range(tenants):
             tenant = f"tenant-{t}"
             event = {"specversion": "1.0", "id": uuid.uuid4().hex, "source": "bench",
                      "type": "tally.subscription.created.v1", "subject": tenant,
@@ -55,7 +54,8 @@ async def subscribe_enterprise(settings: Settings) -> None:
         await producer.stop()
 
 
-async def measure(settings: Settings, rate: int, seconds: float, warmup: float) -> list[float]:
+async def measure(settings: Settings, rate: int, seconds: float, warmup: float,
+                  tenants: int) -> list[float]:
     sent: dict[str, list[tuple[float, float]]] = {}  # tenant -> [(cumulative, sent_at)]
     seen: dict[str, float] = {}
     latencies: list[float] = []
@@ -92,7 +92,7 @@ async def measure(settings: Settings, rate: int, seconds: float, warmup: float) 
 
     done_at = [0.0]
     reader = asyncio.create_task(read())
-    totals = dict.fromkeys((f"tenant-{t}" for t in range(TENANTS)), 0.0)
+    totals = dict.fromkeys((f"tenant-{t}" for t in range(tenants)), 0.0)
     records_per_s = rate / EVENTS_PER_RECORD
     started = time.perf_counter()
     measured_from = started + warmup  # the worker restores its state on the first batch
@@ -101,7 +101,7 @@ async def measure(settings: Settings, rate: int, seconds: float, warmup: float) 
     while time.perf_counter() - started < warmup + seconds:
         due = int((time.perf_counter() - started) * records_per_s)
         while n < due:
-            tenant = f"tenant-{n % TENANTS}"
+            tenant = f"tenant-{n % tenants}"
             events = [{"specversion": "1.0", "id": uuid.uuid4().hex, "source": "bench",
                        "type": "tally.usage.v1", "subject": tenant, "time": now_text,
                        "data": {"meter": "api_calls", "quantity": "1"}}
@@ -128,6 +128,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rate", type=int, default=20_000, help="events per second")
     parser.add_argument("--seconds", type=float, default=15, help="measured time")
+    parser.add_argument("--tenants", type=int, default=100)
     parser.add_argument("--warmup", type=float, default=3,
                         help="seconds of traffic before measuring (left out)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/latency.jsonl"))
@@ -143,7 +144,7 @@ def main() -> int:
     try:
         asyncio.run(kafka.ensure_topics(settings))
         asyncio.run(publish_catalog(settings, load_catalog(default_catalog_path())))
-        asyncio.run(subscribe_enterprise(settings))
+        asyncio.run(subscribe_enterprise(settings, args.tenants))
         port = devstack.free_port()
         with (home / "worker.log").open("ab") as log:
             worker = subprocess.Popen(
@@ -153,7 +154,7 @@ def main() -> int:
                 stdout=log, stderr=subprocess.STDOUT)
         _wait_healthy(port)
         latencies = sorted(asyncio.run(measure(settings, args.rate, args.seconds,
-                                               args.warmup)))
+                                               args.warmup, args.tenants)))
     finally:
         if worker is not None:
             worker.terminate()
@@ -165,7 +166,8 @@ def main() -> int:
         return round(latencies[min(int(q * len(latencies)), len(latencies) - 1)] * 1000, 1)
 
     row = {"bench": "event_to_quota_state", "at": datetime.now(UTC).isoformat(),
-           "rate_events_per_s": args.rate, "seconds": args.seconds, "warmup": args.warmup,
+           "rate_events_per_s": args.rate, "tenants": args.tenants, "seconds": args.seconds,
+           "warmup": args.warmup,
            "records": len(latencies),
            "p50_ms": pct(0.5), "p99_ms": pct(0.99), "max_ms": pct(1.0),
            "target_p99_ms": 1000, "met": pct(0.99) < 1000}

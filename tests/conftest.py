@@ -148,6 +148,17 @@ class WorkerProcess:
         except OSError:
             return False
 
+    def counted(self) -> float:
+        """Events the worker has counted so far (its Prometheus counter); 0 while down."""
+        try:
+            text = self.metrics()
+        except OSError:
+            return 0.0
+        for line in text.splitlines():
+            if line.startswith('tally_worker_events_total{outcome="counted"}'):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
     def metrics(self) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.web_port}/metrics", timeout=2) as r:
             return str(r.read().decode())

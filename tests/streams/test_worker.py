@@ -85,22 +85,26 @@ def test_worker_killed_mid_stream_restarts_with_exact_counters(
     first = worker_factory(settings)
     wait_for(first.healthy, bool, what="the worker to be ready")
 
-    def trickle() -> None:  # a service publishing steadily while the worker dies
-        for i in range(0, len(batches), 5):
-            publish(settings, settings.topics.usage, batches[i:i + 5])
-            time.sleep(0.05)
+    killed = threading.Event()
+    sent = [0]
+
+    def trickle() -> None:  # a service publishing steadily until the worker dies
+        while sent[0] < len(batches) and not killed.is_set():
+            publish(settings, settings.topics.usage, batches[sent[0]:sent[0] + 5])
+            sent[0] += 5
+            time.sleep(0.1)
 
     publisher = threading.Thread(target=trickle)
     publisher.start()
 
-    def counted() -> Decimal:
-        return sum(counters_by_tenant(settings).values(), Decimal(0))
-
-    wait_for(counted, lambda c: c > 0, what="the worker to start counting")
-    mid_stream = publisher.is_alive()
+    # Its metrics, not the counters topic: a reader of a topic being written reads on
+    # until the writes pause.
+    wait_for(first.counted, lambda c: c > 0, what="the worker to start counting")
     first.kill()  # SIGKILL mid-stream: its changelog may be ahead of its committed offsets
-    assert mid_stream, "the crash should interrupt the stream, not follow it"
+    killed.set()
     publisher.join()
+    assert sent[0] < len(batches), "the crash should interrupt the stream, not follow it"
+    publish(settings, settings.topics.usage, batches[sent[0]:])
     second = worker_factory(settings)
     wait_for(lambda: counters_by_tenant(settings), lambda got: got == expected, timeout=120,
              what="exact counters after the crash")

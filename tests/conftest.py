@@ -179,3 +179,16 @@ def worker_factory(tmp_path: Path) -> Iterator[Callable[[Settings], WorkerProces
         if w.proc is not None and w.proc.poll() is None:
             w.proc.kill()
             w.proc.wait()
+
+
+@pytest.fixture
+def catalog_worker(
+    settings_factory: Callable[..., Settings],
+    worker_factory: Callable[[Settings], WorkerProcess],
+) -> tuple[Settings, WorkerProcess]:
+    """A running worker over fresh topics, with the seed plan catalog published."""
+    from tests.kafka_helpers import publish_seed_catalog
+
+    settings = settings_factory()
+    publish_seed_catalog(settings)
+    return settings, worker_factory(settings)

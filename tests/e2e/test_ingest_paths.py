@@ -4,7 +4,6 @@ and a plain Kafka client writing the documented wire format."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -19,7 +18,7 @@ from schemas import codec
 from tally.settings import Settings
 from tests.conftest import WorkerProcess
 from tests.helpers import record, usage
-from tests.kafka_helpers import publish, publish_seed_catalog, read_compacted, wait_for
+from tests.kafka_helpers import publish, read_compacted, wait_for
 
 pytestmark = pytest.mark.e2e
 NOW = datetime.now(UTC)
@@ -56,12 +55,9 @@ async def through_gateway(settings: Settings, tenant: str) -> None:
 
 
 def test_sdk_gateway_and_plain_kafka_are_counted_the_same_way(
-    settings_factory: Callable[..., Settings],
-    worker_factory: Callable[[Settings], WorkerProcess],
+    catalog_worker: tuple[Settings, WorkerProcess],
 ) -> None:
-    settings = settings_factory()
-    publish_seed_catalog(settings)
-    worker_factory(settings)
+    settings, _ = catalog_worker
     asyncio.run(through_sdk(settings, "via-sdk"))
     asyncio.run(through_gateway(settings, "via-gateway"))
     plain = events("via-kafka")

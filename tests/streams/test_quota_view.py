@@ -34,7 +34,7 @@ from tally import kafka
 from tally.settings import Settings
 from tests.conftest import WorkerProcess
 from tests.helpers import record, usage
-from tests.kafka_helpers import publish, publish_seed_catalog, wait_for
+from tests.kafka_helpers import publish, wait_for
 
 OFFLINE = Settings(kafka_bootstrap_servers="127.0.0.1:1", topic_prefix="unused.")
 NOW = datetime.now(UTC)
@@ -267,12 +267,9 @@ async def _flip_latency(settings: Settings, tenant: str) -> tuple[float, QuotaDe
 
 
 def test_hard_limit_blocks_in_quota_view_within_one_second_of_the_crossing_event(
-    settings_factory: Callable[..., Settings],
-    worker_factory: Callable[[Settings], WorkerProcess],
+    catalog_worker: tuple[Settings, WorkerProcess],
 ) -> None:
-    settings = settings_factory()
-    publish_seed_catalog(settings)
-    worker_factory(settings)
+    settings, _ = catalog_worker
     latency, decision = asyncio.run(_flip_latency(settings, "t-free"))
     assert decision.state is not None and decision.state.state == "blocked"
     assert decision.state.used == 1000 and decision.remaining == 0
@@ -289,12 +286,9 @@ def _get(url: str) -> tuple[int, dict[str, Any]]:
 
 
 def test_worker_answers_get_quota_with_the_decision(
-    settings_factory: Callable[..., Settings],
-    worker_factory: Callable[[Settings], WorkerProcess],
+    catalog_worker: tuple[Settings, WorkerProcess],
 ) -> None:
-    settings = settings_factory()
-    publish_seed_catalog(settings)
-    worker = worker_factory(settings)
+    settings, worker = catalog_worker
     publish(settings, settings.topics.usage,
             [("t-free", record(*[usage("t-free", quantity="100", time=NOW) for _ in range(9)]))])
     base = f"http://127.0.0.1:{worker.web_port}/quota"

@@ -35,12 +35,9 @@ def counters_by_tenant(settings: Settings, meter: str = "api_calls") -> dict[str
 
 
 def test_duplicates_are_counted_once_and_bad_records_go_to_the_dlq(
-    settings_factory: Callable[..., Settings],
-    worker_factory: Callable[[Settings], WorkerProcess],
+    catalog_worker: tuple[Settings, WorkerProcess],
 ) -> None:
-    settings = settings_factory()
-    publish_seed_catalog(settings)
-    worker_factory(settings)
+    settings, _ = catalog_worker
     expected: dict[str, Decimal] = {}
     records: list[tuple[str | None, bytes]] = []
     for t in range(5):
@@ -112,12 +109,9 @@ def test_worker_killed_mid_stream_restarts_with_exact_counters(
 
 
 def test_hard_limit_turns_blocked_in_quota_state(
-    settings_factory: Callable[..., Settings],
-    worker_factory: Callable[[Settings], WorkerProcess],
+    catalog_worker: tuple[Settings, WorkerProcess],
 ) -> None:
-    settings = settings_factory()
-    publish_seed_catalog(settings)
-    worker_factory(settings)
+    settings, _ = catalog_worker
     publish(settings, settings.topics.usage,
             [("t-free", record(*[usage("t-free", quantity="100", time=NOW) for _ in range(10)]))])
 

@@ -148,8 +148,10 @@ class Worker:
                 for topic, key, payload, headers in sends]
 
     async def close(self) -> None:
-        if self.producer is not None:
-            await self.producer.stop()
+        """Stop the effects producer (a restarted agent starts a new one)."""
+        producer, self.producer = self.producer, None
+        if producer is not None:
+            await producer.stop()
 
     async def _restore(self, partitions: set[int]) -> None:
         """Give each partition a processor restored from its changelog, all in one read.

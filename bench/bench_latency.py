@@ -16,11 +16,9 @@ import argparse
 import asyncio
 import bisect
 import os
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,6 +28,7 @@ from aiokafka import TopicPartition
 
 from schemas.plans import default_catalog_path, load_catalog
 from tally import devstack, kafka
+from tally.child import start_tally, wait_healthy
 from tally.plans_publish import publish_catalog
 from tally.settings import Settings
 
@@ -146,13 +145,10 @@ def main() -> int:
         asyncio.run(publish_catalog(settings, load_catalog(default_catalog_path())))
         asyncio.run(subscribe_enterprise(settings, args.tenants))
         port = devstack.free_port()
-        with (home / "worker.log").open("ab") as log:
-            worker = subprocess.Popen(
-                [sys.executable, "-m", "tally.cli", "worker", "--web-port", str(port),
-                 "--loglevel", "warning"],
-                env={**os.environ, **settings.to_env(), "TALLY_HOME": str(home)},
-                stdout=log, stderr=subprocess.STDOUT)
-        _wait_healthy(port)
+        worker = start_tally(
+            settings, ["worker", "--web-port", str(port), "--loglevel", "warning"],
+            home / "worker.log")
+        wait_healthy(port)
         latencies = sorted(asyncio.run(measure(settings, args.rate, args.seconds,
                                                args.warmup, args.tenants)))
     finally:
@@ -176,19 +172,6 @@ def main() -> int:
         f.write(orjson.dumps(row) + b"\n")
     print(orjson.dumps(row).decode())
     return 0
-
-
-def _wait_healthy(port: int) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError("worker did not become healthy")
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ import orjson
 
 from schemas.plans import default_catalog_path, load_catalog
 from tally import devstack, kafka
+from tally.child import start_tally
 from tally.plans_publish import publish_catalog
 from tally.settings import Settings
 
@@ -77,11 +78,8 @@ def run_tally(settings: Settings, expected: int, home: Path) -> float:
     the first poll that sees counting and the poll that sees all (events counted before
     the first sighting are left out of the rate, so late sightings cannot inflate it)."""
     port = devstack.free_port()
-    env = {**os.environ, **settings.to_env(), "TALLY_HOME": str(home)}
-    with (home / "worker.log").open("ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tally.cli", "worker", "--web-port", str(port),
-             "--loglevel", "warning"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = start_tally(settings, ["worker", "--web-port", str(port), "--loglevel", "warning"],
+                       home / "worker.log")
     first = last = 0.0
     counted_at_first = 0.0
     try:

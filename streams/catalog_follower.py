@@ -93,21 +93,7 @@ class CatalogFollower:
 
 async def read_catalog(settings: Settings) -> Catalog | None:
     """The catalog as currently published (None if there is none), for one-shot jobs."""
-    topic = settings.topics.plans
-    consumer = kafka.consumer(settings)
-    await consumer.start()
-    try:
-        partitions = consumer.partitions_for_topic(topic) or set()
-        if not partitions:
-            return None
-        consumer.assign([TopicPartition(topic, p) for p in partitions])
-        await consumer.seek_to_beginning()
-        records: dict[str, Any] = {}
-        # The broker's end offsets are not trusted (DESIGN.md): read until a fetch is empty.
-        while batch := await consumer.getmany(timeout_ms=500):
-            for rs in batch.values():
-                for r in rs:
-                    records[r.key.decode() if r.key else ""] = loads(r.value) if r.value else None
-        return assemble(records)
-    finally:
-        await consumer.stop()
+    records: dict[str, Any] = {}
+    for r in await kafka.read_topic(settings, settings.topics.plans):
+        records[r.key.decode() if r.key else ""] = loads(r.value) if r.value else None
+    return assemble(records)

@@ -35,6 +35,7 @@ from projections.projector import Projector
 from schemas.plans import Catalog, default_catalog_path, load_catalog
 from streams.periods import calendar_month
 from tally import devstack, kafka
+from tally.child import start_tally
 from tally.plans_publish import publish_catalog
 from tally.progress import Progress
 from tally.settings import Settings
@@ -93,14 +94,10 @@ def stripe_endpoint() -> Iterator[dict[str, str]]:
 
 @contextlib.contextmanager
 def worker_process(settings: Settings, log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    env = {**os.environ, **settings.to_env(), "TALLY_HOME": str(log_path.parent)}
-    with log_path.open("ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tally.cli", "worker", "--web-port",
-             str(devstack.free_port()), "--loglevel", "warning"],
-            env=env, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,  # Ctrl-C reaches the demo, which stops it in order
-        )
+    proc = start_tally(
+        settings, ["worker", "--web-port", str(devstack.free_port()), "--loglevel", "warning"],
+        log_path, start_new_session=True,  # Ctrl-C reaches the demo, which stops it in order
+    )
     try:
         yield proc
     finally:
@@ -288,21 +285,4 @@ def _stripe_mismatches(settings: Settings, pushed: dict[tuple[str, str], Decimal
 
 
 def _dead_letter_count(settings: Settings) -> int:
-    from aiokafka import TopicPartition
-
-    async def count() -> int:
-        consumer = kafka.consumer(settings)
-        await consumer.start()
-        try:
-            topic = settings.topics.usage_dlq
-            tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
-            consumer.assign(tps)
-            await consumer.seek_to_beginning(*tps)
-            total = 0
-            while batch := await consumer.getmany(timeout_ms=500):
-                total += sum(len(r) for r in batch.values())
-            return total
-        finally:
-            await consumer.stop()
-
-    return asyncio.run(count())
+    return len(asyncio.run(kafka.read_topic(settings, settings.topics.usage_dlq)))

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
@@ -80,6 +80,30 @@ async def ensure_topics(settings: Settings) -> list[str]:
         return [t.name for t in wanted]
     finally:
         await admin.close()
+
+
+async def read_topic(settings: Settings, topic: str, idle_ms: int = 500) -> list[Any]:
+    """Every record of every partition of `topic`, oldest first per partition.
+
+    The embedded broker's end offsets are not trusted (DESIGN.md): the read ends at the
+    first fetch that comes back empty. A topic still being written is read until its
+    writes pause.
+    """
+    c = consumer(settings)
+    await c.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in sorted(c.partitions_for_topic(topic) or ())]
+        if not tps:
+            return []
+        c.assign(tps)
+        await c.seek_to_beginning(*tps)
+        records: list[Any] = []
+        while batch := await c.getmany(timeout_ms=idle_ms):
+            for part in batch.values():
+                records.extend(part)
+        return records
+    finally:
+        await c.stop()
 
 
 async def _wait_for_metadata(admin: AIOKafkaAdminClient, names: list[str]) -> None:

@@ -13,7 +13,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import urllib.request
 import uuid
@@ -24,6 +23,7 @@ import psycopg
 import pytest
 
 from tally import devstack, kafka
+from tally.child import healthy, start_tally
 from tally.settings import Settings
 
 
@@ -108,13 +108,9 @@ class WorkerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> WorkerProcess:
-        env = {**os.environ, **self.settings.to_env(), "TALLY_HOME": str(self.log_path.parent)}
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "tally.cli", "worker", "--web-port", str(self.web_port),
-                 "--loglevel", "warning"],
-                env=env, stdout=log, stderr=subprocess.STDOUT,
-            )
+        self.proc = start_tally(
+            self.settings, ["worker", "--web-port", str(self.web_port), "--loglevel", "warning"],
+            self.log_path)
         return self
 
     def kill(self) -> None:
@@ -141,12 +137,7 @@ class WorkerProcess:
 
     def healthy(self) -> bool:
         """Up, with the plan catalog loaded (GET /healthz answers 200)."""
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.web_port}/healthz",
-                                        timeout=2) as r:
-                return bool(r.status == 200)
-        except OSError:
-            return False
+        return healthy(self.web_port)
 
     def counted(self) -> float:
         """Events the worker has counted so far (its Prometheus counter); 0 while down."""

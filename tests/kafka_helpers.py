@@ -11,8 +11,6 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
-from aiokafka import TopicPartition
-
 from schemas.codec import loads
 from schemas.plans import default_catalog_path, load_catalog
 from tally import kafka
@@ -64,27 +62,9 @@ def publish_seed_catalog(settings: Settings) -> None:
     asyncio.run(publish_catalog(settings, load_catalog(default_catalog_path())))
 
 
-async def _read_all(settings: Settings, topic: str, idle_ms: int) -> list[Any]:
-    consumer = kafka.consumer(settings)
-    await consumer.start()
-    try:
-        tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        out: list[Any] = []
-        while True:
-            batch = await consumer.getmany(timeout_ms=idle_ms)
-            if not batch:
-                return out
-            for records in batch.values():
-                out.extend(records)
-    finally:
-        await consumer.stop()
-
-
 def read_records(settings: Settings, topic: str, idle_ms: int = 300) -> list[Any]:
     """Every record of a topic, read until a fetch comes back empty."""
-    return asyncio.run(_read_all(settings, topic, idle_ms))
+    return asyncio.run(kafka.read_topic(settings, topic, idle_ms))
 
 
 def read_compacted(settings: Settings, topic: str) -> dict[str, Any]:

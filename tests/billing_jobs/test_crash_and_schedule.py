@@ -3,10 +3,8 @@ again, and `tally jobs schedule` (advisory locks, metrics, SIGTERM)."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import urllib.request
 from collections import Counter
 from collections.abc import Callable
@@ -20,6 +18,7 @@ from billing_jobs.push_usage import run_push_usage
 from billing_jobs.scheduler import Job, Scheduler
 from billing_jobs.stripe_double import StripeDouble
 from tally import devstack
+from tally.child import start_tally
 from tally.settings import Settings
 from tests.billing_jobs.conftest import CATALOG, FAST, NOW
 from tests.billing_jobs.test_jobs import received
@@ -29,10 +28,7 @@ FAST_INTERVAL = timedelta(seconds=1)
 
 
 def tally(settings: Settings, tmp_path: Path, *args: str) -> subprocess.Popen[bytes]:
-    env = {**os.environ, **settings.to_env(), "TALLY_HOME": str(tmp_path)}
-    log = (tmp_path / f"{args[1]}.log").open("ab")
-    return subprocess.Popen([sys.executable, "-m", "tally.cli", *args], env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
+    return start_tally(settings, list(args), tmp_path / f"{args[1]}.log")
 
 
 def test_push_usage_killed_mid_push_and_run_again_leaves_each_meter_event_once_in_stripe(

@@ -3,10 +3,8 @@ is exact; on SIGTERM it finishes its batch and exits 0."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -14,6 +12,7 @@ import pytest
 
 from projections.migrations import migrate
 from tally import devstack
+from tally.child import start_tally
 from tally.settings import Settings
 from tests.kafka_helpers import wait_for
 from tests.projections.support import (
@@ -33,12 +32,9 @@ def start_projector(tmp_path: Path) -> Iterator[Callable[[Settings], subprocess.
     started: list[subprocess.Popen[bytes]] = []
 
     def start(settings: Settings) -> subprocess.Popen[bytes]:
-        env = {**os.environ, **settings.to_env(), "TALLY_HOME": str(tmp_path)}
-        with (tmp_path / f"project-{len(started)}.log").open("ab") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "tally.cli", "project", "--metrics-port",
-                 str(devstack.free_port()), "--max-records", "4"],
-                env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = start_tally(
+            settings, ["project", "--metrics-port", str(devstack.free_port()),
+                       "--max-records", "4"], tmp_path / f"project-{len(started)}.log")
         started.append(proc)
         return proc
 

@@ -9,7 +9,7 @@ Contenders:
 - faust-textbook: a Faust agent adding each event to a Faust table (bench/baselines);
 - quixstreams: a quixstreams app doing the same stateful per-tenant sum.
 Each figure is events / (time from the first to the last event processed). Tally's is
-read from its Prometheus counter, polled every 50 ms: the rate of the events counted
+read from its Prometheus counter, polled every 100 ms: the rate of the events counted
 between the first poll that sees counting and the poll that sees them all.
 
 Starts its own Tansu unless KAFKA_BOOTSTRAP_SERVERS is set. Appends one JSON object per
@@ -85,7 +85,7 @@ def run_tally(settings: Settings, expected: int, home: Path) -> float:
     try:
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
-            time.sleep(0.05)
+            time.sleep(0.1)
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
                     match = _COUNTED.search(r.read().decode())

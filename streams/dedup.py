@@ -44,27 +44,38 @@ class DedupWindow:
     # Evicted buckets and how many segments each had, awaiting their tombstones.
     evicted: dict[BucketKey, int] = field(default_factory=dict)
     size: int = 0
+    _labels: dict[tuple[str, date], str] = field(default_factory=dict)  # bucket day names
 
     def bucket_for(self, tenant: str, event_time: datetime, watermark: datetime) -> BucketKey:
         if event_time >= watermark - self.horizon:
-            return tenant, "e" + event_time.date().isoformat()
-        return tenant, "a" + watermark.date().isoformat()
+            return tenant, self._day_label("e", event_time.date())
+        return tenant, self._day_label("a", watermark.date())
+
+    def _day_label(self, kind: str, day: date) -> str:
+        label = self._labels.get((kind, day))
+        if label is None:
+            label = self._labels[(kind, day)] = kind + day.isoformat()
+        return label
 
     def first_offset(self, bucket: BucketKey, event_id: str) -> int | None:
         """The offset of the record that first carried this id, if it was seen."""
         found = self.buckets.get(bucket)
         return None if found is None else found.ids.get(event_id)
 
-    def add(self, bucket: BucketKey, event_id: str, offset: int) -> None:
+    def claim(self, bucket: BucketKey, event_id: str, offset: int) -> int:
+        """The offset of the record that first carried this id; an id not seen before is
+        remembered as first carried by `offset`."""
         b = self.buckets.get(bucket)
         if b is None:
             b = self.buckets[bucket] = _Bucket()
-        if event_id in b.ids:
-            return
+        first = b.ids.get(event_id)
+        if first is not None:
+            return first
         b.ids[event_id] = offset
         b.unwritten.append(event_id)
         self.dirty.add(bucket)
         self.size += 1
+        return offset
 
     def evict_before(self, watermark: datetime) -> None:
         """Drop buckets whose day is older than the horizon allows."""

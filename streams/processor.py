@@ -26,7 +26,14 @@ from typing import Any, Literal
 from pydantic import TypeAdapter, ValidationError
 
 from schemas.codec import RecordDecodeError, decode_record, dumps
-from schemas.events import SUBSCRIPTION_TYPES, USAGE_TYPE, SubscriptionEvent, UsageEvent
+from schemas.events import (
+    SUBSCRIPTION_TYPES,
+    TENANT_PATTERN,
+    USAGE_TYPE,
+    SubscriptionEvent,
+    UsageEvent,
+)
+from schemas.fast_usage import Usage, from_model, read_usage
 from schemas.plans import Catalog, PlanMeter
 from schemas.records import DeadLetter, Notification, QuotaState
 from streams import quota, trials
@@ -34,7 +41,6 @@ from streams.aggregation import Counter
 from streams.dedup import DedupWindow
 from streams.periods import Period, anniversary_period, calendar_month
 
-_USAGE_BATCH = TypeAdapter(list[UsageEvent])
 _USAGE_ONE = TypeAdapter(UsageEvent)
 _SUBSCRIPTION_ONE = TypeAdapter(SubscriptionEvent)
 
@@ -104,6 +110,20 @@ class Subscription:
         )
 
 
+@dataclass(slots=True)
+class _Placement:
+    """Where one record's events of a period and meter count (see `_place`)."""
+
+    period: Period
+    plan_id: str
+    late: bool
+    adjustment: bool
+    counter: Counter
+    folds: bool
+    fixed: bool
+    unique_dimension: str | None
+
+
 @dataclass
 class Effects:
     """What processing produced since the last drain, ready to be written."""
@@ -150,6 +170,8 @@ class PartitionProcessor:
         self._touched: set[tuple[str, str, datetime]] = set()
         self._touched_subscriptions: set[str] = set()
         self._effects = Effects()
+        # Aware event time -> (UTC time, its ISO text); emptied at every drain.
+        self._utc_times: dict[datetime, tuple[datetime, str]] = {}
         self._lateness = {name: m.lateness for name, m in catalog.meters.items()}
 
     # --- usage -------------------------------------------------------------------------
@@ -178,91 +200,114 @@ class PartitionProcessor:
             dead("invalid_json", str(e), None, value or b"")
             return
         is_batch = (value or b"").lstrip()[:1] == b"["
-        events = self._validate_usage(items, is_batch, dead)
+        # The key is checked once: the fast path then only has to compare subjects to it.
+        valid_tenant = tenant if TENANT_PATTERN.fullmatch(tenant) else None
+        meters = self.catalog.meters
+        latest_allowed = ingested_at + self.config.max_future
 
-        folded_here: set[tuple[str, str, datetime]] = set()
         ids_here: set[str] = set()
         ingested_text = ingested_at.isoformat()
         accepted = self._effects.accepted[tenant]
-        period: Period | None = None  # events of a record mostly share one period
-        for index, event in events:
-            where = index if is_batch else None
-            if event.subject != tenant:
-                dead("subject_mismatch", f"subject {event.subject!r} != record key {tenant!r}",
-                     where, event)
-                continue
-            meter = self.catalog.meters.get(event.data.meter)
-            if meter is None:
-                dead("unknown_meter", f"meter {event.data.meter!r} is not in the plan catalog",
-                     where, event)
-                continue
-            if event.time > ingested_at + self.config.max_future:
+        # Events of a record mostly share a period and a meter: where they count is
+        # worked out once per (period, meter), unless the plan changes inside the period.
+        placements: dict[tuple[datetime, str], _Placement] = {}
+        folded_here: set[tuple[str, str, datetime]] = set()
+        period: Period | None = None
+        for index, item in enumerate(items):
+            event = read_usage(item, valid_tenant, meters)
+            if event is None:
+                event = self._checked_usage(item, index if is_batch else None, tenant, dead)
+                if event is None:
+                    continue
+            if event.time > latest_allowed:
                 dead("time_in_future", f"event time {event.time.isoformat()} is more than "
                      f"{self.config.max_future} after ingestion {ingested_at.isoformat()}",
-                     where, event)
+                     index if is_batch else None, item)
                 continue
-            event_time = event.time.astimezone(UTC)
+            in_utc = self._utc_times.get(event.time)
+            if in_utc is None:  # events of a batch often share a timestamp
+                moment = event.time.astimezone(UTC)
+                in_utc = self._utc_times[event.time] = (moment, moment.isoformat())
+            event_time, event_time_text = in_utc
             # Dedup: first sight, a replay of the same record, or a real duplicate.
             bucket = self.dedup.bucket_for(tenant, event_time, self.watermark)
-            first = self.dedup.first_offset(bucket, event.id)
-            if (first is not None and first != offset) or event.id in ids_here:
+            first = self.dedup.claim(bucket, event.id, offset)
+            if first != offset or event.id in ids_here:
                 self._effects.duplicates += 1
                 continue
             ids_here.add(event.id)
-            self.dedup.add(bucket, event.id, offset)
 
             if period is None or not period.start <= event_time < period.end:
                 period = self.period_of(tenant, event_time)
-            counted_in, plan_id, late, adjustment = self._placement(
-                tenant, period, event_time, ingested_at, self._lateness[event.data.meter]
-            )
-            counter_key = (tenant, event.data.meter, counted_in.start)
-            counter = self.counters.get(counter_key)
-            if counter is None:
-                counter = Counter(tenant, event.data.meter, counted_in.start, counted_in.end,
-                                  meter.aggregation)
-                self.counters[counter_key] = counter
-            if counter.applied_offset < offset:
-                counter.applied_offset = offset
-                folded_here.add(counter_key)
-                self._note_current(tenant, event.data.meter, counted_in.start)
-            unique = (event.data.dimensions.get(meter.unique_dimension)
-                      if meter.unique_dimension else None)
-            if counter_key in folded_here:
-                counter.fold(event.data.quantity, unique, event_time)
-                self._touched.add(counter_key)
+            place = placements.get((period.start, event.meter))
+            if place is None or not place.fixed:
+                place = self._place(tenant, period, event.meter, event_time, ingested_at,
+                                    offset, folded_here)
+                placements[(period.start, event.meter)] = place
+            unique = (event.dimensions.get(place.unique_dimension)
+                      if place.unique_dimension else None)
+            if place.folds:
+                place.counter.fold(event.quantity, unique, event_time)
                 self._effects.counted += 1
             accepted.append({
-                "tenant_id": tenant, "event_id": event.id, "meter": event.data.meter,
-                "aggregation": meter.aggregation, "unique_value": unique,
-                "quantity": str(event.data.quantity), "event_time": event_time.isoformat(),
+                "tenant_id": tenant, "event_id": event.id, "meter": event.meter,
+                "aggregation": place.counter.aggregation, "unique_value": unique,
+                "quantity": str(event.quantity), "event_time": event_time_text,
                 "ingested_at": ingested_text, "source": event.source,
-                "dimensions": event.data.dimensions,
-                "period_start": counted_in.start_text,
-                "period_end": counted_in.end_text, "plan_id": plan_id,
-                "late": late, "adjustment": adjustment,
+                "dimensions": event.dimensions,
+                "period_start": place.period.start_text,
+                "period_end": place.period.end_text, "plan_id": place.plan_id,
+                "late": place.late, "adjustment": place.adjustment,
             })
 
-    def _validate_usage(
-        self, items: list[Any], is_batch: bool, dead: Any
-    ) -> list[tuple[int, UsageEvent]]:
-        """Validate all items in one call; on failure, one by one to name each bad one."""
+    def _place(self, tenant: str, period: Period, meter: str, event_time: datetime,
+               ingested_at: datetime, offset: int,
+               folded_here: set[tuple[str, str, datetime]]) -> _Placement:
+        """Where the events of record `offset` in `period` for `meter` count, and whether
+        they are folded (not if this record was already folded into the counter)."""
+        counted_in, plan_id, late, adjustment = self._placement(
+            tenant, period, event_time, ingested_at, self._lateness[meter])
+        key = (tenant, meter, counted_in.start)
+        counter = self.counters.get(key)
+        if counter is None:
+            spec = self.catalog.meters[meter]
+            counter = Counter(tenant, meter, counted_in.start, counted_in.end, spec.aggregation)
+            self.counters[key] = counter
+        if counter.applied_offset < offset:
+            counter.applied_offset = offset
+            folded_here.add(key)
+            self._touched.add(key)
+            self._note_current(tenant, meter, counted_in.start)
+        sub = self.subscriptions.get(tenant)
+        # The plan is the same for every event of the period unless it is canceled inside
+        # it; an adjustment's plan is that at ingestion, the same for the whole record.
+        fixed = (adjustment or sub is None or sub.cancel_at is None
+                 or not period.start < sub.cancel_at < period.end)
+        return _Placement(counted_in, plan_id, late, adjustment, counter, key in folded_here,
+                          fixed, self.catalog.meters[meter].unique_dimension)
+
+    def _checked_usage(self, item: Any, where: int | None, tenant: str,
+                       dead: Any) -> Usage | None:
+        """The model's verdict on an item the fast path declined: the event, or None after
+        a dead letter naming what is wrong with it."""
+        if not isinstance(item, dict) or item.get("type") != USAGE_TYPE:
+            kind = item.get("type") if isinstance(item, dict) else type(item).__name__
+            dead("unknown_type", f"not a {USAGE_TYPE} event (type {kind!r})", where, item)
+            return None
         try:
-            return list(enumerate(_USAGE_BATCH.validate_python(items)))
-        except ValidationError:
-            pass
-        valid: list[tuple[int, UsageEvent]] = []
-        for index, item in enumerate(items):
-            where = index if is_batch else None
-            if not isinstance(item, dict) or item.get("type") != USAGE_TYPE:
-                kind = item.get("type") if isinstance(item, dict) else type(item).__name__
-                dead("unknown_type", f"not a {USAGE_TYPE} event (type {kind!r})", where, item)
-                continue
-            try:
-                valid.append((index, _USAGE_ONE.validate_python(item)))
-            except ValidationError as e:
-                dead(_dlq_reason(e), _error_detail(e), where, item)
-        return valid
+            event = _USAGE_ONE.validate_python(item)
+        except ValidationError as e:
+            dead(_dlq_reason(e), _error_detail(e), where, item)
+            return None
+        if event.subject != tenant:
+            dead("subject_mismatch", f"subject {event.subject!r} != record key {tenant!r}",
+                 where, item)
+            return None
+        if event.data.meter not in self.catalog.meters:
+            dead("unknown_meter", f"meter {event.data.meter!r} is not in the plan catalog",
+                 where, item)
+            return None
+        return from_model(event)
 
     def _placement(
         self, tenant: str, period: Period, event_time: datetime, ingested_at: datetime,
@@ -371,6 +416,7 @@ class PartitionProcessor:
     def drain(self) -> Effects:
         """Everything to write for the records processed since the last drain."""
         effects, self._effects = self._effects, Effects()
+        self._utc_times.clear()
         self.dedup.evict_before(self.watermark)
         self._notice_trials(effects)
         for tenant in self._touched_subscriptions:

@@ -9,8 +9,8 @@ def test_an_id_remembers_the_offset_that_first_carried_it() -> None:
     w = DedupWindow(timedelta(days=35))
     b = w.bucket_for("t1", NOW, NOW)
     assert w.first_offset(b, "e1") is None
-    w.add(b, "e1", 7)
-    w.add(b, "e1", 9)
+    assert w.claim(b, "e1", 7) == 7
+    assert w.claim(b, "e1", 9) == 7  # a later record carrying it: a duplicate
     assert w.first_offset(b, "e1") == 7
     assert w.size == 1
 
@@ -18,7 +18,7 @@ def test_an_id_remembers_the_offset_that_first_carried_it() -> None:
 def test_buckets_beyond_the_horizon_are_evicted_with_tombstones() -> None:
     w = DedupWindow(timedelta(days=2))
     old = w.bucket_for("t1", NOW - timedelta(days=1), NOW - timedelta(days=1))
-    w.add(old, "e1", 1)
+    w.claim(old, "e1", 1)
     list(w.drain_changes())
     w.evict_before(NOW + timedelta(days=5))
     assert w.size == 0
@@ -35,11 +35,11 @@ def test_changelog_writes_only_new_ids_and_restores_exactly() -> None:
     w = DedupWindow(timedelta(days=35))
     b = w.bucket_for("t1", NOW, NOW)
     for i in range(1500):
-        w.add(b, f"e{i}", i)
+        w.claim(b, f"e{i}", i)
     first = list(w.drain_changes())
     assert [k for k, _ in first] == [DedupWindow.segment_key(b, 0)]
-    w.add(b, "late", 99999)
-    w.add(b, "e3", 5)  # already known: not written again
+    w.claim(b, "late", 99999)
+    w.claim(b, "e3", 5)  # already known: not written again
     second = list(w.drain_changes())
     assert second == [(DedupWindow.segment_key(b, 1), {"ids": {"late": 99999}})]
     assert list(w.drain_changes()) == []
@@ -50,5 +50,5 @@ def test_changelog_writes_only_new_ids_and_restores_exactly() -> None:
     assert restored.size == w.size == 1501
     assert restored.first_offset(b, "late") == 99999
     assert restored.first_offset(b, "e3") == 3
-    restored.add(b, "next", 7)  # continues after the restored segments
+    restored.claim(b, "next", 7)  # continues after the restored segments
     assert [k for k, _ in restored.drain_changes()] == [DedupWindow.segment_key(b, 2)]

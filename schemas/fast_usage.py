@@ -1,0 +1,114 @@
+"""A checked fast path for reading usage events off the wire (pure).
+
+Validating a decoded event with the `UsageEvent` model costs several times more than
+everything else the worker does with it. Almost every event is plain: exact JSON types,
+an RFC 3339 time, a decimal quantity. `read_usage` accepts exactly such events and returns
+what the model would have produced; anything else returns None, and the caller validates
+it with the model, which decides (and explains) every other case. A hypothesis test holds
+the two paths equal (tests/schemas/test_fast_usage.py).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Container
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, NamedTuple
+
+from schemas.events import MAX_QUANTITY, USAGE_TYPE, UsageEvent
+
+# What both the model's parser and datetime.fromisoformat read the same way; anything
+# else (other separators, more digits, no offset) goes to the model.
+_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,6})?(?:Z|[+-]\d\d:\d\d)", re.ASCII)
+# Plain decimal text; exponents, signs, spaces and underscores go to the model.
+_DECIMAL = re.compile(r"\d{1,16}(?:\.\d{1,20})?", re.ASCII)
+_MAX_INT = int(MAX_QUANTITY)
+_MAX_FLOAT = float(MAX_QUANTITY)
+_JSON = "application/json"
+
+
+class Usage(NamedTuple):
+    """A valid usage event, as the worker uses it."""
+
+    id: str
+    source: str
+    subject: str
+    time: datetime  # aware, in the offset it was sent with
+    meter: str
+    quantity: Decimal
+    dimensions: dict[str, str]
+
+
+def from_model(event: UsageEvent) -> Usage:
+    """The same tuple from an event the model validated."""
+    d = event.data
+    return Usage(event.id, event.source, event.subject, event.time, d.meter, d.quantity,
+                 dict(d.dimensions))
+
+
+def read_usage(item: Any, tenant: str | None, meters: Container[str]) -> Usage | None:
+    """The event in `item` if it is plain, valid, about `tenant` (already a valid tenant
+    id; None when the record key is not one) and for one of `meters` (valid meter names);
+    otherwise None."""
+    if tenant is None or type(item) is not dict:
+        return None
+    size = len(item)
+    if size == 8:
+        if item.get("datacontenttype") != _JSON:
+            return None
+    elif size != 7:
+        return None
+    try:
+        event_id = item["id"]
+        source = item["source"]
+        time_text = item["time"]
+        data = item["data"]
+        if (item["specversion"] != "1.0" or item["type"] != USAGE_TYPE
+                or item["subject"] != tenant):
+            return None
+    except KeyError:
+        return None
+    if (type(event_id) is not str or not 0 < len(event_id) <= 128
+            or type(source) is not str or not 0 < len(source) <= 256
+            or type(time_text) is not str or _TIME.fullmatch(time_text) is None
+            or type(data) is not dict):
+        return None
+
+    meter = data.get("meter")
+    quantity = data.get("quantity")
+    dimensions = data.get("dimensions")
+    if (len(data) != 2 + (dimensions is not None) or type(meter) is not str
+            or meter not in meters or quantity is None):
+        return None  # other keys, a missing meter or quantity, or an explicit null
+    if dimensions is None:
+        dimensions = {}
+    elif type(dimensions) is not dict or len(dimensions) > 32 or not all(
+        type(k) is str and type(v) is str and len(k) <= 64 and len(v) <= 256
+        for k, v in dimensions.items()
+    ):
+        return None
+
+    qtype = type(quantity)
+    if qtype is str:
+        if _DECIMAL.fullmatch(quantity) is None:
+            return None
+        amount = Decimal(quantity)
+        if amount > MAX_QUANTITY:
+            return None
+    elif qtype is int:
+        if not 0 <= quantity <= _MAX_INT:
+            return None
+        amount = Decimal(quantity)
+    elif qtype is float:
+        if not 0.0 <= quantity <= _MAX_FLOAT:  # NaN fails both
+            return None
+        amount = Decimal(repr(quantity))
+    else:
+        return None
+
+    try:
+        moment = datetime.fromisoformat(time_text)
+    except ValueError:  # a field out of range, such as month 13
+        return None
+    return Usage(event_id, source, tenant, moment, meter, amount, dimensions)

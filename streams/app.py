@@ -34,11 +34,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from schemas.codec import BATCH_CONTENT_TYPE, CONTENT_TYPE_HEADER, dumps, loads
 from schemas.plans import Catalog
-from streams import frames, metrics
+from streams import frames, metrics, prebatch
 from streams.catalog_follower import CatalogFollower
 from streams.errors import StateRecoveryError
 from streams.faust_transport import App
-from streams.prebatch import PreBatcher
 from streams.processor import Effects, PartitionProcessor, ProcessorConfig, counter_key
 from streams.quota_view import QuotaView, parse_quantity
 from tally import kafka
@@ -250,7 +249,6 @@ def create_app(settings: Settings, web_port: int = 6066,
     # Usage arrives through the pre-batching stage (streams/prebatch.py): one Faust event
     # per frame of many records, so Faust's per-record cost does not bound throughput.
     source = app.topic(settings.topics.usage_batched, settings.topics.subscriptions)
-    prebatcher = PreBatcher(settings)
 
     @app.agent(source)
     async def process(stream: Any) -> None:
@@ -272,9 +270,9 @@ def create_app(settings: Settings, web_port: int = 6066,
             await worker.close()
 
     @app.task  # type: ignore[untyped-decorator]
-    async def prebatch() -> None:
+    async def prebatch_stage() -> None:
         try:
-            await prebatcher.run()
+            await prebatch.run_child(settings)  # in a child process: another core
         except Exception as e:
             await _fail(app, e)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import calendar
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 
 @dataclass(frozen=True, order=True)
@@ -44,7 +44,13 @@ def add_months(moment: datetime, months: int, anchor_day: int | None = None) -> 
 def calendar_month(moment: datetime) -> Period:
     """The UTC calendar month containing `moment`."""
     moment = moment.astimezone(UTC)
-    start = moment.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    return _calendar_month(moment.year, moment.month)
+
+
+@lru_cache(maxsize=1024)
+def _calendar_month(year: int, month: int) -> Period:
+    # One Period object per month: its ISO texts are then computed once, not per record.
+    start = datetime(year, month, 1, tzinfo=UTC)
     return Period(start, add_months(start, 1))
 
 

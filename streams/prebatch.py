@@ -10,19 +10,29 @@ At least once, and harmless when repeated: the source offsets are committed only
 the frames carrying them are acknowledged. A crash or rebalance before the commit makes
 the next owner send those records again; each carries its original offset, so the
 worker's applied offsets and dedup window recognise them (streams/processor.py).
+
+`tally worker` runs this stage in a child process (`run_child`), so that it uses another
+core than the Faust agent. The child stops when its stdin closes (the worker stopped or
+died) or on SIGTERM/SIGINT, and reports its counts on stdout as JSON lines.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import signal
+import sys
 from collections import deque
 from typing import Any
 
+import orjson
 from aiokafka import TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError
 
 from streams import frames, metrics
+from streams.errors import StreamsError
 from tally import kafka
 from tally.settings import Settings
 
@@ -31,6 +41,12 @@ log = logging.getLogger(__name__)
 MAX_FRAME_BYTES = 512 << 10  # well below the producer's 4 MiB request size
 MAX_RECORDS_PER_FETCH = 20000
 MAX_FETCHES_IN_FLIGHT = 4
+REPORT_EVERY_SECONDS = 0.5
+STOP_TIMEOUT_SECONDS = 15
+
+
+class PreBatchExitedError(StreamsError):
+    """The pre-batching child process ended while the worker was running."""
 
 
 class PreBatcher:
@@ -39,6 +55,8 @@ class PreBatcher:
         self.source = settings.topics.usage
         self.target = settings.topics.usage_batched
         self._stopping = asyncio.Event()
+        self.records = 0  # repacked so far
+        self.frames = 0
 
     def stop(self) -> None:
         self._stopping.set()
@@ -79,8 +97,8 @@ class PreBatcher:
             for frame in _frames(records):
                 futures.append(await producer.send(self.target, value=frame,
                                                    partition=tp.partition))
-            metrics.PREBATCH_RECORDS.inc(len(records))
-        metrics.PREBATCH_FRAMES.inc(len(futures))
+            self.records += len(records)
+        self.frames += len(futures)
         return futures
 
     async def _commit_when_durable(
@@ -114,3 +132,74 @@ def _frames(records: list[Any]) -> list[bytes]:
     if entries:
         out.append(frames.encode(entries))
     return out
+
+
+# --- the child process ----------------------------------------------------------------
+
+
+async def run_child(settings: Settings) -> None:
+    """Run the stage in a child process until cancelled (then stop it cleanly); raise
+    PreBatchExitedError if it ends by itself. Its counts feed the worker's metrics."""
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "streams.prebatch",
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        env={**os.environ, **settings.to_env()},
+    )
+    assert child.stdin is not None and child.stdout is not None
+    records = frame_count = 0
+    try:
+        async for line in child.stdout:
+            counts = orjson.loads(line)
+            metrics.PREBATCH_RECORDS.inc(counts["records"] - records)
+            metrics.PREBATCH_FRAMES.inc(counts["frames"] - frame_count)
+            records, frame_count = counts["records"], counts["frames"]
+        code = await child.wait()
+        raise PreBatchExitedError(f"the pre-batching process exited with code {code}")
+    finally:
+        if child.returncode is None:  # the worker is stopping: let the child finish
+            child.stdin.close()
+            try:
+                await asyncio.wait_for(child.wait(), STOP_TIMEOUT_SECONDS)
+            except TimeoutError:
+                log.warning("the pre-batching process did not stop in time; killing it")
+                child.kill()
+                await child.wait()
+
+
+async def _child_main() -> None:
+    settings = Settings.load()
+    prebatcher = PreBatcher(settings)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, prebatcher.stop)
+    stdin = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
+
+    async def stop_when_parent_goes() -> None:
+        await stdin.read()  # EOF: the worker closed the pipe or died
+        prebatcher.stop()
+
+    def report() -> None:
+        line = orjson.dumps({"records": prebatcher.records, "frames": prebatcher.frames})
+        sys.stdout.buffer.write(line + b"\n")
+        sys.stdout.buffer.flush()
+
+    async def report_regularly() -> None:
+        while True:
+            await asyncio.sleep(REPORT_EVERY_SECONDS)
+            report()
+
+    helpers = [asyncio.create_task(stop_when_parent_goes()),
+               asyncio.create_task(report_regularly())]
+    try:
+        await prebatcher.run()
+    finally:
+        for task in helpers:
+            task.cancel()
+    with contextlib.suppress(BrokenPipeError):  # the worker is gone: nobody to tell
+        report()
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING, format="prebatch %(levelname)s %(message)s")
+    asyncio.run(_child_main())

@@ -170,8 +170,10 @@ class PartitionProcessor:
         self._touched: set[tuple[str, str, datetime]] = set()
         self._touched_subscriptions: set[str] = set()
         self._effects = Effects()
-        # Aware event time -> (UTC time, its ISO text); emptied at every drain.
+        # Aware event time -> (UTC time, its ISO text), and record timestamp -> (ingestion
+        # time, its ISO text); emptied at every drain.
         self._utc_times: dict[datetime, tuple[datetime, str]] = {}
+        self._ingestion_times: dict[int, tuple[datetime, str]] = {}
         self._lateness = {name: m.lateness for name, m in catalog.meters.items()}
 
     # --- usage -------------------------------------------------------------------------
@@ -180,8 +182,13 @@ class PartitionProcessor:
         self, topic: str, offset: int, key: bytes | None, value: bytes | None, timestamp_ms: int
     ) -> None:
         """Fold one usage record (a single event or a batch) into state and effects."""
-        ingested_at = datetime.fromtimestamp(timestamp_ms / 1000, UTC)
-        self.watermark = max(self.watermark, ingested_at)
+        ingested = self._ingestion_times.get(timestamp_ms)
+        if ingested is None:  # records of a batch often share a timestamp
+            moment = datetime.fromtimestamp(timestamp_ms / 1000, UTC)
+            ingested = self._ingestion_times[timestamp_ms] = (moment, moment.isoformat())
+        ingested_at, ingested_text = ingested
+        if ingested_at > self.watermark:
+            self.watermark = ingested_at
         tenant = key.decode("utf-8", "replace") if key else None
 
         def dead(reason: DlqReason, detail: str, index: int | None, raw: Any) -> None:
@@ -206,7 +213,6 @@ class PartitionProcessor:
         latest_allowed = ingested_at + self.config.max_future
 
         ids_here: set[str] = set()
-        ingested_text = ingested_at.isoformat()
         accepted = self._effects.accepted[tenant]
         # Events of a record mostly share a period and a meter: where they count is
         # worked out once per (period, meter), unless the plan changes inside the period.
@@ -337,7 +343,7 @@ class PartitionProcessor:
 
     def _note_current(self, tenant: str, meter: str, period_start: datetime) -> None:
         key = (tenant, meter)
-        if period_start > self.current_period.get(key, datetime.min.replace(tzinfo=UTC)):
+        if period_start > self.current_period.get(key, _BEGINNING):
             self.current_period[key] = period_start
 
     # --- subscriptions -----------------------------------------------------------------
@@ -417,6 +423,7 @@ class PartitionProcessor:
         """Everything to write for the records processed since the last drain."""
         effects, self._effects = self._effects, Effects()
         self._utc_times.clear()
+        self._ingestion_times.clear()
         self.dedup.evict_before(self.watermark)
         self._notice_trials(effects)
         for tenant in self._touched_subscriptions:
@@ -493,6 +500,9 @@ class PartitionProcessor:
             self.dedup.restore_segment(key, value)
         elif kind == "w/" and value is not None:
             self.watermark = datetime.fromisoformat(value["watermark"])
+
+
+_BEGINNING = datetime.min.replace(tzinfo=UTC)
 
 
 def counter_key(tenant: str, meter: str, period_start: datetime) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -184,3 +185,46 @@ def test_periods_plan_changes_and_late_events_on_the_broker(
              for e in accepted}
     assert flags["5"] == (True, False, "2026-10-01")
     assert flags["7"] == (True, True, "2026-11-01")
+
+
+def _children(pid: int) -> list[int]:
+    """Live child processes of `pid` (from /proc: Linux)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                found.append(int(entry))
+    return found
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_the_pre_batching_process_ends_with_the_worker_whether_stopped_or_killed(
+    settings_factory: Callable[..., Settings],
+    worker_factory: Callable[[Settings], WorkerProcess],
+) -> None:
+    settings = settings_factory()
+    publish_seed_catalog(settings)
+    for end in ("SIGTERM", "SIGKILL"):
+        worker = worker_factory(settings)
+        wait_for(worker.healthy, bool, what="the worker to be ready")
+        assert worker.proc is not None
+        children = wait_for(lambda: _children(worker.proc.pid), bool,  # noqa: B023
+                            what="the pre-batching child process")
+        if end == "SIGTERM":
+            assert worker.stop() == 0
+        else:
+            worker.kill()  # no chance to stop it: the child notices its closed stdin
+        wait_for(lambda: all(_gone(c) for c in children), bool,  # noqa: B023
+                 what=f"the pre-batching process to end after {end}")

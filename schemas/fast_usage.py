@@ -27,6 +27,13 @@ _MAX_INT = int(MAX_QUANTITY)
 _MAX_FLOAT = float(MAX_QUANTITY)
 _JSON = "application/json"
 
+# Texts already read, and what they read as: events of a batch often share a timestamp
+# (the SDK stamps in milliseconds) and most quantities are a few small numbers. Emptied
+# when full, so they stay small.
+_CACHE_LIMIT = 4096
+_times: dict[str, datetime] = {}
+_amounts: dict[str, Decimal] = {}
+
 
 class Usage(NamedTuple):
     """A valid usage event, as the worker uses it."""
@@ -38,6 +45,9 @@ class Usage(NamedTuple):
     meter: str
     quantity: Decimal
     dimensions: dict[str, str]
+
+
+_new_tuple = tuple.__new__
 
 
 def from_model(event: UsageEvent) -> Usage:
@@ -71,9 +81,19 @@ def read_usage(item: Any, tenant: str | None, meters: Container[str]) -> Usage |
         return None
     if (type(event_id) is not str or not 0 < len(event_id) <= 128
             or type(source) is not str or not 0 < len(source) <= 256
-            or type(time_text) is not str or _TIME.fullmatch(time_text) is None
-            or type(data) is not dict):
+            or type(time_text) is not str or type(data) is not dict):
         return None
+    moment = _times.get(time_text)
+    if moment is None:
+        if _TIME.fullmatch(time_text) is None:
+            return None
+        try:
+            moment = datetime.fromisoformat(time_text)
+        except ValueError:  # a field out of range, such as month 13
+            return None
+        if len(_times) >= _CACHE_LIMIT:
+            _times.clear()
+        _times[time_text] = moment
 
     meter = data.get("meter")
     quantity = data.get("quantity")
@@ -91,11 +111,16 @@ def read_usage(item: Any, tenant: str | None, meters: Container[str]) -> Usage |
 
     qtype = type(quantity)
     if qtype is str:
-        if _DECIMAL.fullmatch(quantity) is None:
-            return None
-        amount = Decimal(quantity)
-        if amount > MAX_QUANTITY:
-            return None
+        amount = _amounts.get(quantity)
+        if amount is None:
+            if _DECIMAL.fullmatch(quantity) is None:
+                return None
+            amount = Decimal(quantity)
+            if amount > MAX_QUANTITY:
+                return None
+            if len(_amounts) >= _CACHE_LIMIT:
+                _amounts.clear()
+            _amounts[quantity] = amount
     elif qtype is int:
         if not 0 <= quantity <= _MAX_INT:
             return None
@@ -106,9 +131,6 @@ def read_usage(item: Any, tenant: str | None, meters: Container[str]) -> Usage |
         amount = Decimal(repr(quantity))
     else:
         return None
-
-    try:
-        moment = datetime.fromisoformat(time_text)
-    except ValueError:  # a field out of range, such as month 13
-        return None
-    return Usage(event_id, source, tenant, moment, meter, amount, dimensions)
+    # tuple.__new__: a NamedTuple's own constructor is a Python function, and this is
+    # once per event.
+    return _new_tuple(Usage, (event_id, source, tenant, moment, meter, amount, dimensions))

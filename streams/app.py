@@ -38,6 +38,7 @@ from streams import frames, metrics, prebatch
 from streams.catalog_follower import CatalogFollower
 from streams.errors import StateRecoveryError
 from streams.faust_transport import App
+from streams.faust_transport import Worker as FaustWorker
 from streams.processor import Effects, PartitionProcessor, ProcessorConfig, counter_key
 from streams.quota_view import QuotaView, parse_quantity
 from tally import kafka
@@ -321,5 +322,5 @@ def create_app(settings: Settings, web_port: int = 6066,
 def run_worker(settings: Settings, web_port: int, loglevel: str = "info") -> None:
     """Run the worker until SIGTERM/SIGINT (Faust stops agents, flushes and commits)."""
     app = create_app(settings, web_port)
-    worker = faust.Worker(app, loglevel=loglevel, quiet=True)
+    worker = FaustWorker(app, loglevel=loglevel, quiet=True)
     worker.execute_from_commandline()

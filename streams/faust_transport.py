@@ -1,4 +1,4 @@
-"""Faust's Kafka transport with a short fetch wait.
+"""Faust's Kafka transport with a short fetch wait, and its worker without the spinner.
 
 Faust creates its consumer with `fetch_max_wait_ms=1500`, not configurable. Real Kafka
 answers a fetch as soon as data is there, but the embedded broker (Tansu) holds every fetch
@@ -9,6 +9,7 @@ costs real Kafka only more fetches while idle.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import faust
@@ -42,3 +43,15 @@ class App(faust.App):
         if by_url(url) is faust_aiokafka.Transport:
             return _Transport(self.conf.broker_consumer, self)
         return super()._new_transport()
+
+
+class Worker(faust.Worker):
+    """faust.Worker without the terminal spinner.
+
+    At log levels of WARN and above, Faust installs a spinner that sets the root logger
+    to DEBUG so it can spin on every record: every library debug call (aiokafka logs each
+    message it sends) then builds a log record. Measured: 7% of the worker's CPU.
+    """
+
+    def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
+        self.spinner = None

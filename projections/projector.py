@@ -17,6 +17,11 @@ Loop, per fetched batch:
    so every record is applied exactly once.
 Kafka consumer-group offsets are not used at all; Postgres holds the only offsets.
 
+Step 1 of the next batch overlaps step 2 of this one (`Projector.project`): the batch's
+big ledger statement is waited for in a thread while the event loop fetches, decodes and
+stages the next batch, so Python and Postgres each keep a core busy. Transactions still
+run one at a time, in log order.
+
 Every handler is also safe to re-apply to a suffix of the log in order (ledger by unique
 key, the rest last-write-wins by key), which is what lets a rebuild hand over to the live
 projector with offsets that differ from its own (projections/rebuild.py).
@@ -28,8 +33,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeAlias
@@ -40,7 +44,14 @@ from aiokafka.structs import ConsumerRecord
 from pydantic import TypeAdapter, ValidationError
 
 from projections import metrics
-from projections.ledger import accepted_problems, ensure_month_partitions, write_accepted
+from projections.ledger import (
+    accepted_problems,
+    ensure_month_partitions,
+    fold_staged,
+    load_staged,
+    stage_accepted,
+    write_accepted,
+)
 from projections.migrations import connect, migrate
 from schemas.codec import RecordDecodeError, decode_record, loads
 from schemas.events import SubscriptionEvent
@@ -100,6 +111,44 @@ def _timestamp(r: Record) -> datetime:
     return datetime.fromtimestamp(r.timestamp / 1000, UTC)
 
 
+class Batch:
+    """What one transaction applies: a fetched batch, with its accepted events decoded and
+    staged (`Projector.prepare`).
+
+    It carries its own problems and counts: `Projector.project` prepares the next batch
+    while this one commits.
+    """
+
+    def __init__(self, fetched: dict[TopicPartition, Records]) -> None:
+        # The next offset of each (topic, partition) it covers.
+        self.offsets = {(tp.topic, tp.partition): records[-1].offset + 1
+                        for tp, records in fetched.items() if records}
+        self.records = sum(len(records) for records in fetched.values())
+        self.by_topic: dict[str, Records] = {}
+        for tp, records in fetched.items():
+            self.by_topic.setdefault(tp.topic, []).extend(records)
+        self.accepted: list[tuple[Record, list[tuple[int, AcceptedEvent]]]] = []
+        self.staged = stage_accepted([])
+        self.events = 0
+        self.new_rows = 0
+        self.problems: list[Problem] = []
+
+    def stage(self, accepted: list[tuple[Record, list[tuple[int, AcceptedEvent]]]]) -> None:
+        """Stage the applicable accepted events: (record, [(position in it, event)])."""
+        self.accepted = accepted
+        events = [event for _, pairs in accepted for _, event in pairs]
+        self.events = len(events)
+        self.staged = stage_accepted(events)
+
+    def report(self, r: Record, item: int, reason: str, detail: str) -> None:
+        self.problems.append(Problem(r.topic, r.partition, r.offset, item, reason,
+                                     detail[:2000], _timestamp(r)))
+
+
+# The end of a `Projector.project` input (an empty batch, so that it types as one).
+_END = Batch({})
+
+
 class Projector:
     """Projects accepted usage, subscriptions, quota states and the plan catalog.
 
@@ -114,17 +163,16 @@ class Projector:
         self.schema = schema
         self.projection = projection
         t = settings.topics
-        self.handlers: dict[str, Callable[[Conn, Records], None]] = {
-            t.usage_accepted: self._project_accepted,
+        self.accepted_topic = t.usage_accepted
+        # The accepted events have their own path (`_project_accepted`).
+        self.handlers: dict[str, Callable[[Conn, Batch, Records], None]] = {
             t.subscriptions: self._project_subscriptions,
             t.quota_state: self._project_quota_states,
             t.plans: self._project_plans,
         }
+        self.topics = [self.accepted_topic, *self.handlers]
         self._months: set[datetime] = set()
         self._committed: dict[tuple[str, int], int] = {}
-        self._problems: list[Problem] = []
-        self._new_rows = 0
-        self._events = 0
         self._consumer: AIOKafkaConsumer | None = None
         self.stopping = asyncio.Event()
         self.projected = 0
@@ -136,10 +184,30 @@ class Projector:
         with connect(database_url) as conn:
             await self.open(conn)
             try:
-                while not self.stopping.is_set():
-                    await self.step(conn)
+                await self.project(conn, self._fetched())
             finally:
                 await self.close()
+
+    async def project(self, conn: Conn, batches: AsyncIterator[Batch | None]) -> None:
+        """Commit the batches in order (None: nothing fetched this time).
+
+        The next batch is fetched, decoded and staged by a task of this event loop, which
+        runs while a transaction waits for its big statement (`_project_accepted`): Python
+        and Postgres then each keep a core busy. Exactly once still holds: one transaction
+        at a time, in log order, each with the offsets of its own records. If one is
+        fenced, the batch read past it is dropped and the consumer re-seeks to the stored
+        offsets.
+        """
+        upcoming = asyncio.ensure_future(anext(batches, _END))
+        try:
+            while (batch := await upcoming) is not _END:
+                upcoming = asyncio.ensure_future(anext(batches, _END))
+                if batch is not None and not await self.commit(conn, batch):
+                    await upcoming  # read past the fenced batch (or None): dropped
+                    await self._assign(conn)
+                    upcoming = asyncio.ensure_future(anext(batches, _END))
+        finally:
+            upcoming.cancel()
 
     def stop(self) -> None:
         self.stopping.set()
@@ -162,16 +230,30 @@ class Projector:
 
     async def step(self, conn: Conn) -> int:
         """Fetch and apply one batch; return how many records it held (0: caught up)."""
-        assert self._consumer is not None, "open() first"
-        batch = await self._consumer.getmany(timeout_ms=200, max_records=self.max_records)
-        if not batch:
-            self._observe_caught_up()
+        fetched = await self._fetch()
+        if not fetched:
             return 0
-        if not self._apply(conn, batch):
+        if not await self.commit(conn, self.prepare(fetched)):
             await self._assign(conn)
             return 0
-        self._observe_lag(batch)
-        return sum(len(r) for r in batch.values())
+        return sum(len(r) for r in fetched.values())
+
+    async def _fetched(self) -> AsyncIterator[Batch | None]:
+        """The consumer's batches, prepared, until `stop()`. An empty fetch gives None
+        rather than waiting for data: `project` may be waiting to re-seek."""
+        while not self.stopping.is_set():
+            fetched = await self._fetch()
+            yield self.prepare(fetched) if fetched else None
+
+    async def _fetch(self) -> dict[TopicPartition, Records]:
+        assert self._consumer is not None, "open() first"
+        fetched: dict[TopicPartition, Records] = await self._consumer.getmany(
+            timeout_ms=200, max_records=self.max_records)
+        if fetched:
+            self._observe_lag(fetched)
+        else:
+            self._observe_caught_up()
+        return fetched
 
     async def _assign(self, conn: Conn) -> None:
         assert self._consumer is not None
@@ -179,7 +261,7 @@ class Projector:
         with conn.transaction():
             self._committed = self._stored_offsets(conn)
         tps = []
-        for topic in self.handlers:
+        for topic in self.topics:
             for p in sorted(consumer.partitions_for_topic(topic) or ()):
                 tps.append(TopicPartition(topic, p))
         consumer.assign(tps)
@@ -198,34 +280,40 @@ class Projector:
             )
         }
 
-    def _apply(self, conn: Conn, batch: dict[TopicPartition, Records]) -> bool:
-        """Apply one batch in one transaction (steps 2-3 of the module docstring).
+    def prepare(self, fetched: dict[TopicPartition, Records]) -> Batch:
+        """Step 1 of the module docstring, for the accepted events (the other topics are
+        small, and decoded in their handlers); needs no connection."""
+        batch = Batch(fetched)
+        if accepted := batch.by_topic.get(self.accepted_topic):
+            batch.stage([(r, pairs) for r in accepted
+                         if (pairs := self._decode_accepted(batch, r))])
+        return batch
+
+    async def commit(self, conn: Conn, batch: Batch) -> bool:
+        """Apply a prepared batch in one transaction (steps 2-3 of the module docstring).
 
         Returns False when fenced: nothing was written and the caller re-seeks.
         """
         started = time.perf_counter()
-        by_topic: dict[str, Records] = defaultdict(list)
-        for tp, records in batch.items():
-            by_topic[tp.topic].extend(records)
-        offsets = {(tp.topic, tp.partition): records[-1].offset + 1
-                   for tp, records in batch.items() if records}
-        self._problems, self._new_rows, self._events = [], 0, 0
         try:
             with conn.transaction():
                 conn.execute("SELECT pg_advisory_xact_lock(%s)",
                              (lock_key(self.schema, self.projection),))
                 if self._stored_offsets(conn) != self._committed:
                     raise _Fenced
-                for topic, records in by_topic.items():
-                    self.handlers[topic](conn, records)
-                self._write_problems(conn)
+                if batch.staged.rows:
+                    await self._project_accepted(conn, batch)
+                for topic, records in batch.by_topic.items():
+                    if topic != self.accepted_topic:
+                        self.handlers[topic](conn, batch, records)
+                self._write_problems(conn, batch.problems)
                 with conn.cursor() as cur:
                     cur.executemany(
                         f"INSERT INTO {self.schema}.projection_offsets (projection, topic,"
                         " partition, next_offset) VALUES (%s, %s, %s, %s)"
                         " ON CONFLICT (projection, topic, partition)"
                         " DO UPDATE SET next_offset = excluded.next_offset",
-                        [(self.projection, t, p, o) for (t, p), o in offsets.items()],
+                        [(self.projection, t, p, o) for (t, p), o in batch.offsets.items()],
                     )
         except _Fenced:
             self._months.clear()  # partitions created in the rolled-back transaction
@@ -236,16 +324,15 @@ class Projector:
         except BaseException:
             self._months.clear()
             raise
-        self._committed.update(offsets)
-        count = sum(len(r) for r in batch.values())
-        self.projected += count
-        for topic, records in by_topic.items():
+        self._committed.update(batch.offsets)
+        self.projected += batch.records
+        for topic, records in batch.by_topic.items():
             metrics.RECORDS.labels(topic).inc(len(records))
-        metrics.ROWS.inc(self._new_rows)
-        metrics.BATCH_RECORDS.observe(count)
-        metrics.BATCH_EVENTS.observe(self._events)
+        metrics.ROWS.inc(batch.new_rows)
+        metrics.BATCH_RECORDS.observe(batch.records)
+        metrics.BATCH_EVENTS.observe(batch.events)
         metrics.WRITE_SECONDS.observe(time.perf_counter() - started)
-        for p in self._problems:
+        for p in batch.problems:
             metrics.ERRORS.labels(p.topic, p.reason).inc()
             log.error("projection error %s/%s@%s item %s: %s: %s",
                       p.topic, p.partition, p.offset, p.item, p.reason, p.detail)
@@ -268,17 +355,13 @@ class Projector:
         assert self._consumer is not None
         for tp in self._consumer.assignment():
             metrics.LAG_RECORDS.labels(tp.topic, str(tp.partition)).set(0)
-        for topic in self.handlers:
+        for topic in self.topics:
             metrics.LAG_SECONDS.labels(topic).set(0)
 
     # --- problems ----------------------------------------------------------------------
 
-    def _report(self, r: Record, item: int, reason: str, detail: str) -> None:
-        self._problems.append(Problem(r.topic, r.partition, r.offset, item, reason,
-                                      detail[:2000], _timestamp(r)))
-
-    def _write_problems(self, conn: Conn) -> None:
-        if not self._problems:
+    def _write_problems(self, conn: Conn, problems: list[Problem]) -> None:
+        if not problems:
             return
         with conn.cursor() as cur:
             cur.executemany(
@@ -286,17 +369,18 @@ class Projector:
                 " item, reason, detail, record_timestamp) VALUES (%s,%s,%s,%s,%s,%s,%s)"
                 " ON CONFLICT DO NOTHING",
                 [(p.topic, p.partition, p.offset, p.item, p.reason, p.detail,
-                  p.record_timestamp) for p in self._problems],
+                  p.record_timestamp) for p in problems],
             )
 
     # --- handlers: each runs inside the batch transaction ------------------------------
 
-    def _decode_accepted(self, r: Record) -> list[tuple[int, AcceptedEvent]]:
-        """The applicable events of one record; every other one is reported."""
+    def _decode_accepted(self, batch: Batch, r: Record) -> list[tuple[int, AcceptedEvent]]:
+        """The applicable events of one record; every other one is reported (runs in
+        `prepare`, before the transaction)."""
         try:
             items = decode_record(r.value)
         except RecordDecodeError as e:
-            self._report(r, -1, "unreadable_record", str(e))
+            batch.report(r, -1, "unreadable_record", str(e))
             return []
         try:
             candidates = list(enumerate(_ACCEPTED.validate_python(items)))
@@ -306,58 +390,63 @@ class Projector:
                 try:
                     candidates.append((index, _ACCEPTED_ONE.validate_python(item)))
                 except ValidationError as e:
-                    self._report(r, index, "invalid_event", format_validation_error(e))
+                    batch.report(r, index, "invalid_event", format_validation_error(e))
         good = []
         for index, event in candidates:
             if problems := accepted_problems(event):
-                self._report(r, index, "constraint_violation", "; ".join(problems))
+                batch.report(r, index, "constraint_violation", "; ".join(problems))
             else:
                 good.append((index, event))
         return good
 
-    def _project_accepted(self, conn: Conn, records: Records) -> None:
-        decoded = [(r, pairs) for r in records if (pairs := self._decode_accepted(r))]
-        events = [event for _, pairs in decoded for _, event in pairs]
-        self._events += len(events)
-        ensure_month_partitions(conn, events, self._months, self.schema)
+    async def _project_accepted(self, conn: Conn, batch: Batch) -> None:
+        """The ledger and rollups, from the accepted events `prepare` decoded and staged."""
+        ensure_month_partitions(conn, batch.staged, self._months, self.schema)
         try:
             with conn.transaction():  # a savepoint: the fallback below starts clean
-                self._new_rows += write_accepted(conn, events, self.schema)
+                load_staged(conn, batch.staged)
+                # Most of the transaction's time: waited for in a thread, so that this
+                # event loop prepares the next batch meanwhile (`project`). Nothing else
+                # uses the connection until it returns.
+                batch.new_rows += await asyncio.to_thread(
+                    fold_staged, conn, batch.staged, self.schema)
+        except psycopg.errors.UniqueViolation:
+            # A ledger key written by another transaction meanwhile (see ledger.py): not
+            # the data's fault. Restarting from the stored offsets applies the batch once.
+            raise
         except _REJECTED:
-            self._write_accepted_one_by_one(conn, decoded)
+            self._write_accepted_one_by_one(conn, batch)
 
-    def _write_accepted_one_by_one(
-        self, conn: Conn, decoded: list[tuple[Record, list[tuple[int, AcceptedEvent]]]]
-    ) -> None:
+    def _write_accepted_one_by_one(self, conn: Conn, batch: Batch) -> None:
         """The slow path after the database refused the batch: a savepoint per record,
         then per event of a refused record, in log order; refused events are reported."""
-        for r, pairs in decoded:
+        for r, pairs in batch.accepted:
             try:
                 with conn.transaction():
-                    self._new_rows += write_accepted(conn, [e for _, e in pairs], self.schema)
+                    batch.new_rows += write_accepted(conn, [e for _, e in pairs], self.schema)
                 continue
             except _REJECTED:
                 pass
             for index, event in pairs:
                 try:
                     with conn.transaction():
-                        self._new_rows += write_accepted(conn, [event], self.schema)
+                        batch.new_rows += write_accepted(conn, [event], self.schema)
                 except _REJECTED as e:
-                    self._report(r, index, "rejected_by_database", str(e).splitlines()[0])
+                    batch.report(r, index, "rejected_by_database", str(e).splitlines()[0])
 
-    def _project_subscriptions(self, conn: Conn, records: Records) -> None:
+    def _project_subscriptions(self, conn: Conn, batch: Batch, records: Records) -> None:
         rows = []
         for r in records:
             try:
                 items = decode_record(r.value)
             except RecordDecodeError as e:
-                self._report(r, -1, "unreadable_record", str(e))
+                batch.report(r, -1, "unreadable_record", str(e))
                 continue
             for index, item in enumerate(items):
                 try:
                     ev = _SUBSCRIPTION.validate_python(item)
                 except ValidationError as err:
-                    self._report(r, index, "invalid_event", format_validation_error(err))
+                    batch.report(r, index, "invalid_event", format_validation_error(err))
                     continue
                 rows.append((ev.subject, ev.data.plan_id, _STATUS[ev.type],
                              ev.data.period_start, ev.data.period_end,
@@ -380,7 +469,7 @@ class Projector:
                 rows,
             )
 
-    def _project_quota_states(self, conn: Conn, records: Records) -> None:
+    def _project_quota_states(self, conn: Conn, batch: Batch, records: Records) -> None:
         # A compacted topic: only the latest value per key matters, and a tombstone deletes
         # (a rebuild after compaction sees no record for that key at all).
         latest: dict[tuple[str, str], tuple[QuotaState, datetime] | None] = {}
@@ -393,7 +482,7 @@ class Projector:
                 q = QuotaState.model_validate(loads(r.value))
             except (ValueError, ValidationError) as e:
                 detail = format_validation_error(e) if isinstance(e, ValidationError) else str(e)
-                self._report(r, -1, "invalid_quota_state", detail)
+                batch.report(r, -1, "invalid_quota_state", detail)
                 continue
             latest[(q.tenant_id, q.meter)] = (q, _timestamp(r))
         with conn.cursor() as cur:
@@ -413,7 +502,7 @@ class Projector:
                  for value in latest.values() if value is not None for q, at in [value]],
             )
 
-    def _project_plans(self, conn: Conn, records: Records) -> None:
+    def _project_plans(self, conn: Conn, batch: Batch, records: Records) -> None:
         # Compacted too: each key's latest value replaces what it described.
         latest: dict[str, Record] = {}
         for r in records:
@@ -435,10 +524,10 @@ class Projector:
                     continue
                 plan = Plan.model_validate(document) if document is not None else None
             except ValidationError as e:
-                self._report(r, -1, "invalid_plan", format_validation_error(e))
+                batch.report(r, -1, "invalid_plan", format_validation_error(e))
                 continue
             except (ValueError, TypeError, KeyError) as e:
-                self._report(r, -1, "unreadable_record", repr(e))
+                batch.report(r, -1, "unreadable_record", repr(e))
                 continue
             conn.execute(f"DELETE FROM {s}.plan_meters WHERE plan_id = %s", (key,))
             conn.execute(f"DELETE FROM {s}.plans WHERE plan_id = %s", (key,))

@@ -3,6 +3,7 @@ aggregation under duplicates and redelivery, and bad input reported without bloc
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from datetime import timedelta
 from decimal import Decimal
@@ -11,13 +12,13 @@ import psycopg
 import pytest
 from prometheus_client import REGISTRY
 
-from projections.ledger import ensure_month_partitions, write_accepted
+from projections.ledger import ensure_month_partitions, stage_accepted, write_staged
 from projections.migrations import migrate
 from schemas.codec import dumps
 from schemas.records import AcceptedEvent
 from streams.aggregation import Counter
 from tally.settings import Settings
-from tests.kafka_helpers import publish
+from tests.kafka_helpers import publish, wait_for
 from tests.projections.support import (
     AGGREGATION_OF,
     PERIOD_START,
@@ -170,9 +171,44 @@ def test_text_with_tabs_newlines_backslashes_and_microseconds_lands_verbatim(
     at = PERIOD_START + timedelta(days=1, microseconds=123457)
     odd = accepted("ac\tme", "id\\1", "api_calls", "1.50", at=at, source="svc/\nweird\r",
                    dimensions={"path": "C:\\x\t\"y\""})
+    staged = stage_accepted([odd, odd])
     with psycopg.connect(database_url) as conn, conn.transaction():
-        ensure_month_partitions(conn, [odd], set())
-        assert write_accepted(conn, [odd, odd]) == 1
+        ensure_month_partitions(conn, staged, set())
+        assert write_staged(conn, staged) == 1
     assert query(database_url, "SELECT tenant_id, event_id, source, dimensions, event_time,"
                  " quantity FROM tally.usage_events") == [
         ("ac\tme", "id\\1", "svc/\nweird\r", {"path": "C:\\x\t\"y\""}, at, Decimal("1.50"))]
+
+
+def test_an_event_written_by_a_concurrent_transaction_fails_the_batch_not_counted_twice(
+    database_url: str
+) -> None:
+    """The ledger finds new events by an anti-join on its keys. A key that another
+    transaction commits after that statement started must make it fail, never let the
+    event into the ledger and rollups twice. (The projector's advisory lock keeps its own
+    transactions from racing like this.)"""
+    migrate(database_url)
+    staged = stage_accepted([accepted("acme", "e1", "api_calls", "5")])
+    with psycopg.connect(database_url) as conn, conn.transaction():
+        ensure_month_partitions(conn, staged, set())
+    errors: list[Exception] = []
+    with psycopg.connect(database_url) as first, psycopg.connect(database_url) as late:
+        assert write_staged(first, staged) == 1  # not committed yet
+
+        def write_late() -> None:
+            try:
+                write_staged(late, staged)
+            except psycopg.Error as e:
+                errors.append(e)
+            late.rollback()
+
+        thread = threading.Thread(target=write_late)
+        thread.start()
+        wait_for(lambda: query(database_url, "SELECT wait_event_type FROM pg_stat_activity"
+                               " WHERE pid = %s", (late.info.backend_pid,)),
+                 lambda rows: rows == [("Lock",)], what="the late writer to wait for the first")
+        first.commit()
+        thread.join()
+    assert [type(e) for e in errors] == [psycopg.errors.UniqueViolation]
+    assert by_period(database_url) == {("acme", "api_calls"): (Decimal(5), 1)}
+    assert query(database_url, "SELECT count(*) FROM tally.usage_events") == [(1,)]

@@ -174,6 +174,11 @@ class PartitionProcessor:
         # time, its ISO text); emptied at every drain.
         self._utc_times: dict[datetime, tuple[datetime, str]] = {}
         self._ingestion_times: dict[int, tuple[datetime, str]] = {}
+        # (tenant, period start, meter) -> (period, plan, counter) for events that are not
+        # late, while nothing that decides them changes: emptied at every drain and on any
+        # subscription or catalog change.
+        self._known_places: dict[tuple[str, datetime, str], tuple[Period, str, Counter]] = {}
+        self._valid_tenants: set[str] = set()  # record keys that are valid tenant ids
         self._lateness = {name: m.lateness for name, m in catalog.meters.items()}
 
     # --- usage -------------------------------------------------------------------------
@@ -208,7 +213,12 @@ class PartitionProcessor:
             return
         is_batch = (value or b"").lstrip()[:1] == b"["
         # The key is checked once: the fast path then only has to compare subjects to it.
-        valid_tenant = tenant if TENANT_PATTERN.fullmatch(tenant) else None
+        valid_tenant = tenant if tenant in self._valid_tenants else None
+        if valid_tenant is None and TENANT_PATTERN.fullmatch(tenant):
+            if len(self._valid_tenants) >= 100_000:
+                self._valid_tenants.clear()
+            self._valid_tenants.add(tenant)
+            valid_tenant = tenant
         meters = self.catalog.meters
         latest_allowed = ingested_at + self.config.max_future
 
@@ -271,26 +281,40 @@ class PartitionProcessor:
                folded_here: set[tuple[str, str, datetime]]) -> _Placement:
         """Where the events of record `offset` in `period` for `meter` count, and whether
         they are folded (not if this record was already folded into the counter)."""
-        counted_in, plan_id, late, adjustment = self._placement(
-            tenant, period, event_time, ingested_at, self._lateness[meter])
+        known = self._known_places.get((tenant, period.start, meter))
+        if known is not None and ingested_at < period.end:
+            counted_in, plan_id, counter = known
+            late = adjustment = False
+            fixed = True
+        else:
+            counted_in, plan_id, late, adjustment = self._placement(
+                tenant, period, event_time, ingested_at, self._lateness[meter])
+            counter = self._counter(tenant, meter, counted_in)
+            sub = self.subscriptions.get(tenant)
+            # The plan is the same for every event of the period unless it is canceled
+            # inside it; an adjustment's plan is that at ingestion, the same for the record.
+            fixed = (adjustment or sub is None or sub.cancel_at is None
+                     or not period.start < sub.cancel_at < period.end)
+            if fixed and not late:
+                self._known_places[(tenant, period.start, meter)] = (counted_in, plan_id,
+                                                                      counter)
         key = (tenant, meter, counted_in.start)
-        counter = self.counters.get(key)
-        if counter is None:
-            spec = self.catalog.meters[meter]
-            counter = Counter(tenant, meter, counted_in.start, counted_in.end, spec.aggregation)
-            self.counters[key] = counter
         if counter.applied_offset < offset:
             counter.applied_offset = offset
             folded_here.add(key)
             self._touched.add(key)
             self._note_current(tenant, meter, counted_in.start)
-        sub = self.subscriptions.get(tenant)
-        # The plan is the same for every event of the period unless it is canceled inside
-        # it; an adjustment's plan is that at ingestion, the same for the whole record.
-        fixed = (adjustment or sub is None or sub.cancel_at is None
-                 or not period.start < sub.cancel_at < period.end)
         return _Placement(counted_in, plan_id, late, adjustment, counter, key in folded_here,
                           fixed, self.catalog.meters[meter].unique_dimension)
+
+    def _counter(self, tenant: str, meter: str, period: Period) -> Counter:
+        key = (tenant, meter, period.start)
+        counter = self.counters.get(key)
+        if counter is None:
+            spec = self.catalog.meters[meter]
+            counter = self.counters[key] = Counter(tenant, meter, period.start, period.end,
+                                                   spec.aggregation)
+        return counter
 
     def _checked_usage(self, item: Any, where: int | None, tenant: str,
                        dead: Any) -> Usage | None:
@@ -380,6 +404,7 @@ class PartitionProcessor:
 
     def _set_subscription(self, tenant: str, subscription: Subscription) -> None:
         self.subscriptions[tenant] = subscription
+        self._known_places.clear()
         # Only trialing tenants are scanned for trial notices, at every drain.
         if subscription.status == "trialing":
             self._trialing.add(tenant)
@@ -413,6 +438,7 @@ class PartitionProcessor:
         """Switch to a new plan catalog; current quota states are re-evaluated."""
         self.catalog = catalog
         self._lateness = {name: m.lateness for name, m in catalog.meters.items()}
+        self._known_places.clear()
         self._touched.update(
             (t, m, start) for (t, m), start in self.current_period.items()
         )
@@ -424,6 +450,7 @@ class PartitionProcessor:
         effects, self._effects = self._effects, Effects()
         self._utc_times.clear()
         self._ingestion_times.clear()
+        self._known_places.clear()
         self.dedup.evict_before(self.watermark)
         self._notice_trials(effects)
         for tenant in self._touched_subscriptions:

@@ -192,6 +192,28 @@ def test_cancellation_at_once_returns_the_tenant_to_the_default_plan() -> None:
     assert p.drain().accepted["t1"][0]["plan_id"] == "free"
 
 
+def test_a_plan_change_between_records_of_one_batch_applies_to_the_next_record() -> None:
+    # Placements are remembered across the records of a batch: a subscription change in
+    # the same batch, or an event turning late, must still be seen.
+    p = processor()
+    feed(p, 0, "t1", usage("t1", time=NOW))
+    feed(p, 1, "t1", usage("t1", time=NOW))
+    p.process_subscription("tally.subscriptions", 0, b"t1",
+                           record(subscription("t1", "created", "pro", NOV, DEC)))
+    feed(p, 2, "t1", usage("t1", time=NOW))
+    feed(p, 3, "t1", usage("t1", time=NOV + timedelta(days=29)), at=DEC + timedelta(minutes=5))
+    cancel = subscription("t1", "canceled", "pro", NOV, DEC, time=NOW + timedelta(hours=1),
+                          cancel_at_period_end=False)
+    p.process_subscription("tally.subscriptions", 1, b"t1", record(cancel))
+    feed(p, 4, "t1", usage("t1", time=NOW), usage("t1", time=NOW + timedelta(hours=2)),
+         at=NOW + timedelta(hours=3))
+    accepted = p.drain().accepted["t1"]
+    assert [(a["plan_id"], a["late"]) for a in accepted] == [
+        ("free", False), ("free", False), ("pro", False), ("pro", True),
+        ("pro", False), ("free", False)]
+    assert total(p, "t1") == Decimal(6)
+
+
 def test_state_restored_from_the_changelog_continues_exactly() -> None:
     p = processor()
     feed(p, 0, "t1", usage("t1", quantity="3", event_id="a", time=NOW))

@@ -54,7 +54,9 @@ def decode_record(value: bytes | None) -> list[Any]:
     """
     if not value:
         raise RecordDecodeError("empty record value")
-    head = value.lstrip(_WHITESPACE)[:1]
+    head = value[:1]
+    if head not in (b"{", b"["):  # lstrip copies the value: only when it starts blank
+        head = value.lstrip(_WHITESPACE)[:1]
     if head not in (b"{", b"["):
         raise RecordDecodeError("record value is not a JSON object or array")
     try:

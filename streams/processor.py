@@ -171,9 +171,9 @@ class PartitionProcessor:
         self._touched_subscriptions: set[str] = set()
         self._effects = Effects()
         # Aware event time -> (UTC time, its ISO text), and record timestamp -> (ingestion
-        # time, its ISO text); emptied at every drain.
+        # time, its ISO text, the latest event time allowed); emptied at every drain.
         self._utc_times: dict[datetime, tuple[datetime, str]] = {}
-        self._ingestion_times: dict[int, tuple[datetime, str]] = {}
+        self._ingestion_times: dict[int, tuple[datetime, str, datetime]] = {}
         # (tenant, period start, meter) -> (period, plan, counter) for events that are not
         # late, while nothing that decides them changes: emptied at every drain and on any
         # subscription or catalog change.
@@ -190,8 +190,9 @@ class PartitionProcessor:
         ingested = self._ingestion_times.get(timestamp_ms)
         if ingested is None:  # records of a batch often share a timestamp
             moment = datetime.fromtimestamp(timestamp_ms / 1000, UTC)
-            ingested = self._ingestion_times[timestamp_ms] = (moment, moment.isoformat())
-        ingested_at, ingested_text = ingested
+            ingested = self._ingestion_times[timestamp_ms] = (
+                moment, moment.isoformat(), moment + self.config.max_future)
+        ingested_at, ingested_text, latest_allowed = ingested
         if ingested_at > self.watermark:
             self.watermark = ingested_at
         tenant = key.decode("utf-8", "replace") if key else None
@@ -211,7 +212,9 @@ class PartitionProcessor:
         except RecordDecodeError as e:
             dead("invalid_json", str(e), None, value or b"")
             return
-        is_batch = (value or b"").lstrip()[:1] == b"["
+        assert value  # decode_record refuses an empty value
+        head = value[:1]
+        is_batch = (head if head in (b"{", b"[") else value.lstrip()[:1]) == b"["
         # The key is checked once: the fast path then only has to compare subjects to it.
         valid_tenant = tenant if tenant in self._valid_tenants else None
         if valid_tenant is None and TENANT_PATTERN.fullmatch(tenant):
@@ -220,7 +223,6 @@ class PartitionProcessor:
             self._valid_tenants.add(tenant)
             valid_tenant = tenant
         meters = self.catalog.meters
-        latest_allowed = ingested_at + self.config.max_future
 
         ids_here: set[str] = set()
         accepted = self._effects.accepted[tenant]

@@ -44,7 +44,9 @@ from aiokafka.structs import ConsumerRecord
 from pydantic import TypeAdapter, ValidationError
 
 from projections import metrics
+from projections.fast_accepted import from_model, read_accepted
 from projections.ledger import (
+    Accepted,
     accepted_problems,
     ensure_month_partitions,
     fold_staged,
@@ -64,8 +66,7 @@ from tally.settings import Settings
 log = logging.getLogger(__name__)
 
 PROJECTION = "read_models"
-_ACCEPTED = TypeAdapter(list[AcceptedEvent])
-_ACCEPTED_ONE = TypeAdapter(AcceptedEvent)
+_ACCEPTED = TypeAdapter(AcceptedEvent)
 _SUBSCRIPTION = TypeAdapter(SubscriptionEvent)
 _METERS = TypeAdapter(dict[str, MeterSpec])
 _STATUS = {
@@ -127,13 +128,13 @@ class Batch:
         self.by_topic: dict[str, Records] = {}
         for tp, records in fetched.items():
             self.by_topic.setdefault(tp.topic, []).extend(records)
-        self.accepted: list[tuple[Record, list[tuple[int, AcceptedEvent]]]] = []
+        self.accepted: list[tuple[Record, list[tuple[int, Accepted]]]] = []
         self.staged = stage_accepted([])
         self.events = 0
         self.new_rows = 0
         self.problems: list[Problem] = []
 
-    def stage(self, accepted: list[tuple[Record, list[tuple[int, AcceptedEvent]]]]) -> None:
+    def stage(self, accepted: list[tuple[Record, list[tuple[int, Accepted]]]]) -> None:
         """Stage the applicable accepted events: (record, [(position in it, event)])."""
         self.accepted = accepted
         events = [event for _, pairs in accepted for _, event in pairs]
@@ -374,30 +375,38 @@ class Projector:
 
     # --- handlers: each runs inside the batch transaction ------------------------------
 
-    def _decode_accepted(self, batch: Batch, r: Record) -> list[tuple[int, AcceptedEvent]]:
+    def _decode_accepted(self, batch: Batch, r: Record) -> list[tuple[int, Accepted]]:
         """The applicable events of one record; every other one is reported (runs in
-        `prepare`, before the transaction)."""
+        `prepare`, before the transaction). Nearly every event takes the fast path; the
+        model judges the rest."""
         try:
             items = decode_record(r.value)
         except RecordDecodeError as e:
             batch.report(r, -1, "unreadable_record", str(e))
             return []
-        try:
-            candidates = list(enumerate(_ACCEPTED.validate_python(items)))
-        except ValidationError:
-            candidates = []
-            for index, item in enumerate(items):
-                try:
-                    candidates.append((index, _ACCEPTED_ONE.validate_python(item)))
-                except ValidationError as e:
-                    batch.report(r, index, "invalid_event", format_validation_error(e))
         good = []
-        for index, event in candidates:
-            if problems := accepted_problems(event):
-                batch.report(r, index, "constraint_violation", "; ".join(problems))
-            else:
-                good.append((index, event))
+        for index, item in enumerate(items):
+            event = read_accepted(item)
+            if event is None:
+                event = self._checked_accepted(batch, r, index, item)
+                if event is None:
+                    continue
+            good.append((index, event))
         return good
+
+    @staticmethod
+    def _checked_accepted(batch: Batch, r: Record, index: int, item: Any) -> Accepted | None:
+        """The model's verdict on an event the fast path declined: the event, or None after
+        reporting what is wrong with it."""
+        try:
+            event = from_model(_ACCEPTED.validate_python(item))
+        except ValidationError as e:
+            batch.report(r, index, "invalid_event", format_validation_error(e))
+            return None
+        if problems := accepted_problems(event):
+            batch.report(r, index, "constraint_violation", "; ".join(problems))
+            return None
+        return event
 
     async def _project_accepted(self, conn: Conn, batch: Batch) -> None:
         """The ledger and rollups, from the accepted events `prepare` decoded and staged."""

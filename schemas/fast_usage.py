@@ -50,6 +50,36 @@ class Usage(NamedTuple):
 _new_tuple = tuple.__new__
 
 
+def read_time(text: str) -> datetime | None:
+    """An RFC 3339 time with an offset, read as the models read it; None for anything
+    else (the model then decides)."""
+    moment = _times.get(text)
+    if moment is None:
+        if _TIME.fullmatch(text) is None:
+            return None
+        try:
+            moment = datetime.fromisoformat(text)
+        except ValueError:  # a field out of range, such as month 13
+            return None
+        if len(_times) >= _CACHE_LIMIT:
+            _times.clear()
+        _times[text] = moment
+    return moment
+
+
+def read_decimal(text: str) -> Decimal | None:
+    """Plain non-negative decimal text (no sign, exponent or spaces), else None."""
+    amount = _amounts.get(text)
+    if amount is None:
+        if _DECIMAL.fullmatch(text) is None:
+            return None
+        amount = Decimal(text)
+        if len(_amounts) >= _CACHE_LIMIT:
+            _amounts.clear()
+        _amounts[text] = amount
+    return amount
+
+
 def from_model(event: UsageEvent) -> Usage:
     """The same tuple from an event the model validated."""
     d = event.data
@@ -83,17 +113,9 @@ def read_usage(item: Any, tenant: str | None, meters: Container[str]) -> Usage |
             or type(source) is not str or not 0 < len(source) <= 256
             or type(time_text) is not str or type(data) is not dict):
         return None
-    moment = _times.get(time_text)
+    moment = read_time(time_text)
     if moment is None:
-        if _TIME.fullmatch(time_text) is None:
-            return None
-        try:
-            moment = datetime.fromisoformat(time_text)
-        except ValueError:  # a field out of range, such as month 13
-            return None
-        if len(_times) >= _CACHE_LIMIT:
-            _times.clear()
-        _times[time_text] = moment
+        return None
 
     meter = data.get("meter")
     quantity = data.get("quantity")
@@ -111,16 +133,9 @@ def read_usage(item: Any, tenant: str | None, meters: Container[str]) -> Usage |
 
     qtype = type(quantity)
     if qtype is str:
-        amount = _amounts.get(quantity)
-        if amount is None:
-            if _DECIMAL.fullmatch(quantity) is None:
-                return None
-            amount = Decimal(quantity)
-            if amount > MAX_QUANTITY:
-                return None
-            if len(_amounts) >= _CACHE_LIMIT:
-                _amounts.clear()
-            _amounts[quantity] = amount
+        amount = read_decimal(quantity)
+        if amount is None or amount > MAX_QUANTITY:
+            return None
     elif qtype is int:
         if not 0 <= quantity <= _MAX_INT:
             return None

@@ -123,6 +123,26 @@ async def measure(settings: Settings, rate: int, seconds: float, warmup: float,
     return latencies
 
 
+def run(bootstrap: str, args: argparse.Namespace, home: Path) -> list[float]:
+    """Start a worker on `bootstrap`, publish at the steady rate: the sorted latencies."""
+    settings = Settings(kafka_bootstrap_servers=bootstrap, topic_prefix="bench-latency.",
+                        worker_id="bench-latency", partitions=4)
+    asyncio.run(kafka.ensure_topics(settings))
+    asyncio.run(publish_catalog(settings, load_catalog(default_catalog_path())))
+    asyncio.run(subscribe_enterprise(settings, args.tenants))
+    port = devstack.free_port()
+    worker = start_tally(
+        settings, ["worker", "--web-port", str(port), "--loglevel", "warning"],
+        home / "worker.log")
+    try:
+        wait_healthy(port)
+        return sorted(asyncio.run(measure(settings, args.rate, args.seconds,
+                                          args.warmup, args.tenants)))
+    finally:
+        worker.terminate()
+        worker.wait(30)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rate", type=int, default=20_000, help="events per second")
@@ -133,30 +153,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("bench/results/latency.jsonl"))
     args = parser.parse_args()
     home = Path(tempfile.mkdtemp(prefix="tally-bench-latency-"))
-    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-    pid = None
-    if not bootstrap:
-        bootstrap, pid = devstack.start_kafka(home)
-    settings = Settings(kafka_bootstrap_servers=bootstrap, topic_prefix="bench-latency.",
-                        worker_id="bench-latency", partitions=4)
-    worker = None
-    try:
-        asyncio.run(kafka.ensure_topics(settings))
-        asyncio.run(publish_catalog(settings, load_catalog(default_catalog_path())))
-        asyncio.run(subscribe_enterprise(settings, args.tenants))
-        port = devstack.free_port()
-        worker = start_tally(
-            settings, ["worker", "--web-port", str(port), "--loglevel", "warning"],
-            home / "worker.log")
-        wait_healthy(port)
-        latencies = sorted(asyncio.run(measure(settings, args.rate, args.seconds,
-                                               args.warmup, args.tenants)))
-    finally:
-        if worker is not None:
-            worker.terminate()
-            worker.wait(30)
-        if pid:
-            devstack.stop_kafka(pid)
+    with devstack.embedded_where_missing(home, os.environ, postgres=False) as env:
+        latencies = run(env["KAFKA_BOOTSTRAP_SERVERS"], args, home)
 
     def pct(q: float) -> float:
         return round(latencies[min(int(q * len(latencies)), len(latencies) - 1)] * 1000, 1)

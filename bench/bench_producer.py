@@ -143,16 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench/results/producer.json"))
     args = parser.parse_args(argv)
 
-    address = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     home = Path(tempfile.mkdtemp(prefix="tally-bench-"))
-    pid: int | None = None
-    if not address:
-        address, pid = devstack.start_kafka(home)
-    try:
+    with devstack.embedded_where_missing(home, os.environ, postgres=False) as env:
+        address = env["KAFKA_BOOTSTRAP_SERVERS"]
         result = asyncio.run(_run(address, args.events, args.tenants, args.partitions))
-    finally:
-        if pid is not None:
-            devstack.stop_kafka(pid)
     _append(args.out, result)
     print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
     target_ok = result["sdk_events_per_s"] >= 150_000 and result["ratio"] >= 2

@@ -248,15 +248,9 @@ def database(admin_url: str) -> Iterator[str]:
 
 @contextmanager
 def postgres() -> Iterator[str]:
-    if url := os.environ.get("DATABASE_URL"):
-        yield url
-        return
     home = Path(tempfile.mkdtemp(prefix="tally-bench-"))
-    url, pg_data = devstack.start_postgres(home)
-    try:
-        yield url
-    finally:
-        devstack.stop_postgres(pg_data)
+    with devstack.embedded_where_missing(home, os.environ, kafka=False) as env:
+        yield env["DATABASE_URL"]
 
 
 def main(argv: list[str] | None = None) -> int:

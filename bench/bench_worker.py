@@ -152,16 +152,10 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("bench/results/worker.jsonl"))
     args = parser.parse_args()
     home = Path(tempfile.mkdtemp(prefix="tally-bench-worker-"))
-    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-    pid = None
-    if not bootstrap:
-        bootstrap, pid = devstack.start_kafka(home)
-    try:
+    with devstack.embedded_where_missing(home, os.environ, postgres=False) as env:
+        bootstrap = env["KAFKA_BOOTSTRAP_SERVERS"]
         rows = bench_dataset("batch", bootstrap, args.batch_events, 500, home)
         rows += bench_dataset("single", bootstrap, args.single_events, 1, home)
-    finally:
-        if pid:
-            devstack.stop_kafka(pid)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("ab") as f:
         for row in rows:

@@ -15,7 +15,7 @@ import socket
 import subprocess
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -177,16 +177,18 @@ def stop_postgres(pg_data: Path) -> None:
 
 
 @contextlib.contextmanager
-def embedded_where_missing(home: Path, env: dict[str, str]) -> Iterator[dict[str, str]]:
+def embedded_where_missing(home: Path, env: Mapping[str, str], *, kafka: bool = True,
+                           postgres: bool = True) -> Iterator[dict[str, str]]:
     """`env` completed with an embedded Tansu and/or Postgres for whichever of
-    KAFKA_BOOTSTRAP_SERVERS / DATABASE_URL it lacks; what was started stops on exit."""
+    KAFKA_BOOTSTRAP_SERVERS / DATABASE_URL it lacks (of those asked for: `kafka`,
+    `postgres`); what was started stops on exit."""
     env = dict(env)
     stops: list[Callable[[], None]] = []
     try:
-        if not env.get("KAFKA_BOOTSTRAP_SERVERS"):
+        if kafka and not env.get("KAFKA_BOOTSTRAP_SERVERS"):
             env["KAFKA_BOOTSTRAP_SERVERS"], pid = start_kafka(home)
             stops.append(lambda: stop_kafka(pid))
-        if not env.get("DATABASE_URL"):
+        if postgres and not env.get("DATABASE_URL"):
             env["DATABASE_URL"], pg_data = start_postgres(home)
             stops.append(lambda: stop_postgres(pg_data))
         yield env

@@ -34,6 +34,10 @@ class Counter:
     latest_time: datetime | None = None
     # Thresholds already announced for this period (so each is emitted once).
     notified: set[str] = field(default_factory=set)
+    # Not state: which processed record is being folded in (the worker's count of records,
+    # see PartitionProcessor._start_folding). A record whose offset is already applied is
+    # folded only while it is that record: a replayed or re-sent one is not.
+    folding_record: int = field(default=0, compare=False, repr=False)
 
     def fold(self, quantity: Decimal, unique_value: str | None, event_time: datetime) -> None:
         """Add one (already deduplicated) event."""

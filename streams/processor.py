@@ -112,15 +112,14 @@ class Subscription:
 
 @dataclass(slots=True)
 class _Placement:
-    """Where one record's events of a period and meter count (see `_place`)."""
+    """Where events of a tenant, period and meter count (see `_place`)."""
 
-    period: Period
+    period: Period  # the period counted in: the event's own, or the open one (adjustment)
     plan_id: str
     late: bool
     adjustment: bool
     counter: Counter
-    folds: bool
-    fixed: bool
+    fixed: bool  # true for every event of the period, not only the one it was made for
     unique_dimension: str | None
 
 
@@ -174,10 +173,11 @@ class PartitionProcessor:
         # time, its ISO text, the latest event time allowed); emptied at every drain.
         self._utc_times: dict[datetime, tuple[datetime, str]] = {}
         self._ingestion_times: dict[int, tuple[datetime, str, datetime]] = {}
-        # (tenant, period start, meter) -> (period, plan, counter) for events that are not
-        # late, while nothing that decides them changes: emptied at every drain and on any
+        # (tenant, period start, meter) -> fixed placement of events that are not late,
+        # kept while nothing that decides it changes: emptied at every drain and on any
         # subscription or catalog change.
-        self._known_places: dict[tuple[str, datetime, str], tuple[Period, str, Counter]] = {}
+        self._known_places: dict[tuple[str, datetime, str], _Placement] = {}
+        self._records_seen = 0  # numbers each processed record (see _start_folding)
         self._valid_tenants: set[str] = set()  # record keys that are valid tenant ids
         self._lateness = {name: m.lateness for name, m in catalog.meters.items()}
 
@@ -196,21 +196,14 @@ class PartitionProcessor:
         if ingested_at > self.watermark:
             self.watermark = ingested_at
         tenant = key.decode("utf-8", "replace") if key else None
-
-        def dead(reason: DlqReason, detail: str, index: int | None, raw: Any) -> None:
-            self._effects.dead_letters.append(DeadLetter(
-                reason=reason, detail=detail, source_topic=topic,
-                source_partition=self.partition, source_offset=offset,
-                index=index, key=tenant, value=_to_text(raw),
-            ))
-
         if not tenant:
-            dead("missing_key", "record has no key (the tenant id)", None, value or b"")
+            self._dead(topic, offset, tenant, "missing_key", "record has no key (the tenant id)",
+                       None, value or b"")
             return
         try:
             items = decode_record(value)
         except RecordDecodeError as e:
-            dead("invalid_json", str(e), None, value or b"")
+            self._dead(topic, offset, tenant, "invalid_json", str(e), None, value or b"")
             return
         assert value  # decode_record refuses an empty value
         head = value[:1]
@@ -223,53 +216,64 @@ class PartitionProcessor:
             self._valid_tenants.add(tenant)
             valid_tenant = tenant
         meters = self.catalog.meters
+        self._records_seen += 1
+        record_no = self._records_seen
+        dedup = self.dedup
+        watermark = self.watermark
+        utc_times = self._utc_times
 
         ids_here: set[str] = set()
         accepted = self._effects.accepted[tenant]
-        # Events of a record mostly share a period and a meter: where they count is
-        # worked out once per (period, meter), unless the plan changes inside the period.
-        placements: dict[tuple[datetime, str], _Placement] = {}
-        folded_here: set[tuple[str, str, datetime]] = set()
-        period: Period | None = None
+        counted = 0
+        period: Period | None = None  # the event's own period
+        # Events of a record mostly share a period and a meter: where they count is worked
+        # out again only when either changes, or for every event if it is not `fixed`.
+        place: _Placement | None = None
+        place_period: Period | None = None
+        place_meter = ""
         for index, item in enumerate(items):
             event = read_usage(item, valid_tenant, meters)
             if event is None:
-                event = self._checked_usage(item, index if is_batch else None, tenant, dead)
+                event = self._checked_usage(item, topic, offset, index if is_batch else None,
+                                            tenant)
                 if event is None:
                     continue
             if event.time > latest_allowed:
-                dead("time_in_future", f"event time {event.time.isoformat()} is more than "
-                     f"{self.config.max_future} after ingestion {ingested_at.isoformat()}",
-                     index if is_batch else None, item)
+                self._dead(topic, offset, tenant, "time_in_future",
+                           f"event time {event.time.isoformat()} is more than "
+                           f"{self.config.max_future} after ingestion {ingested_at.isoformat()}",
+                           index if is_batch else None, item)
                 continue
-            in_utc = self._utc_times.get(event.time)
+            in_utc = utc_times.get(event.time)
             if in_utc is None:  # events of a batch often share a timestamp
                 moment = event.time.astimezone(UTC)
-                in_utc = self._utc_times[event.time] = (moment, moment.isoformat())
+                in_utc = utc_times[event.time] = (moment, moment.isoformat())
             event_time, event_time_text = in_utc
             # Dedup: first sight, a replay of the same record, or a real duplicate.
-            bucket = self.dedup.bucket_for(tenant, event_time, self.watermark)
-            first = self.dedup.claim(bucket, event.id, offset)
-            if first != offset or event.id in ids_here:
+            bucket = dedup.bucket_for(tenant, event_time, watermark)
+            if dedup.claim(bucket, event.id, offset) != offset or event.id in ids_here:
                 self._effects.duplicates += 1
                 continue
             ids_here.add(event.id)
 
             if period is None or not period.start <= event_time < period.end:
                 period = self.period_of(tenant, event_time)
-            place = placements.get((period.start, event.meter))
-            if place is None or not place.fixed:
-                place = self._place(tenant, period, event.meter, event_time, ingested_at,
-                                    offset, folded_here)
-                placements[(period.start, event.meter)] = place
+            meter = event.meter
+            if place is None or place_period is not period or place_meter != meter \
+                    or not place.fixed:
+                place = self._place(tenant, period, meter, event_time, ingested_at)
+                place_period, place_meter = period, meter
+            counter = place.counter
+            if counter.applied_offset < offset:  # the record's first event in this counter
+                self._start_folding(counter, offset, record_no)
             unique = (event.dimensions.get(place.unique_dimension)
                       if place.unique_dimension else None)
-            if place.folds:
-                place.counter.fold(event.quantity, unique, event_time)
-                self._effects.counted += 1
+            if counter.folding_record == record_no:  # not folded before (replay, re-send)
+                counter.fold(event.quantity, unique, event_time)
+                counted += 1
             accepted.append({
-                "tenant_id": tenant, "event_id": event.id, "meter": event.meter,
-                "aggregation": place.counter.aggregation, "unique_value": unique,
+                "tenant_id": tenant, "event_id": event.id, "meter": meter,
+                "aggregation": counter.aggregation, "unique_value": unique,
                 "quantity": str(event.quantity), "event_time": event_time_text,
                 "ingested_at": ingested_text, "source": event.source,
                 "dimensions": event.dimensions,
@@ -277,37 +281,36 @@ class PartitionProcessor:
                 "period_end": place.period.end_text, "plan_id": place.plan_id,
                 "late": place.late, "adjustment": place.adjustment,
             })
+        self._effects.counted += counted
 
     def _place(self, tenant: str, period: Period, meter: str, event_time: datetime,
-               ingested_at: datetime, offset: int,
-               folded_here: set[tuple[str, str, datetime]]) -> _Placement:
-        """Where the events of record `offset` in `period` for `meter` count, and whether
-        they are folded (not if this record was already folded into the counter)."""
-        known = self._known_places.get((tenant, period.start, meter))
-        if known is not None and ingested_at < period.end:
-            counted_in, plan_id, counter = known
-            late = adjustment = False
-            fixed = True
-        else:
-            counted_in, plan_id, late, adjustment = self._placement(
-                tenant, period, event_time, ingested_at, self._lateness[meter])
-            counter = self._counter(tenant, meter, counted_in)
-            sub = self.subscriptions.get(tenant)
-            # The plan is the same for every event of the period unless it is canceled
-            # inside it; an adjustment's plan is that at ingestion, the same for the record.
-            fixed = (adjustment or sub is None or sub.cancel_at is None
-                     or not period.start < sub.cancel_at < period.end)
-            if fixed and not late:
-                self._known_places[(tenant, period.start, meter)] = (counted_in, plan_id,
-                                                                      counter)
-        key = (tenant, meter, counted_in.start)
-        if counter.applied_offset < offset:
-            counter.applied_offset = offset
-            folded_here.add(key)
-            self._touched.add(key)
-            self._note_current(tenant, meter, counted_in.start)
-        return _Placement(counted_in, plan_id, late, adjustment, counter, key in folded_here,
-                          fixed, self.catalog.meters[meter].unique_dimension)
+               ingested_at: datetime) -> _Placement:
+        """Where an event of `period` for `meter`, ingested at `ingested_at`, counts."""
+        if ingested_at < period.end:  # not late: perhaps worked out for an earlier record
+            known = self._known_places.get((tenant, period.start, meter))
+            if known is not None:
+                return known
+        counted_in, plan_id, late, adjustment = self._placement(
+            tenant, period, event_time, ingested_at, self._lateness[meter])
+        sub = self.subscriptions.get(tenant)
+        # The plan is the same for every event of the period unless it is canceled inside
+        # it; an adjustment's plan is that at ingestion, the same for the record.
+        fixed = (adjustment or sub is None or sub.cancel_at is None
+                 or not period.start < sub.cancel_at < period.end)
+        place = _Placement(counted_in, plan_id, late, adjustment,
+                           self._counter(tenant, meter, counted_in), fixed,
+                           self.catalog.meters[meter].unique_dimension)
+        if fixed and not late:
+            self._known_places[(tenant, period.start, meter)] = place
+        return place
+
+    def _start_folding(self, counter: Counter, offset: int, record_no: int) -> None:
+        """Mark `counter` as folding the record at `offset` (processed as `record_no`)."""
+        counter.applied_offset = offset
+        counter.folding_record = record_no
+        key = (counter.tenant_id, counter.meter, counter.period_start)
+        self._touched.add(key)
+        self._note_current(*key)
 
     def _counter(self, tenant: str, meter: str, period: Period) -> Counter:
         key = (tenant, meter, period.start)
@@ -318,28 +321,30 @@ class PartitionProcessor:
                                                    spec.aggregation)
         return counter
 
-    def _checked_usage(self, item: Any, where: int | None, tenant: str,
-                       dead: Any) -> Usage | None:
+    def _checked_usage(self, item: Any, topic: str, offset: int, where: int | None,
+                       tenant: str) -> Usage | None:
         """The model's verdict on an item the fast path declined: the event, or None after
         a dead letter naming what is wrong with it."""
+        reason: DlqReason
         if not isinstance(item, dict) or item.get("type") != USAGE_TYPE:
             kind = item.get("type") if isinstance(item, dict) else type(item).__name__
-            dead("unknown_type", f"not a {USAGE_TYPE} event (type {kind!r})", where, item)
-            return None
-        try:
-            event = _USAGE_ONE.validate_python(item)
-        except ValidationError as e:
-            dead(_dlq_reason(e), _error_detail(e), where, item)
-            return None
-        if event.subject != tenant:
-            dead("subject_mismatch", f"subject {event.subject!r} != record key {tenant!r}",
-                 where, item)
-            return None
-        if event.data.meter not in self.catalog.meters:
-            dead("unknown_meter", f"meter {event.data.meter!r} is not in the plan catalog",
-                 where, item)
-            return None
-        return from_model(event)
+            reason, detail = "unknown_type", f"not a {USAGE_TYPE} event (type {kind!r})"
+        else:
+            try:
+                event = _USAGE_ONE.validate_python(item)
+            except ValidationError as e:
+                reason, detail = _dlq_reason(e), _error_detail(e)
+            else:
+                if event.subject != tenant:
+                    reason = "subject_mismatch"
+                    detail = f"subject {event.subject!r} != record key {tenant!r}"
+                elif event.data.meter not in self.catalog.meters:
+                    reason = "unknown_meter"
+                    detail = f"meter {event.data.meter!r} is not in the plan catalog"
+                else:
+                    return from_model(event)
+        self._dead(topic, offset, tenant, reason, detail, where, item)
+        return None
 
     def _placement(
         self, tenant: str, period: Period, event_time: datetime, ingested_at: datetime,
@@ -382,18 +387,18 @@ class PartitionProcessor:
         try:
             items = decode_record(value)
         except RecordDecodeError as e:
-            self._dead_subscription(topic, offset, tenant, "invalid_json", str(e), value)
+            self._dead(topic, offset, tenant, "invalid_json", str(e), None, value)
             return
         for item in items:
             try:
                 event = _SUBSCRIPTION_ONE.validate_python(item)
             except ValidationError as e:
-                self._dead_subscription(topic, offset, tenant, "invalid_event",
-                                        _error_detail(e), item)
+                self._dead(topic, offset, tenant, "invalid_event", _error_detail(e), None,
+                           item)
                 continue
             if event.subject != tenant:
-                self._dead_subscription(topic, offset, tenant, "subject_mismatch",
-                                        f"subject {event.subject!r} != key {tenant!r}", item)
+                self._dead(topic, offset, tenant, "subject_mismatch",
+                           f"subject {event.subject!r} != key {tenant!r}", None, item)
                 continue
             current = self.subscriptions.get(event.subject)
             if current is not None and current.applied_offset >= offset:
@@ -425,13 +430,13 @@ class PartitionProcessor:
         cancel_at = period.end if d.cancel_at_period_end else None
         return Subscription(d.plan_id, period, status, cancel_at, trial_end, offset)
 
-    def _dead_subscription(
+    def _dead(
         self, topic: str, offset: int, tenant: str | None, reason: DlqReason, detail: str,
-        raw: Any,
+        index: int | None, raw: Any,
     ) -> None:
         self._effects.dead_letters.append(DeadLetter(
             reason=reason, detail=detail, source_topic=topic, source_partition=self.partition,
-            source_offset=offset, index=None, key=tenant, value=_to_text(raw),
+            source_offset=offset, index=index, key=tenant, value=_to_text(raw),
         ))
 
     # --- catalog -----------------------------------------------------------------------

@@ -91,7 +91,11 @@ class Worker:
         assignment = self.app.consumer.assignment()
         # Revoked while buffered: their new owner processes them.
         events = [e for e in events if e.message.tp in assignment]
-        await self._restore({e.message.partition for e in events} - set(self.processors))
+        # Every partition assigned is restored at once, not when its first record comes:
+        # each restore pauses processing for at least two empty changelog fetches.
+        sources = (self.topics.usage_batched, self.topics.subscriptions)
+        await self._restore({tp.partition for tp in assignment if tp.topic in sources}
+                            - set(self.processors))
         touched: set[int] = set()
         for event in events:
             message = event.message

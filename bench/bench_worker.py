@@ -28,7 +28,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -45,21 +45,33 @@ _COUNTED = re.compile(r'^tally_worker_events_total\{outcome="counted"\} ([0-9.e+
 
 
 def make_records(events: int, per_record: int) -> list[tuple[bytes, bytes]]:
-    now = datetime.now(UTC).isoformat()
+    """`events` events of TENANTS tenants, `per_record` per record, stamped as the SDK
+    stamps them: each tenant produces one event per millisecond, so a record's events have
+    distinct times, and records of different tenants share them (as when 100 tenants send
+    at once)."""
+    start = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=events // 1000 + 60)
     records = []
-    for start in range(0, events, per_record * TENANTS):
+    for first in range(0, events, per_record * TENANTS):
         for t in range(TENANTS):
             tenant = f"tenant-{t}"
+            count = min(per_record, events - first - t * per_record)
+            ms = first // TENANTS  # this tenant's events so far
             batch = [
                 {"specversion": "1.0", "id": uuid.uuid4().hex, "source": "bench",
-                 "type": "tally.usage.v1", "subject": tenant, "time": now,
+                 "type": "tally.usage.v1", "subject": tenant,
+                 "time": _sdk_time(start + timedelta(milliseconds=ms + i)),
                  "data": {"meter": "api_calls", "quantity": "1"}}
-                for _ in range(min(per_record, events - start - t * per_record))
+                for i in range(count)
             ]
             if batch:
                 value = orjson.dumps(batch if per_record > 1 else batch[0])
                 records.append((tenant.encode(), value))
     return records
+
+
+def _sdk_time(moment: datetime) -> str:
+    """The text producers.sdk writes for a time: microseconds, "Z", no fraction if zero."""
+    return moment.isoformat().replace("+00:00", "Z")
 
 
 async def publish(settings: Settings, records: list[tuple[bytes, bytes]]) -> None:

@@ -7,7 +7,7 @@ non-blank byte, so records without a content-type header are read too.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from decimal import Decimal
 from typing import Any
 
@@ -80,6 +80,28 @@ def encode_batch(events: Sequence[BaseModel | dict[str, Any]]) -> bytes:
 def encode_event(event: BaseModel | dict[str, Any]) -> bytes:
     """Encode one event as a single-event record value."""
     return dumps(event)
+
+
+def join_arrays(arrays: Iterable[bytes], max_bytes: int) -> Iterator[bytes]:
+    """Encoded non-empty JSON arrays (as `dumps` writes them) merged, in order, into as few
+    arrays as fit in `max_bytes` each; an array longer than that on its own stays whole."""
+    batch: list[bytes] = []
+    size = 0
+    for array in arrays:
+        if batch and size + len(array) > max_bytes:
+            yield _joined(batch)
+            batch, size = [], 0
+        batch.append(array)
+        size += len(array)
+    if batch:
+        yield _joined(batch)
+
+
+def _joined(arrays: list[bytes]) -> bytes:
+    if len(arrays) == 1:
+        return arrays[0]
+    # Without the brackets of each; memoryviews spare a copy of every element.
+    return b"[" + b",".join(memoryview(a)[1:-1] for a in arrays) + b"]"
 
 
 def content_type_headers(batch: bool) -> list[tuple[str, bytes]]:

@@ -33,7 +33,7 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from schemas.codec import BATCH_CONTENT_TYPE, CONTENT_TYPE_HEADER, dumps, loads
+from schemas.codec import BATCH_CONTENT_TYPE, CONTENT_TYPE_HEADER, dumps, join_arrays, loads
 from schemas.plans import Catalog
 from streams import frames, metrics, prebatch
 from streams.catalog_follower import CatalogFollower
@@ -53,8 +53,9 @@ log = logging.getLogger(__name__)
 MAX_BATCH_FRAMES = 64
 BATCH_WITHIN_SECONDS = 0.02
 MAX_BATCHES_IN_FLIGHT = 2
-# Accepted events per output record: keeps each record far below the broker's size limit.
-ACCEPTED_PER_RECORD = 1000
+# Accepted events are written in records of about this many bytes (an array the processor
+# encoded is not split: it holds at most MAX_ACCEPTED_PER_ARRAY events).
+ACCEPTED_RECORD_BYTES = 512 << 10
 
 
 class Worker:
@@ -126,10 +127,9 @@ class Worker:
         for key, state in fx.changelog:
             sends.append((t.worker_state, key, None if state is None else dumps(state), None))
         batch_header = [(CONTENT_TYPE_HEADER, BATCH_CONTENT_TYPE.encode())]
-        for tenant, accepted in fx.accepted.items():
-            for i in range(0, len(accepted), ACCEPTED_PER_RECORD):
-                chunk = accepted[i:i + ACCEPTED_PER_RECORD]
-                sends.append((t.usage_accepted, tenant, dumps(chunk), batch_header))
+        for tenant, arrays in fx.accepted.items():
+            for value in join_arrays(arrays, ACCEPTED_RECORD_BYTES):
+                sends.append((t.usage_accepted, tenant, value, batch_header))
         for c in fx.counters:
             sends.append((t.counters, counter_key(c.tenant_id, c.meter, c.period_start),
                           dumps(_counter_record(c, p)), None))

@@ -45,9 +45,14 @@ class DedupWindow:
     evicted: dict[BucketKey, int] = field(default_factory=dict)
     size: int = 0
     _labels: dict[tuple[str, date], str] = field(default_factory=dict)  # bucket day names
+    # The oldest event time bucketed by event day, and the watermark it was computed for.
+    _floor: datetime = datetime.min
+    _floor_of: datetime | None = None
 
     def bucket_for(self, tenant: str, event_time: datetime, watermark: datetime) -> BucketKey:
-        if event_time >= watermark - self.horizon:
+        if watermark is not self._floor_of:  # the watermark changes once per record at most
+            self._floor_of, self._floor = watermark, watermark - self.horizon
+        if event_time >= self._floor:
             return tenant, self._day_label("e", event_time.date())
         return tenant, self._day_label("a", watermark.date())
 

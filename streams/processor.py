@@ -56,6 +56,16 @@ DlqReason = Literal[
 ]
 
 
+# Accepted events are built as dicts in AcceptedEvent's JSON form (a model per event would
+# cost more than all the other per-event work together) and encoded once a tenant has this
+# many: holding a whole batch of dicts until the drain cost more in memory traffic than
+# building them.
+ACCEPTED_ROWS_HELD = 256
+# Bounds an encoded array (a huge batch record is split): what the worker writes stays far
+# below the producer's request size.
+MAX_ACCEPTED_PER_ARRAY = 1000
+
+
 @dataclass(frozen=True)
 class ProcessorConfig:
     """Rules the worker applies; every field has a safe default."""
@@ -127,10 +137,8 @@ class _Placement:
 class Effects:
     """What processing produced since the last drain, ready to be written."""
 
-    # Accepted events in AcceptedEvent's JSON form, built as dicts: constructing a model
-    # per event would cost more than all the other per-event work together.
-    accepted: dict[str, list[dict[str, Any]]] = field(
-        default_factory=lambda: defaultdict(list))
+    # Per tenant, accepted events as JSON arrays of AcceptedEvent objects, ready to send.
+    accepted: dict[str, list[bytes]] = field(default_factory=lambda: defaultdict(list))
     dead_letters: list[DeadLetter] = field(default_factory=list)
     counters: list[Counter] = field(default_factory=list)
     quota_states: list[QuotaState] = field(default_factory=list)
@@ -178,6 +186,7 @@ class PartitionProcessor:
         # subscription or catalog change.
         self._known_places: dict[tuple[str, datetime, str], _Placement] = {}
         self._records_seen = 0  # numbers each processed record (see _start_folding)
+        self._accepted_rows: dict[str, list[dict[str, Any]]] = defaultdict(list)
         self._valid_tenants: set[str] = set()  # record keys that are valid tenant ids
         self._lateness = {name: m.lateness for name, m in catalog.meters.items()}
 
@@ -223,7 +232,7 @@ class PartitionProcessor:
         utc_times = self._utc_times
 
         ids_here: set[str] = set()
-        accepted = self._effects.accepted[tenant]
+        accepted = self._accepted_rows[tenant]
         counted = 0
         period: Period | None = None  # the event's own period
         # Events of a record mostly share a period and a meter: where they count is worked
@@ -238,27 +247,27 @@ class PartitionProcessor:
                                             tenant)
                 if event is None:
                     continue
-            if event.time > latest_allowed:
+            event_id, source, _, aware_time, meter, quantity, dimensions = event
+            if aware_time > latest_allowed:
                 self._dead(topic, offset, tenant, "time_in_future",
-                           f"event time {event.time.isoformat()} is more than "
+                           f"event time {aware_time.isoformat()} is more than "
                            f"{self.config.max_future} after ingestion {ingested_at.isoformat()}",
                            index if is_batch else None, item)
                 continue
-            in_utc = utc_times.get(event.time)
+            in_utc = utc_times.get(aware_time)
             if in_utc is None:  # events of a batch often share a timestamp
-                moment = event.time.astimezone(UTC)
-                in_utc = utc_times[event.time] = (moment, moment.isoformat())
+                moment = aware_time.astimezone(UTC)
+                in_utc = utc_times[aware_time] = (moment, moment.isoformat())
             event_time, event_time_text = in_utc
             # Dedup: first sight, a replay of the same record, or a real duplicate.
             bucket = dedup.bucket_for(tenant, event_time, watermark)
-            if dedup.claim(bucket, event.id, offset) != offset or event.id in ids_here:
+            if dedup.claim(bucket, event_id, offset) != offset or event_id in ids_here:
                 self._effects.duplicates += 1
                 continue
-            ids_here.add(event.id)
+            ids_here.add(event_id)
 
             if period is None or not period.start <= event_time < period.end:
                 period = self.period_of(tenant, event_time)
-            meter = event.meter
             if place is None or place_period is not period or place_meter != meter \
                     or not place.fixed:
                 place = self._place(tenant, period, meter, event_time, ingested_at)
@@ -266,22 +275,27 @@ class PartitionProcessor:
             counter = place.counter
             if counter.applied_offset < offset:  # the record's first event in this counter
                 self._start_folding(counter, offset, record_no)
-            unique = (event.dimensions.get(place.unique_dimension)
-                      if place.unique_dimension else None)
+            unique = dimensions.get(place.unique_dimension) if place.unique_dimension else None
             if counter.folding_record == record_no:  # not folded before (replay, re-send)
-                counter.fold(event.quantity, unique, event_time)
+                counter.fold(quantity, unique, event_time)
                 counted += 1
             accepted.append({
-                "tenant_id": tenant, "event_id": event.id, "meter": meter,
+                "tenant_id": tenant, "event_id": event_id, "meter": meter,
                 "aggregation": counter.aggregation, "unique_value": unique,
-                "quantity": str(event.quantity), "event_time": event_time_text,
-                "ingested_at": ingested_text, "source": event.source,
-                "dimensions": event.dimensions,
-                "period_start": place.period.start_text,
-                "period_end": place.period.end_text, "plan_id": place.plan_id,
-                "late": place.late, "adjustment": place.adjustment,
+                "quantity": str(quantity), "event_time": event_time_text,
+                "ingested_at": ingested_text, "source": source, "dimensions": dimensions,
+                "period_start": place.period.start_text, "period_end": place.period.end_text,
+                "plan_id": place.plan_id, "late": place.late, "adjustment": place.adjustment,
             })
         self._effects.counted += counted
+        if len(accepted) >= ACCEPTED_ROWS_HELD:
+            self._flush_accepted(tenant, accepted)
+
+    def _flush_accepted(self, tenant: str, rows: list[dict[str, Any]]) -> None:
+        arrays = self._effects.accepted[tenant]
+        for i in range(0, len(rows), MAX_ACCEPTED_PER_ARRAY):
+            arrays.append(dumps(rows[i:i + MAX_ACCEPTED_PER_ARRAY]))
+        rows.clear()
 
     def _place(self, tenant: str, period: Period, meter: str, event_time: datetime,
                ingested_at: datetime) -> _Placement:
@@ -454,6 +468,10 @@ class PartitionProcessor:
 
     def drain(self) -> Effects:
         """Everything to write for the records processed since the last drain."""
+        for tenant, rows in self._accepted_rows.items():
+            if rows:
+                self._flush_accepted(tenant, rows)
+        self._accepted_rows.clear()
         effects, self._effects = self._effects, Effects()
         self._utc_times.clear()
         self._ingestion_times.clear()

@@ -48,3 +48,8 @@ def record(*events: dict[str, Any]) -> bytes:
 
 def ms(moment: datetime) -> int:
     return int(moment.timestamp() * 1000)
+
+
+def accepted_events(effects: Any, tenant: str) -> list[dict[str, Any]]:
+    """The accepted events a processor's drain produced for `tenant`, decoded."""
+    return [event for array in effects.accepted[tenant] for event in orjson.loads(array)]

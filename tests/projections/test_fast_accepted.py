@@ -19,7 +19,7 @@ from projections.ledger import AGGREGATIONS, Accepted, accepted_problems
 from schemas.plans import default_catalog_path, load_catalog
 from schemas.records import AcceptedEvent
 from streams.processor import PartitionProcessor, ProcessorConfig
-from tests.helpers import ms, record, usage
+from tests.helpers import accepted_events, ms, record, usage
 
 OFFSETS = [UTC, timezone(timedelta(hours=-5)), timezone(timedelta(hours=5, minutes=30))]
 
@@ -193,7 +193,7 @@ def test_what_the_worker_writes_takes_the_fast_path() -> None:
         usage("t1", "executions", "1000000000000000", time=now),
     ]
     p.process_usage("tally.usage", 0, b"t1", record(*events), ms(now))
-    written = orjson.loads(orjson.dumps(p.drain().accepted["t1"]))
+    written = accepted_events(p.drain(), "t1")
     assert len(written) == len(events)
     for item in written:
         fast = read_accepted(item)

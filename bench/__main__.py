@@ -17,7 +17,8 @@ from pathlib import Path
 # (module, results file, full-size arguments, quick arguments)
 BENCHES = [
     ("bench.bench_producer", "producer.json", ["--events", "300000"], ["--events", "50000"]),
-    ("bench.bench_worker", "worker.jsonl", ["--batch-events", "200000", "--single-events", "60000"],
+    ("bench.bench_worker", "worker.jsonl",
+     ["--batch-events", "500000", "--single-events", "150000"],
      ["--batch-events", "50000", "--single-events", "10000"]),
     ("bench.bench_projection", "projection.jsonl", ["--events", "200000"],
      ["--events", "40000"]),

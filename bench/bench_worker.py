@@ -1,6 +1,6 @@
 """Worker benchmark: Tally's worker against two baselines on the same records, same run.
 
-    python -m bench.bench_worker --batch-events 200000 --single-events 60000 --out FILE
+    python -m bench.bench_worker --batch-events 500000 --single-events 150000 --out FILE
 
 Two datasets, each published once and read by every contender through its own consumer
 group: batch records (500 events per record, the SDK's format) and one-event records.
@@ -159,8 +159,9 @@ def bench_dataset(name: str, bootstrap: str, events: int, per_record: int,
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch-events", type=int, default=200_000)
-    parser.add_argument("--single-events", type=int, default=60_000)
+    # Enough for tally to take seconds on each: its counter is polled every 100 ms.
+    parser.add_argument("--batch-events", type=int, default=500_000)
+    parser.add_argument("--single-events", type=int, default=150_000)
     parser.add_argument("--out", type=Path, default=Path("bench/results/worker.jsonl"))
     args = parser.parse_args()
     home = Path(tempfile.mkdtemp(prefix="tally-bench-worker-"))

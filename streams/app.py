@@ -58,6 +58,9 @@ MAX_BATCHES_IN_FLIGHT = 2
 ACCEPTED_RECORD_BYTES = 512 << 10
 
 
+_COUNTED = metrics.EVENTS.labels("counted")
+
+
 class Worker:
     """Holds the processors of the partitions this worker owns and persists their effects."""
 
@@ -104,8 +107,11 @@ class Worker:
             touched.add(message.partition)
             metrics.RECORDS.labels(message.topic).inc()
             if message.topic == self.topics.usage_batched:
+                counted_before = processor.counted_since_drain
                 for offset, timestamp_ms, key, value in frames.decode(message.value):
                     processor.process_usage(self.topics.usage, offset, key, value, timestamp_ms)
+                # Per frame, not per batch: the rate shows progress inside a long batch.
+                _COUNTED.inc(processor.counted_since_drain - counted_before)
             else:
                 processor.process_subscription(
                     message.topic, message.offset, message.key, message.value
@@ -142,7 +148,6 @@ class Worker:
             metrics.DEAD_LETTERS.labels(d.reason).inc()
         for n in fx.notifications:
             sends.append((t.notifications, n.tenant_id, dumps(n), None))
-        metrics.EVENTS.labels("counted").inc(fx.counted)
         metrics.EVENTS.labels("duplicate").inc(fx.duplicates)
         metrics.EVENTS.labels("dead").inc(len(fx.dead_letters))
         if self.producer is None:

@@ -190,6 +190,11 @@ class PartitionProcessor:
         self._valid_tenants: set[str] = set()  # record keys that are valid tenant ids
         self._lateness = {name: m.lateness for name, m in catalog.meters.items()}
 
+    @property
+    def counted_since_drain(self) -> int:
+        """Events counted (folded into a counter) since the last drain."""
+        return self._effects.counted
+
     # --- usage -------------------------------------------------------------------------
 
     def process_usage(

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
+from datetime import date, datetime, time, timedelta
 from typing import Any
 
 
@@ -56,6 +56,16 @@ class DedupWindow:
             return tenant, self._day_label("e", event_time.date())
         return tenant, self._day_label("a", watermark.date())
 
+    def bucket_span(self, tenant: str, event_time: datetime,
+                    watermark: datetime) -> tuple[BucketKey, datetime, datetime]:
+        """`bucket_for`, and the event times [start, end) in the same bucket under this
+        watermark: a caller need not ask again for events in between."""
+        bucket = self.bucket_for(tenant, event_time, watermark)
+        if event_time >= self._floor:
+            day = datetime.combine(event_time.date(), time.min, event_time.tzinfo)
+            return bucket, max(day, self._floor), day + timedelta(days=1)
+        return bucket, datetime.min.replace(tzinfo=event_time.tzinfo), self._floor
+
     def _day_label(self, kind: str, day: date) -> str:
         label = self._labels.get((kind, day))
         if label is None:
@@ -77,8 +87,9 @@ class DedupWindow:
         if first is not None:
             return first
         b.ids[event_id] = offset
+        if not b.unwritten:  # the bucket's first new id since the last drain
+            self.dirty.add(bucket)
         b.unwritten.append(event_id)
-        self.dirty.add(bucket)
         self.size += 1
         return offset
 

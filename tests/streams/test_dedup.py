@@ -1,5 +1,8 @@
 from datetime import UTC, datetime, timedelta
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from streams.dedup import DedupWindow
 
 NOW = datetime(2026, 11, 21, tzinfo=UTC)
@@ -52,3 +55,21 @@ def test_changelog_writes_only_new_ids_and_restores_exactly() -> None:
     assert restored.first_offset(b, "e3") == 3
     restored.claim(b, "next", 7)  # continues after the restored segments
     assert [k for k, _ in restored.drain_changes()] == [DedupWindow.segment_key(b, 2)]
+
+
+@given(st.datetimes(min_value=datetime(2026, 1, 1), max_value=datetime(2027, 1, 1),
+                    timezones=st.just(UTC)),
+       st.timedeltas(min_value=timedelta(0), max_value=timedelta(days=80)),
+       st.lists(st.timedeltas(min_value=timedelta(days=-3), max_value=timedelta(days=3)),
+                max_size=20))
+def test_every_time_in_a_bucket_span_gets_that_bucket(
+    event_time: datetime, behind: timedelta, nearby: list[timedelta],
+) -> None:
+    w = DedupWindow(timedelta(days=35))
+    watermark = event_time + behind
+    bucket, start, end = w.bucket_span("t1", event_time, watermark)
+    assert start <= event_time < end
+    assert bucket == w.bucket_for("t1", event_time, watermark)
+    for moment in (event_time + d for d in nearby):
+        if start <= moment < end:
+            assert w.bucket_for("t1", moment, watermark) == bucket

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import date, datetime, time, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
 
@@ -34,6 +34,10 @@ class _Bucket:
 BucketKey = tuple[str, str]  # (tenant, "e2026-11-21" by event day | "a2026-11-21" by arrival)
 
 
+_DAY = timedelta(days=1)
+_EARLIEST = datetime.min.replace(tzinfo=UTC)
+
+
 @dataclass
 class DedupWindow:
     """Seen event ids of one source partition, bounded by a time horizon."""
@@ -45,26 +49,32 @@ class DedupWindow:
     evicted: dict[BucketKey, int] = field(default_factory=dict)
     size: int = 0
     _labels: dict[tuple[str, date], str] = field(default_factory=dict)  # bucket day names
-    # The oldest event time bucketed by event day, and the watermark it was computed for.
-    _floor: datetime = datetime.min
-    _floor_of: datetime | None = None
+    # The watermark last seen, and the oldest event time bucketed by event day under it.
+    _watermark: datetime | None = None
+    _floor: datetime = _EARLIEST
+    # The bucket day of the event times [_span_from, _span_until) under that watermark.
+    _span_label: str = ""
+    _span_from: datetime = _EARLIEST
+    _span_until: datetime = _EARLIEST
 
     def bucket_for(self, tenant: str, event_time: datetime, watermark: datetime) -> BucketKey:
-        if watermark is not self._floor_of:  # the watermark changes once per record at most
-            self._floor_of, self._floor = watermark, watermark - self.horizon
-        if event_time >= self._floor:
-            return tenant, self._day_label("e", event_time.date())
-        return tenant, self._day_label("a", watermark.date())
-
-    def bucket_span(self, tenant: str, event_time: datetime,
-                    watermark: datetime) -> tuple[BucketKey, datetime, datetime]:
-        """`bucket_for`, and the event times [start, end) in the same bucket under this
-        watermark: a caller need not ask again for events in between."""
-        bucket = self.bucket_for(tenant, event_time, watermark)
-        if event_time >= self._floor:
-            day = datetime.combine(event_time.date(), time.min, event_time.tzinfo)
-            return bucket, max(day, self._floor), day + timedelta(days=1)
-        return bucket, datetime.min.replace(tzinfo=event_time.tzinfo), self._floor
+        if watermark is not self._watermark:  # changes once per record at most
+            self._watermark, self._floor = watermark, watermark - self.horizon
+            if self._span_label.startswith("e"):  # an event day: still right above the floor
+                self._span_from = max(self._span_from, self._floor)
+            else:  # an arrival day: named after the watermark's day
+                self._span_until = self._span_from
+        # Events mostly fall on the day of the event before: two comparisons find it.
+        if not self._span_from <= event_time < self._span_until:
+            if event_time >= self._floor:
+                day = event_time.date()
+                self._span_label = self._day_label("e", day)
+                start = datetime.combine(day, time.min, event_time.tzinfo)
+                self._span_from, self._span_until = max(start, self._floor), start + _DAY
+            else:
+                self._span_label = self._day_label("a", watermark.date())
+                self._span_from, self._span_until = _EARLIEST, self._floor
+        return tenant, self._span_label
 
     def _day_label(self, kind: str, day: date) -> str:
         label = self._labels.get((kind, day))

@@ -245,7 +245,6 @@ class PartitionProcessor:
         place: _Placement | None = None
         place_period: Period | None = None
         place_meter = ""
-        bucket_from = bucket_until = _BEGINNING  # the event times of `bucket`
         for index, item in enumerate(items):
             event = read_usage(item, valid_tenant, meters)
             if event is None:
@@ -266,9 +265,7 @@ class PartitionProcessor:
                 in_utc = utc_times[aware_time] = (moment, moment.isoformat())
             event_time, event_time_text = in_utc
             # Dedup: first sight, a replay of the same record, or a real duplicate.
-            if not bucket_from <= event_time < bucket_until:
-                bucket, bucket_from, bucket_until = dedup.bucket_span(tenant, event_time,
-                                                                      watermark)
+            bucket = dedup.bucket_for(tenant, event_time, watermark)
             if dedup.claim(bucket, event_id, offset) != offset or event_id in ids_here:
                 self._effects.duplicates += 1
                 continue

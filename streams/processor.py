@@ -185,6 +185,7 @@ class PartitionProcessor:
         # kept while nothing that decides it changes: emptied at every drain and on any
         # subscription or catalog change.
         self._known_places: dict[tuple[str, datetime, str], _Placement] = {}
+        self._last_period: dict[str, Period] = {}  # a tenant's period of its latest event
         self._records_seen = 0  # numbers each processed record (see _start_folding)
         self._accepted_rows: dict[str, list[dict[str, Any]]] = defaultdict(list)
         self._valid_tenants: set[str] = set()  # record keys that are valid tenant ids
@@ -239,7 +240,7 @@ class PartitionProcessor:
         ids_here: set[str] = set()
         accepted = self._accepted_rows[tenant]
         counted = 0
-        period: Period | None = None  # the event's own period
+        period = self._last_period.get(tenant)  # the event's own period
         # Events of a record mostly share a period and a meter: where they count is worked
         # out again only when either changes, or for every event if it is not `fixed`.
         place: _Placement | None = None
@@ -272,7 +273,7 @@ class PartitionProcessor:
             ids_here.add(event_id)
 
             if period is None or not period.start <= event_time < period.end:
-                period = self.period_of(tenant, event_time)
+                period = self._last_period[tenant] = self.period_of(tenant, event_time)
             if place is None or place_period is not period or place_meter != meter \
                     or not place.fixed:
                 place = self._place(tenant, period, meter, event_time, ingested_at)
@@ -322,6 +323,11 @@ class PartitionProcessor:
         if fixed and not late:
             self._known_places[(tenant, period.start, meter)] = place
         return place
+
+    def _forget_places(self) -> None:
+        """Forget where events counted: a subscription, the catalog or the batch changed."""
+        self._known_places.clear()
+        self._last_period.clear()
 
     def _start_folding(self, counter: Counter, offset: int, record_no: int) -> None:
         """Mark `counter` as folding the record at `offset` (processed as `record_no`)."""
@@ -430,7 +436,7 @@ class PartitionProcessor:
 
     def _set_subscription(self, tenant: str, subscription: Subscription) -> None:
         self.subscriptions[tenant] = subscription
-        self._known_places.clear()
+        self._forget_places()
         # Only trialing tenants are scanned for trial notices, at every drain.
         if subscription.status == "trialing":
             self._trialing.add(tenant)
@@ -464,7 +470,7 @@ class PartitionProcessor:
         """Switch to a new plan catalog; current quota states are re-evaluated."""
         self.catalog = catalog
         self._lateness = {name: m.lateness for name, m in catalog.meters.items()}
-        self._known_places.clear()
+        self._forget_places()
         self._touched.update(
             (t, m, start) for (t, m), start in self.current_period.items()
         )
@@ -480,7 +486,7 @@ class PartitionProcessor:
         effects, self._effects = self._effects, Effects()
         self._utc_times.clear()
         self._ingestion_times.clear()
-        self._known_places.clear()
+        self._forget_places()
         self.dedup.evict_before(self.watermark)
         self._notice_trials(effects)
         for tenant in self._touched_subscriptions:

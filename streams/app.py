@@ -5,15 +5,16 @@ Usage records reach the Faust agent as frames written by the pre-batching stage
 offsets and timestamps; subscription records arrive directly.
 
 Per micro-batch (`stream.noack_take`), in this order:
-1. restore the state of any partition seen for the first time from `tally.worker-state`
+1. restore the state of every newly assigned partition from `tally.worker-state`
    (read until a fetch returns nothing: end offsets are not trusted, see DESIGN.md);
 2. fold every record into its partition's processor (pure decisions);
-3. send the effects — changelog, accepted events, counters, quota states, DLQ,
-   notifications — to the same partition number as the source;
+3. encode the effects — changelog, accepted events, counters, quota states, DLQ,
+   notifications — and send them, after the previous batch's, to the same partition
+   number as the source;
 4. ack the batch's events to Faust (whose offsets it commits later) only once the broker
    has acknowledged every effect of this batch and of the batches before it.
-The next batch is processed while the broker stores the effects of the previous one (at
-most MAX_BATCHES_IN_FLIGHT), so the worker does not idle waiting for acknowledgements.
+Sending (3) and acking (4) go on in the background: the next batch is processed while the
+broker takes the effects of the previous ones (at most MAX_BATCHES_IN_FLIGHT batches).
 A crash anywhere before 4 replays the records; the applied offsets kept in the state make
 the replay change nothing that was already counted (see streams/processor.py).
 """
@@ -59,6 +60,7 @@ ACCEPTED_RECORD_BYTES = 512 << 10
 
 
 _COUNTED = metrics.EVENTS.labels("counted")
+Send = tuple[str, str, bytes | None, list[tuple[str, bytes]] | None]  # topic, key, value, headers
 
 
 class Worker:
@@ -76,6 +78,7 @@ class Worker:
         # writes a few records per tenant it touched. Its acknowledgements are awaited
         # before the batch is acked, so Faust's flush-before-commit is not needed for them.
         self.producer: AIOKafkaProducer | None = None
+        self._sending: asyncio.Future[list[asyncio.Future[Any]]] | None = None
 
     def _on_catalog(self, catalog: Catalog) -> None:
         metrics.CATALOG_PLANS.set(len(catalog.plans))
@@ -87,9 +90,10 @@ class Worker:
         for p in partitions:
             self.processors.pop(p, None)
 
-    async def handle(self, events: list[Any]) -> list[Awaitable[Any]]:
-        """Process one micro-batch of Faust events and send its effects; return the
-        broker acknowledgements to wait for before the events may be acked."""
+    async def handle(self, events: list[Any]) -> asyncio.Future[list[asyncio.Future[Any]]]:
+        """Process one micro-batch of Faust events and start sending its effects; return
+        the sending, which gives the broker acknowledgements to wait for before the events
+        may be acked."""
         started = time.perf_counter()
         await self.catalog_follower.ready.wait()
         assignment = self.app.consumer.assignment()
@@ -100,36 +104,47 @@ class Worker:
         sources = (self.topics.usage_batched, self.topics.subscriptions)
         await self._restore({tp.partition for tp in assignment if tp.topic in sources}
                             - set(self.processors))
-        touched: set[int] = set()
+        # A rebalance at any await below may revoke partitions: their records are then
+        # left to the new owner, and their effects are not written.
+        processors = dict(self.processors)
+        touched: dict[int, PartitionProcessor] = {}
         for event in events:
             message = event.message
-            processor = self.processors[message.partition]
-            touched.add(message.partition)
+            processor = processors.get(message.partition)
+            if processor is None:  # revoked during the restore
+                continue
+            touched[message.partition] = processor
             metrics.RECORDS.labels(message.topic).inc()
             if message.topic == self.topics.usage_batched:
                 counted_before = processor.counted_since_drain
                 for offset, timestamp_ms, key, value in frames.decode(message.value):
                     processor.process_usage(self.topics.usage, offset, key, value, timestamp_ms)
-                # Per frame, not per batch: the rate shows progress inside a long batch.
                 _COUNTED.inc(processor.counted_since_drain - counted_before)
+                # A batch can take a second: /metrics, /healthz, /quota and the acks of
+                # earlier batches are served between its frames.
+                await asyncio.sleep(0)
             else:
                 processor.process_subscription(
                     message.topic, message.offset, message.key, message.value
                 )
-        pending: list[Awaitable[Any]] = []
-        for p in sorted(touched):
-            processor = self.processors[p]
-            effects = processor.drain()
-            pending += await self._write(p, effects)
+        records: list[tuple[int, Send]] = []
+        for p, processor in sorted(touched.items()):
+            if self.processors.get(p) is not processor:
+                continue  # revoked meanwhile
+            records += ((p, r) for r in self._records(p, processor.drain()))
             metrics.DEDUP_IDS.labels(str(p)).set(processor.dedup.size)
+        # Sending waits for the broker to take each request: it goes on in the background,
+        # after the previous batch's sends, while the next batch is processed.
+        self._sending = asyncio.ensure_future(self._send(records, self._sending))
         metrics.BATCH_RECORDS.observe(len(events))
         metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
-        return pending
+        return self._sending
 
-    async def _write(self, p: int, fx: Effects) -> list[Awaitable[Any]]:
-        """Send every effect of one partition; return the delivery futures."""
+    def _records(self, p: int, fx: Effects) -> list[Send]:
+        """Every effect of one partition as a record to send, encoded now (the processor
+        goes on changing its counters)."""
         t = self.topics
-        sends: list[tuple[str, str, bytes | None, list[tuple[str, bytes]] | None]] = []
+        sends: list[Send] = []
         for key, state in fx.changelog:
             sends.append((t.worker_state, key, None if state is None else dumps(state), None))
         batch_header = [(CONTENT_TYPE_HEADER, BATCH_CONTENT_TYPE.encode())]
@@ -150,15 +165,26 @@ class Worker:
             sends.append((t.notifications, n.tenant_id, dumps(n), None))
         metrics.EVENTS.labels("duplicate").inc(fx.duplicates)
         metrics.EVENTS.labels("dead").inc(len(fx.dead_letters))
+        return sends
+
+    async def _send(self, records: list[tuple[int, Send]],
+                    previous: Awaitable[Any] | None) -> list[asyncio.Future[Any]]:
+        """Send a batch's records once the previous batch's are sent (so every topic
+        partition gets them in order); return the delivery futures."""
+        if previous is not None:
+            await previous
         if self.producer is None:
             self.producer = kafka.producer(self.settings, linger_ms=2)
             await self.producer.start()
         send = self.producer.send
-        return [await send(topic, payload, key.encode(), partition=p, headers=headers)
-                for topic, key, payload, headers in sends]
+        return [await send(topic, value, key.encode(), partition=p, headers=headers)
+                for p, (topic, key, value, headers) in records]
 
     async def close(self) -> None:
         """Stop the effects producer (a restarted agent starts a new one)."""
+        sending, self._sending = self._sending, None
+        if sending is not None and not sending.done():  # failing: nothing will be acked
+            sending.cancel()
         producer, self.producer = self.producer, None
         if producer is not None:
             await producer.stop()
@@ -202,13 +228,14 @@ class Worker:
         log.info("restored partitions %s from %d changelog records", sorted(partitions), count)
 
 
-async def _ack_when_durable(stream: Any, events: list[Any], pending: list[Awaitable[Any]],
+async def _ack_when_durable(stream: Any, events: list[Any],
+                            sending: Awaitable[list[asyncio.Future[Any]]],
                             previous: asyncio.Future[None] | None) -> None:
     """Ack a batch's events once its effects are stored and the batch before it is acked
     (acks in log order keep the committed offsets behind every durable effect)."""
     if previous is not None:
         await previous
-    await asyncio.gather(*pending)
+    await asyncio.gather(*await sending)
     for event in events:
         await stream.ack(event)
 
@@ -267,10 +294,10 @@ def create_app(settings: Settings, web_port: int = 6066,
         try:
             async for taken in stream.noack_take(MAX_BATCH_FRAMES, BATCH_WITHIN_SECONDS):
                 events = list(taken)
-                pending = await worker.handle(events)
+                sending = await worker.handle(events)
                 previous = in_flight[-1] if in_flight else None
                 in_flight.append(asyncio.ensure_future(
-                    _ack_when_durable(stream, events, pending, previous)))
+                    _ack_when_durable(stream, events, sending, previous)))
                 while len(in_flight) > MAX_BATCHES_IN_FLIGHT or (in_flight and in_flight[0].done()):
                     await in_flight.popleft()
             while in_flight:  # stopping: let the last batches become durable and acked

@@ -10,7 +10,7 @@ BATCH_RECORDS = Histogram(
     buckets=(1, 10, 50, 100, 500, 1000, 5000),
 )
 BATCH_SECONDS = Histogram(
-    "tally_worker_batch_seconds", "Time to process and persist one micro-batch",
+    "tally_worker_batch_seconds", "Time to process one micro-batch and encode its effects",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
 DEDUP_IDS = Gauge("tally_worker_dedup_ids", "Event ids held in the dedup window", ["partition"])

@@ -90,10 +90,12 @@ class Worker:
         for p in partitions:
             self.processors.pop(p, None)
 
-    async def handle(self, events: list[Any]) -> asyncio.Future[list[asyncio.Future[Any]]]:
+    async def handle(
+        self, events: list[Any],
+    ) -> tuple[list[Any], asyncio.Future[list[asyncio.Future[Any]]]]:
         """Process one micro-batch of Faust events and start sending its effects; return
-        the sending, which gives the broker acknowledgements to wait for before the events
-        may be acked."""
+        the events whose effects are being sent, and the sending, which gives the broker
+        acknowledgements to wait for before those events may be acked."""
         started = time.perf_counter()
         await self.catalog_follower.ready.wait()
         assignment = self.app.consumer.assignment()
@@ -105,7 +107,8 @@ class Worker:
         await self._restore({tp.partition for tp in assignment if tp.topic in sources}
                             - set(self.processors))
         # A rebalance at any await below may revoke partitions: their records are then
-        # left to the new owner, and their effects are not written.
+        # left to the new owner, and neither written nor acked (were the partition given
+        # back, an ack would commit records whose effects were never written).
         processors = dict(self.processors)
         touched: dict[int, PartitionProcessor] = {}
         for event in events:
@@ -130,7 +133,8 @@ class Worker:
         records: list[tuple[int, Send]] = []
         for p, processor in sorted(touched.items()):
             if self.processors.get(p) is not processor:
-                continue  # revoked meanwhile
+                del touched[p]  # revoked meanwhile
+                continue
             records += ((p, r) for r in self._records(p, processor.drain()))
             metrics.DEDUP_IDS.labels(str(p)).set(processor.dedup.size)
         # Sending waits for the broker to take each request: it goes on in the background,
@@ -138,7 +142,7 @@ class Worker:
         self._sending = asyncio.ensure_future(self._send(records, self._sending))
         metrics.BATCH_RECORDS.observe(len(events))
         metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
-        return self._sending
+        return [e for e in events if e.message.partition in touched], self._sending
 
     def _records(self, p: int, fx: Effects) -> list[Send]:
         """Every effect of one partition as a record to send, encoded now (the processor
@@ -293,8 +297,7 @@ def create_app(settings: Settings, web_port: int = 6066,
         in_flight: deque[asyncio.Future[None]] = deque()
         try:
             async for taken in stream.noack_take(MAX_BATCH_FRAMES, BATCH_WITHIN_SECONDS):
-                events = list(taken)
-                sending = await worker.handle(events)
+                events, sending = await worker.handle(list(taken))
                 previous = in_flight[-1] if in_flight else None
                 in_flight.append(asyncio.ensure_future(
                     _ack_when_durable(stream, events, sending, previous)))

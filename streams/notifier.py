@@ -2,7 +2,9 @@
 
     tally notify serve --webhook-url https://hooks.example.com/T0/B0 --secret "$SECRET"
 
-Delivery protocol, per notification record, in partition order:
+Delivery protocol, per notification record, in partition order (partitions are delivered
+concurrently, so a notification that cannot get through holds up only the later ones of its
+own partition):
 1. decode it (a record that is not a Notification is logged, counted as failed and skipped:
    retrying cannot fix it);
 2. POST the payload; on a network error, a timeout or any non-2xx answer, wait with
@@ -59,7 +61,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from aiokafka import TopicPartition
-from aiokafka.errors import CommitFailedError
+from aiokafka.errors import CommitFailedError, IllegalStateError
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from pydantic import ValidationError
 
@@ -209,17 +211,41 @@ class Notifier:
         )
         timeout = aiohttp.ClientTimeout(total=self.options.request_timeout)
         await consumer.start()
+        # One task per partition with records to deliver; the partition is paused (nothing
+        # more fetched for it) until its task is done.
+        delivering: dict[TopicPartition, asyncio.Task[None]] = {}
         try:
             async with aiohttp.ClientSession(timeout=timeout) as http:
                 while not self._stopping.is_set():
-                    batches = await consumer.getmany(timeout_ms=500)
+                    batches = await consumer.getmany(timeout_ms=100)
                     for tp, records in batches.items():
-                        for r in records:
-                            if not await self._handle(http, r.value, r.offset):
-                                return  # stopping mid-retry: this one stays uncommitted
-                            await self._commit(consumer, tp, r.offset + 1)
+                        consumer.pause(tp)
+                        # A partition given back after a rebalance may still have a task:
+                        # the new one starts after it, keeping the partition's order.
+                        delivering[tp] = asyncio.create_task(self._deliver_partition(
+                            consumer, http, tp, records, delivering.get(tp)))
+                    for tp in [tp for tp, task in delivering.items() if task.done()]:
+                        delivering.pop(tp).result()  # raises what the task raised
+                        if tp in consumer.assignment():
+                            consumer.resume(tp)
+                # Stopping: each task ends after its POST in flight, or at once if waiting
+                # to retry (that notification stays uncommitted).
+                await asyncio.gather(*delivering.values())
         finally:
+            for task in delivering.values():
+                task.cancel()
             await consumer.stop()
+
+    async def _deliver_partition(self, consumer: Any, http: aiohttp.ClientSession,
+                                 tp: TopicPartition, records: list[Any],
+                                 after: asyncio.Task[None] | None) -> None:
+        """Deliver one partition's records in order, committing each once delivered."""
+        if after is not None:
+            await after
+        for r in records:
+            if not await self._handle(http, r.value, r.offset):
+                return  # stopping mid-retry: this one stays uncommitted
+            await self._commit(consumer, tp, r.offset + 1)
 
     async def _handle(self, http: aiohttp.ClientSession, value: bytes | None,
                       offset: int) -> bool:
@@ -283,7 +309,7 @@ class Notifier:
     async def _commit(self, consumer: Any, tp: TopicPartition, offset: int) -> None:
         try:
             await consumer.commit({tp: offset})
-        except CommitFailedError as e:
+        except (CommitFailedError, IllegalStateError) as e:
             # The partition moved to another notifier during a rebalance: it resumes from
             # the last committed offset and sends this one again (receivers dedup).
             log.warning("commit of %s@%d failed after delivery: %s", tp, offset, e)

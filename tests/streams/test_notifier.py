@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from aiokafka.partitioner import DefaultPartitioner
 
 from schemas.codec import dumps
 from schemas.records import Notification
@@ -119,13 +120,15 @@ class Receiver:
     """A webhook receiver on 127.0.0.1 that fails the first `failures` requests."""
 
     failures: int = 0
+    refused_tenants: set[str] = field(default_factory=set)  # always answered 503
     requests: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
     delivered: dict[str, bytes] = field(default_factory=dict)  # deduped by idempotency key
 
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.read()
         self.requests.append((dict(request.headers), body))
-        if len(self.requests) <= self.failures:
+        if (len(self.requests) <= self.failures
+                or orjson.loads(body)["tenant_id"] in self.refused_tenants):
             return web.Response(status=503)
         if not verify_signature(SECRET, body, request.headers[SIGNATURE_HEADER]):
             return web.Response(status=401)
@@ -165,11 +168,41 @@ def test_notifier_retries_a_failing_receiver_and_delivers_each_notification_sign
     assert set(receiver.delivered) == {idempotency_key(n) for n in sent}
     for n in sent:
         assert orjson.loads(receiver.delivered[idempotency_key(n)])["tenant_id"] == n.tenant_id
-    # Both failures and the retry that succeeded carry the same key, attempts counted up.
-    first = [(h[IDEMPOTENCY_HEADER], h[ATTEMPT_HEADER]) for h, _ in receiver.requests[:3]]
-    assert first == [(idempotency_key(sent[0]), str(a)) for a in (1, 2, 3)]
+    # Two failed attempts, retried: every attempt at a notification carries its key, and
+    # the attempts count up.
+    assert len(receiver.requests) == len(sent) + 2
+    for n in sent:
+        attempts = [h[ATTEMPT_HEADER] for h, _ in receiver.requests
+                    if h[IDEMPOTENCY_HEADER] == idempotency_key(n)]
+        assert attempts == [str(a) for a in range(1, len(attempts) + 1)]
     assert all(verify_signature(SECRET, body, h[SIGNATURE_HEADER])
                for h, body in receiver.requests)
+
+
+def _tenants_on_different_partitions(partitions: int) -> tuple[str, str]:
+    def partition(tenant: str) -> int:
+        every = list(range(partitions))
+        return int(DefaultPartitioner()(tenant.encode(), every, every))
+    first = "t-1"
+    other = next(t for t in (f"t-{i}" for i in range(2, 100))
+                 if partition(t) != partition(first))
+    return first, other
+
+
+def test_a_notification_that_cannot_get_through_holds_up_only_its_partition(
+    settings_factory: Callable[..., Settings],
+) -> None:
+    settings = settings_factory()
+    stuck, other = _tenants_on_different_partitions(settings.partitions)
+    publish(settings, settings.topics.notifications,
+            [(stuck, dumps(notification(stuck))), (other, dumps(notification(other)))])
+    receiver = Receiver(refused_tenants={stuck})
+
+    asyncio.run(_deliver(settings, receiver, expected=1, options={"backoff_base": 0.05}))
+
+    assert list(receiver.delivered) == [idempotency_key(notification(other))]
+    assert any(h[IDEMPOTENCY_HEADER] == idempotency_key(notification(stuck))
+               for h, _ in receiver.requests)
 
 
 def test_delivered_notifications_are_committed_and_not_sent_again_after_a_restart(

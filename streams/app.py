@@ -227,6 +227,8 @@ class Worker:
             raise StateRecoveryError(f"cannot restore partitions {sorted(partitions)}: {e}") from e
         finally:
             await consumer.stop()
+        for processor in restoring.values():
+            processor.finish_restore()
         self.processors.update(restoring)
         metrics.RECOVERY_SECONDS.observe(time.perf_counter() - started)
         log.info("restored partitions %s from %d changelog records", sorted(partitions), count)

@@ -187,6 +187,10 @@ class PartitionProcessor:
         self._known_places: dict[tuple[str, datetime, str], _Placement] = {}
         self._last_period: dict[str, Period] = {}  # a tenant's period of its latest event
         self._records_seen = 0  # numbers each processed record (see _start_folding)
+        # Distinct values read back by `restore`, per counter and segment number, until
+        # `finish_restore` gives them to the counters.
+        self._distinct_read: dict[tuple[str, str, datetime], dict[int, list[str]]] = {}
+        self._restoring = False
         self._accepted_rows: dict[str, list[dict[str, Any]]] = defaultdict(list)
         self._valid_tenants: set[str] = set()  # record keys that are valid tenant ids
         self._lateness = {name: m.lateness for name, m in catalog.meters.items()}
@@ -483,6 +487,7 @@ class PartitionProcessor:
             if rows:
                 self._flush_accepted(tenant, rows)
         self._accepted_rows.clear()
+        self.finish_restore()
         effects, self._effects = self._effects, Effects()
         self._utc_times.clear()
         self._ingestion_times.clear()
@@ -500,6 +505,10 @@ class PartitionProcessor:
             effects.counters.append(counter)
             if self.current_period.get((key[0], key[1])) == key[2]:
                 self._evaluate(counter, effects)
+            segment = counter.take_distinct_segment()
+            if segment is not None:  # before the state that counts it (see finish_restore)
+                index, values = segment
+                effects.changelog.append((f"u/{counter_key(*key)}/{index}", {"values": values}))
             effects.changelog.append(("c/" + counter_key(*key), counter.to_state()))
         self._touched.clear()
         effects.changelog.extend(self.dedup.drain_changes())
@@ -548,7 +557,14 @@ class PartitionProcessor:
     # --- recovery ----------------------------------------------------------------------
 
     def restore(self, key: str, value: dict[str, Any] | None) -> None:
-        """Apply one changelog entry read back from the worker-state topic."""
+        """Apply one changelog entry read back from the worker-state topic; call
+        `finish_restore` after the last one.
+
+        Keys: `c/<counter key>` a counter's state, `u/<counter key>/<n>` segment n of a
+        unique_count counter's distinct values, `s/<tenant>` a subscription,
+        `d/<tenant>/<day>/<n>` a dedup segment, `w/` the watermark.
+        """
+        self._restoring = True
         kind = key[:2]
         if kind == "c/":
             if value is None:
@@ -557,12 +573,38 @@ class PartitionProcessor:
             k = (counter.tenant_id, counter.meter, counter.period_start)
             self.counters[k] = counter
             self._note_current(counter.tenant_id, counter.meter, counter.period_start)
+        elif kind == "u/" and value is not None:
+            tenant, meter, start, index = key[2:].split("/")  # none of them holds a "/"
+            counter_id = (tenant, meter, datetime.fromisoformat(start))
+            self._distinct_read.setdefault(counter_id, {})[int(index)] = value["values"]
         elif kind == "s/" and value is not None:
             self._set_subscription(key[2:], Subscription.from_state(value))
         elif kind == "d/":
             self.dedup.restore_segment(key, value)
         elif kind == "w/" and value is not None:
             self.watermark = datetime.fromisoformat(value["watermark"])
+
+
+    def finish_restore(self) -> None:
+        """Give restored counters the distinct values read back from their segments.
+
+        A crash may have stored a batch's segment without the counter state that counts
+        it, or the state (which carries the newest segment's values) without the segment.
+        Either way the values count, and are written again with the counter's next
+        segment: the replayed records would not add them anew, since they are known.
+        """
+        if not self._restoring:
+            return
+        for counter_id, counter in self.counters.items():
+            segments = self._distinct_read.get(counter_id, {})
+            for index, values in sorted(segments.items()):
+                counter.restore_distinct(values)
+                if index >= counter.distinct_segments:  # its state was lost
+                    counter.distinct_unwritten.extend(values)
+            if counter.distinct_latest and counter.distinct_segments - 1 not in segments:
+                counter.distinct_unwritten.extend(counter.distinct_latest)  # segment lost
+        self._distinct_read.clear()
+        self._restoring = False
 
 
 _BEGINNING = datetime.min.replace(tzinfo=UTC)

@@ -34,4 +34,28 @@ def test_counter_state_round_trips() -> None:
     c.fold(D(1), "x", T0)
     c.applied_offset = 42
     c.notified.add("free:soft_limit:80")
+    c.take_distinct_segment()  # as every drain does before writing the state
     assert Counter.from_state(c.to_state()) == c
+
+
+def test_distinct_values_are_written_in_segments_of_new_values() -> None:
+    c = counter("unique_count")
+    for user in ("a", "b", "a"):
+        c.fold(D(1), user, T0)
+    assert c.take_distinct_segment() == (0, ["a", "b"])
+    assert c.to_state()["distinct_latest"] == ["a", "b"]
+    c.fold(D(1), "b", T0)
+    assert c.take_distinct_segment() is None  # nothing new
+    assert c.to_state()["distinct_latest"] == []
+    c.fold(D(1), "c", T0)
+    assert c.take_distinct_segment() == (1, ["c"])
+    state = c.to_state()
+    assert "distinct" not in state and state["distinct_segments"] == 2
+
+
+def test_a_state_written_before_segments_puts_its_values_in_the_next_one() -> None:
+    legacy = {**counter("unique_count").to_state(), "distinct": ["a", "b"], "value": "2"}
+    del legacy["distinct_latest"], legacy["distinct_segments"]
+    restored = Counter.from_state(legacy)
+    assert restored.distinct == {"a", "b"} and restored.value == D(2)
+    assert restored.take_distinct_segment() == (0, ["a", "b"])

@@ -7,10 +7,11 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from schemas.plans import default_catalog_path, load_catalog
+from schemas.plans import Catalog, MeterSpec, default_catalog_path, load_catalog
 from schemas.records import AcceptedEvent
 from streams.processor import PartitionProcessor, ProcessorConfig
 from tests.helpers import accepted_events, ms, record, subscription, usage
@@ -22,8 +23,14 @@ DEC = datetime(2026, 12, 1, tzinfo=UTC)
 TOPIC = "tally.usage"
 
 
-def processor() -> PartitionProcessor:
-    return PartitionProcessor(0, CATALOG, ProcessorConfig())
+# The default catalog and a meter counting distinct users.
+UNIQUE_CATALOG = CATALOG.model_copy(update={"meters": {
+    **CATALOG.meters,
+    "active_users": MeterSpec(aggregation="unique_count", unique_dimension="user")}})
+
+
+def processor(catalog: Catalog = CATALOG) -> PartitionProcessor:
+    return PartitionProcessor(0, catalog, ProcessorConfig())
 
 
 def feed(p: PartitionProcessor, offset: int, tenant: str, *events: dict[str, Any],
@@ -234,25 +241,34 @@ events_strategy = st.lists(
 )
 
 
+@pytest.mark.parametrize("meter", ["api_calls", "active_users"])
 @settings(max_examples=150, deadline=None)
 @given(events_strategy, st.integers(1, 6), st.data())
 def test_crash_at_any_point_then_replay_gives_exact_totals(
-    raw: list[tuple[str, int, int]], batch_records: int, data: st.DataObject,
+    meter: str, raw: list[tuple[str, int, int]], batch_records: int, data: st.DataObject,
 ) -> None:
     """Records are processed in micro-batches; a crash persists an arbitrary subset of the
-    in-flight batch's changelog; the restart restores and replays from the last commit."""
+    in-flight batch's changelog; the restart restores and replays from the last commit.
+    For the sum meter the total is the sum of quantities; for the unique_count meter, the
+    number of distinct users (user "u<quantity>")."""
     # Each (tenant, id) has one quantity: a redelivery repeats the event exactly.
     quantities = {(t, i): q for t, i, q in raw}
-    log_records = [(t, record(usage(t, quantity=str(quantities[(t, i)]), event_id=f"e{i}",
-                                     time=NOW))) for t, i, _ in raw]
+    log_records = [(t, record(usage(t, meter, quantity=str(quantities[(t, i)]),
+                                    event_id=f"e{i}", time=NOW,
+                                    dimensions={"user": f"u{quantities[(t, i)]}"})))
+                   for t, i, _ in raw]
     expected: dict[str, Decimal] = {}
+    users: dict[str, set[int]] = {}
     for (t, _), q in quantities.items():
         expected[t] = expected.get(t, Decimal(0)) + q
+        users.setdefault(t, set()).add(q)
+    if meter == "active_users":
+        expected = {t: Decimal(len(u)) for t, u in users.items()}
 
     changelog: list[tuple[str, Any]] = []
     committed = 0
     crash_batch = data.draw(st.integers(0, len(log_records) // batch_records + 1))
-    p = processor()
+    p = processor(UNIQUE_CATALOG)
     for n, start in enumerate(range(0, len(log_records), batch_records)):
         batch = log_records[start:start + batch_records]
         for offset, (tenant, value) in enumerate(batch, start):
@@ -266,13 +282,51 @@ def test_crash_at_any_point_then_replay_gives_exact_totals(
         changelog += entries
         committed = start + len(batch)
 
-    restarted = processor()
+    restarted = processor(UNIQUE_CATALOG)
     for key, value in changelog:
         restarted.restore(key, value)
+    restarted.finish_restore()
     for offset in range(committed, len(log_records)):
         tenant, value = log_records[offset]
         restarted.process_usage(TOPIC, offset, tenant.encode(), value, ms(NOW))
-    assert {t: total(restarted, t) for t in expected} == expected
+    assert {t: total(restarted, t, meter) for t in expected} == expected
+
+    # The topic compacted (the last value of each key), then a second restart.
+    changelog += restarted.drain().changelog
+    compacted = {key: value for key, value in changelog}
+    again = processor(UNIQUE_CATALOG)
+    for key, value in compacted.items():
+        again.restore(key, value)
+    again.finish_restore()
+    assert {t: total(again, t, meter) for t in expected} == expected
+
+
+def test_a_distinct_values_segment_stored_without_its_counter_state_survives_compaction(
+) -> None:
+    def feed_user(p: PartitionProcessor, offset: int, user: str) -> None:
+        feed(p, offset, "t1", usage("t1", "active_users", event_id=f"e{offset}", time=NOW,
+                                    dimensions={"user": user}))
+
+    p = processor(UNIQUE_CATALOG)
+    feed_user(p, 0, "a")
+    changelog = p.drain().changelog
+    feed_user(p, 1, "b")
+    # The crash stores only the segment with "b", not the counter state counting it.
+    changelog += [(k, v) for k, v in p.drain().changelog if k.startswith("u/")]
+
+    restarted = processor(UNIQUE_CATALOG)
+    for key, value in changelog:
+        restarted.restore(key, value)
+    restarted.finish_restore()
+    for offset, user in [(1, "b"), (2, "c")]:  # the replay, then a new user
+        feed_user(restarted, offset, user)
+    changelog += restarted.drain().changelog
+
+    compacted = processor(UNIQUE_CATALOG)
+    for key, value in dict(changelog).items():
+        compacted.restore(key, value)
+    compacted.finish_restore()
+    assert total(compacted, "t1", "active_users") == Decimal(3)
 
 
 def test_shuffled_order_gives_the_same_totals() -> None:

@@ -190,7 +190,6 @@ class PartitionProcessor:
         # Distinct values read back by `restore`, per counter and segment number, until
         # `finish_restore` gives them to the counters.
         self._distinct_read: dict[tuple[str, str, datetime], dict[int, list[str]]] = {}
-        self._restoring = False
         self._accepted_rows: dict[str, list[dict[str, Any]]] = defaultdict(list)
         self._valid_tenants: set[str] = set()  # record keys that are valid tenant ids
         self._lateness = {name: m.lateness for name, m in catalog.meters.items()}
@@ -487,7 +486,6 @@ class PartitionProcessor:
             if rows:
                 self._flush_accepted(tenant, rows)
         self._accepted_rows.clear()
-        self.finish_restore()
         effects, self._effects = self._effects, Effects()
         self._utc_times.clear()
         self._ingestion_times.clear()
@@ -564,7 +562,6 @@ class PartitionProcessor:
         unique_count counter's distinct values, `s/<tenant>` a subscription,
         `d/<tenant>/<day>/<n>` a dedup segment, `w/` the watermark.
         """
-        self._restoring = True
         kind = key[:2]
         if kind == "c/":
             if value is None:
@@ -593,8 +590,6 @@ class PartitionProcessor:
         Either way the values count, and are written again with the counter's next
         segment: the replayed records would not add them anew, since they are known.
         """
-        if not self._restoring:
-            return
         for counter_id, counter in self.counters.items():
             segments = self._distinct_read.get(counter_id, {})
             for index, values in sorted(segments.items()):
@@ -604,7 +599,6 @@ class PartitionProcessor:
             if counter.distinct_latest and counter.distinct_segments - 1 not in segments:
                 counter.distinct_unwritten.extend(counter.distinct_latest)  # segment lost
         self._distinct_read.clear()
-        self._restoring = False
 
 
 _BEGINNING = datetime.min.replace(tzinfo=UTC)

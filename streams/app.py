@@ -44,7 +44,7 @@ from streams.faust_transport import Worker as FaustWorker
 from streams.processor import Effects, PartitionProcessor, ProcessorConfig, counter_key
 from streams.quota_view import QuotaView, parse_quantity
 from tally import kafka
-from tally.settings import Settings
+from tally.settings import Settings, state_dir
 
 log = logging.getLogger(__name__)
 
@@ -269,6 +269,10 @@ def _counter_record(c: Any, p: int) -> dict[str, Any]:
 def create_app(settings: Settings, web_port: int = 6066,
                config: ProcessorConfig | None = None) -> faust.App:
     """The Faust app of `tally worker`."""
+    # Faust makes a directory for table files even with the memory store: under the state
+    # directory, not in whatever directory the worker was started from.
+    datadir = state_dir() / "faust" / settings.worker_id
+    datadir.parent.mkdir(parents=True, exist_ok=True)
     app = App(
         settings.worker_id,
         broker=f"kafka://{settings.require_kafka()}",
@@ -287,6 +291,7 @@ def create_app(settings: Settings, web_port: int = 6066,
         web_host="127.0.0.1",
         web_in_thread=False,
         store="memory://",
+        datadir=str(datadir),
     )
     worker = Worker(app, settings, config or ProcessorConfig())
     app.tally_worker = worker  # type: ignore[attr-defined]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import time
 
 import faust
@@ -23,6 +24,7 @@ app = faust.App(
     broker_session_timeout=4, broker_heartbeat_interval=0.5, web_port=web_port,
     store="memory://", consumer_auto_offset_reset="earliest",
     topic_partitions=partitions,  # the table's changelog must match the source topic
+    datadir=tempfile.mkdtemp(prefix="bench-textbook-"),  # not the current directory
 )
 topic = app.topic(topic_name)
 totals = app.Table("totals", default=int)

@@ -72,6 +72,12 @@ def decode_record(value: bytes | None) -> list[Any]:
     raise RecordDecodeError("record value is not a JSON object or array")  # pragma: no cover
 
 
+def is_batch_value(value: bytes) -> bool:
+    """Whether a value `decode_record` read is a batch (its first non-blank byte is `[`)."""
+    head = value[:1]
+    return (head if head in (b"{", b"[") else value.lstrip(_WHITESPACE)[:1]) == b"["
+
+
 def encode_batch(events: Sequence[BaseModel | dict[str, Any]]) -> bytes:
     """Encode events as one batch record value."""
     return dumps(list(events))

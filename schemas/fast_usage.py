@@ -6,6 +6,11 @@ an RFC 3339 time, a decimal quantity. `read_usage` accepts exactly such events a
 what the model would have produced; anything else returns None, and the caller validates
 it with the model, which decides (and explains) every other case. A hypothesis test holds
 the two paths equal (tests/schemas/test_fast_usage.py).
+
+The pre-batching stage (streams/prebatch.py) runs these checks in its own process, so that
+the worker's core does not: `check_record` turns a record whose events are all plain into
+compact rows, and the worker reads them back with `read_checked`, skipping the checks.
+Whether the meter is in the catalog is left to the worker, which follows the catalog.
 """
 
 from __future__ import annotations
@@ -16,13 +21,15 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any, NamedTuple
 
-from schemas.events import MAX_QUANTITY, USAGE_TYPE, UsageEvent
+from schemas.codec import RecordDecodeError, decode_record, dumps, is_batch_value, loads
+from schemas.events import MAX_QUANTITY, NAME_PATTERN, TENANT_PATTERN, USAGE_TYPE, UsageEvent
 
 # What both the model's parser and datetime.fromisoformat read the same way; anything
 # else (other separators, more digits, no offset) goes to the model.
 _TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,6})?(?:Z|[+-]\d\d:\d\d)", re.ASCII)
 # Plain decimal text; exponents, signs, spaces and underscores go to the model.
 _DECIMAL = re.compile(r"\d{1,16}(?:\.\d{1,20})?", re.ASCII)
+_METER_NAME = re.compile(NAME_PATTERN.strip("^$"), re.ASCII)
 _MAX_INT = int(MAX_QUANTITY)
 _MAX_FLOAT = float(MAX_QUANTITY)
 _JSON = "application/json"
@@ -149,3 +156,94 @@ def read_usage(item: Any, tenant: str | None, meters: Container[str]) -> Usage |
     # tuple.__new__: a NamedTuple's own constructor is a Python function, and this is
     # once per event.
     return _new_tuple(Usage, (event_id, source, tenant, moment, meter, amount, dimensions))
+
+
+# --- checked records: read in the pre-batching process, used by the worker --------------
+
+# A checked event: what the worker needs of it, as sent. Its subject is the record key and
+# its type USAGE_TYPE; `time` is its RFC 3339 text, `quantity` its JSON value, `dimensions`
+# None when the event has none, and the last field tells whether it named its content type.
+Row = tuple[str, str, str, str, str | int | float, dict[str, str] | None, bool]
+
+
+class _MeterNames:
+    """Every valid meter name: the pre-batching stage does not follow the catalog."""
+
+    def __init__(self) -> None:
+        self._seen: set[str] = set()
+
+    def __contains__(self, name: object) -> bool:
+        if name in self._seen:
+            return True
+        if not isinstance(name, str) or _METER_NAME.fullmatch(name) is None:
+            return False
+        if len(self._seen) >= _CACHE_LIMIT:
+            self._seen.clear()
+        self._seen.add(name)
+        return True
+
+
+_meter_names = _MeterNames()
+
+
+def check_record(key: bytes | None, value: bytes | None) -> bytes | None:
+    """The usage record as checked rows, `[is_batch, [row, ...]]` encoded, when its key is
+    a valid tenant id and every event in it is plain and valid (its meter only has to be a
+    valid name); None when the worker has to read the record itself."""
+    if not key or not value:
+        return None
+    try:
+        tenant = key.decode()
+        items = decode_record(value)
+    except (UnicodeDecodeError, RecordDecodeError):
+        return None
+    if TENANT_PATTERN.fullmatch(tenant) is None:
+        return None
+    rows = []
+    for item in items:
+        if read_usage(item, tenant, _meter_names) is None:
+            return None
+        data = item["data"]
+        rows.append((item["id"], item["source"], item["time"], data["meter"],
+                     data["quantity"], data.get("dimensions"), len(item) == 8))
+    return dumps((is_batch_value(value), rows))
+
+
+def read_checked(payload: bytes, tenant: str) -> tuple[bool, list[Row], list[Usage]]:
+    """Whether the record was a batch, its rows, and their events, from what
+    `check_record` wrote for a record keyed `tenant`: the same events `read_usage` reads
+    from the record."""
+    is_batch, rows = loads(payload)
+    times, amounts = _times, _amounts
+    events = []
+    for event_id, source, time_text, meter, quantity, dimensions, _ in rows:
+        moment = times.get(time_text)
+        if moment is None:
+            if len(times) >= _CACHE_LIMIT:
+                times.clear()
+            moment = times[time_text] = datetime.fromisoformat(time_text)
+        if type(quantity) is str:
+            amount = amounts.get(quantity)
+            if amount is None:
+                if len(amounts) >= _CACHE_LIMIT:
+                    amounts.clear()
+                amount = amounts[quantity] = Decimal(quantity)
+        else:
+            amount = Decimal(quantity if type(quantity) is int else repr(quantity))
+        events.append(_new_tuple(Usage, (event_id, source, tenant, moment, meter, amount,
+                                         {} if dimensions is None else dimensions)))
+    return is_batch, rows, events
+
+
+def item_of_row(row: Row, tenant: str) -> dict[str, Any]:
+    """The event a row was read from (its members in the usual order), for a dead letter."""
+    event_id, source, time_text, meter, quantity, dimensions, named_content_type = row
+    data: dict[str, Any] = {"meter": meter, "quantity": quantity}
+    if dimensions is not None:
+        data["dimensions"] = dimensions
+    item: dict[str, Any] = {"specversion": "1.0", "id": event_id, "source": source,
+                            "type": USAGE_TYPE, "subject": tenant, "time": time_text}
+    if named_content_type:
+        item["datacontenttype"] = _JSON
+    item["data"] = data
+    return item

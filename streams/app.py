@@ -120,8 +120,9 @@ class Worker:
             metrics.RECORDS.labels(message.topic).inc()
             if message.topic == self.topics.usage_batched:
                 counted_before = processor.counted_since_drain
-                for offset, timestamp_ms, key, value in frames.decode(message.value):
-                    processor.process_usage(self.topics.usage, offset, key, value, timestamp_ms)
+                for offset, timestamp_ms, key, value, checked in frames.decode(message.value):
+                    processor.process_usage(self.topics.usage, offset, key, value, timestamp_ms,
+                                            checked)
                 _COUNTED.inc(processor.counted_since_drain - counted_before)
                 # A batch can take a second: /metrics, /healthz, /quota and the acks of
                 # earlier batches are served between its frames.

@@ -1,10 +1,15 @@
 """The frame format of `tally.usage.batched` (pure): many source records in one value.
 
 A frame is MAGIC followed by entries, each a fixed header — source offset, source
-timestamp (ms), key length, value length (-1 for None) — then the key and value bytes as
-they were. The source offset and timestamp travel with each record so the worker's
-decisions (dedup, applied offsets, ingestion time) are exactly those it would make
-reading `tally.usage` itself.
+timestamp (ms), key length, value length (-1 for None), kind — then the key and value
+bytes. The kind says what the value is: the record's own value (RAW), or the rows the
+pre-batching stage checked it into (CHECKED, see `schemas.fast_usage.check_record`). The
+source offset and timestamp travel with each record so the worker's decisions (dedup,
+applied offsets, ingestion time) are exactly those it would make reading `tally.usage`
+itself.
+
+Frames of the first format (MAGIC_RAW_ONLY: no kind, every value raw) are still read, so a
+worker upgraded while such frames wait in the topic reads them.
 """
 
 from __future__ import annotations
@@ -14,10 +19,14 @@ from collections.abc import Iterable, Iterator
 
 from streams.errors import StreamsError
 
-MAGIC = b"TLB1"
-_HEADER = struct.Struct(">qqii")
+MAGIC = b"TLB2"
+MAGIC_RAW_ONLY = b"TLB1"
+_HEADER = struct.Struct(">qqiiB")
+_HEADER_RAW_ONLY = struct.Struct(">qqii")
+RAW, CHECKED = 0, 1
 
-Entry = tuple[int, int, bytes | None, bytes | None]  # offset, timestamp_ms, key, value
+# offset, timestamp_ms, key, value, whether the value is checked rows
+Entry = tuple[int, int, bytes | None, bytes | None, bool]
 
 
 class FrameError(StreamsError):
@@ -30,9 +39,10 @@ def entry_size(key: bytes | None, value: bytes | None) -> int:
 
 def encode(entries: Iterable[Entry]) -> bytes:
     parts = [MAGIC]
-    for offset, timestamp_ms, key, value in entries:
+    for offset, timestamp_ms, key, value, checked in entries:
         parts.append(_HEADER.pack(offset, timestamp_ms, -1 if key is None else len(key),
-                                  -1 if value is None else len(value)))
+                                  -1 if value is None else len(value),
+                                  CHECKED if checked else RAW))
         if key:
             parts.append(key)
         if value:
@@ -41,19 +51,25 @@ def encode(entries: Iterable[Entry]) -> bytes:
 
 
 def decode(frame: bytes) -> Iterator[Entry]:
-    if not frame.startswith(MAGIC):
+    if frame.startswith(MAGIC):
+        header = _HEADER
+    elif frame.startswith(MAGIC_RAW_ONLY):
+        header = _HEADER_RAW_ONLY
+    else:
         raise FrameError("not a Tally frame")
     view = memoryview(frame)
     at, end = len(MAGIC), len(frame)
     while at < end:
-        if at + _HEADER.size > end:
+        if at + header.size > end:
             raise FrameError("truncated frame header")
-        offset, timestamp_ms, key_len, value_len = _HEADER.unpack_from(view, at)
-        at += _HEADER.size
+        offset, timestamp_ms, key_len, value_len, *kind = header.unpack_from(view, at)
+        at += header.size
         key = None if key_len < 0 else bytes(view[at:at + key_len])
         at += max(key_len, 0)
         value = None if value_len < 0 else bytes(view[at:at + value_len])
         at += max(value_len, 0)
         if at > end:
             raise FrameError("truncated frame entry")
-        yield offset, timestamp_ms, key, value
+        if kind and kind[0] not in (RAW, CHECKED):
+            raise FrameError(f"unknown entry kind {kind[0]}")
+        yield offset, timestamp_ms, key, value, bool(kind) and kind[0] == CHECKED

@@ -19,13 +19,14 @@ of the same log makes the same decisions.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from pydantic import TypeAdapter, ValidationError
 
-from schemas.codec import RecordDecodeError, decode_record, dumps
+from schemas.codec import RecordDecodeError, decode_record, dumps, is_batch_value
 from schemas.events import (
     SUBSCRIPTION_TYPES,
     TENANT_PATTERN,
@@ -33,7 +34,7 @@ from schemas.events import (
     SubscriptionEvent,
     UsageEvent,
 )
-from schemas.fast_usage import Usage, from_model, read_usage
+from schemas.fast_usage import Usage, from_model, item_of_row, read_checked, read_usage
 from schemas.plans import Catalog, PlanMeter
 from schemas.records import DeadLetter, Notification, QuotaState
 from streams import quota, trials
@@ -202,21 +203,30 @@ class PartitionProcessor:
     # --- usage -------------------------------------------------------------------------
 
     def process_usage(
-        self, topic: str, offset: int, key: bytes | None, value: bytes | None, timestamp_ms: int
+        self, topic: str, offset: int, key: bytes | None, value: bytes | None, timestamp_ms: int,
+        checked: bool = False,
     ) -> None:
-        """Fold one usage record (a single event or a batch) into state and effects."""
+        """Fold one usage record (a single event or a batch) into state and effects.
+
+        `checked`: the value is what `check_record` made of the record in the pre-batching
+        stage (schemas/fast_usage.py), not the record's own value."""
         ingested = self._ingestion_times.get(timestamp_ms)
         if ingested is None:  # records of a batch often share a timestamp
             moment = datetime.fromtimestamp(timestamp_ms / 1000, UTC)
             ingested = self._ingestion_times[timestamp_ms] = (
                 moment, moment.isoformat(), moment + self.config.max_future)
-        ingested_at, ingested_text, latest_allowed = ingested
-        if ingested_at > self.watermark:
-            self.watermark = ingested_at
+        if ingested[0] > self.watermark:
+            self.watermark = ingested[0]
         tenant = key.decode("utf-8", "replace") if key else None
         if not tenant:
             self._dead(topic, offset, tenant, "missing_key", "record has no key (the tenant id)",
                        None, value or b"")
+            return
+        if checked:
+            assert value is not None  # check_record writes a value for every record
+            is_batch, rows, read_events = read_checked(value, tenant)
+            self._fold_usage(topic, offset, tenant, ingested, is_batch, read_events,
+                             lambda index: item_of_row(rows[index], tenant))
             return
         try:
             items = decode_record(value)
@@ -224,8 +234,7 @@ class PartitionProcessor:
             self._dead(topic, offset, tenant, "invalid_json", str(e), None, value or b"")
             return
         assert value  # decode_record refuses an empty value
-        head = value[:1]
-        is_batch = (head if head in (b"{", b"[") else value.lstrip()[:1]) == b"["
+        is_batch = is_batch_value(value)
         # The key is checked once: the fast path then only has to compare subjects to it.
         valid_tenant = tenant if tenant in self._valid_tenants else None
         if valid_tenant is None and TENANT_PATTERN.fullmatch(tenant):
@@ -233,6 +242,21 @@ class PartitionProcessor:
                 self._valid_tenants.clear()
             self._valid_tenants.add(tenant)
             valid_tenant = tenant
+        meters = self.catalog.meters
+        events: list[Usage | None] = [read_usage(item, valid_tenant, meters) for item in items]
+        for index, event in enumerate(events):
+            if event is None:
+                events[index] = self._usage_by_model(
+                    items[index], topic, offset, index if is_batch else None, tenant)
+        self._fold_usage(topic, offset, tenant, ingested, is_batch, events, items.__getitem__)
+
+    def _fold_usage(
+        self, topic: str, offset: int, tenant: str, ingested: tuple[datetime, str, datetime],
+        is_batch: bool, events: Sequence[Usage | None], item_at: Callable[[int], Any],
+    ) -> None:
+        """Fold the valid events of one record (None: dead-lettered already); `item_at`
+        gives the event at an index as it was sent, for a dead letter."""
+        ingested_at, ingested_text, latest_allowed = ingested
         meters = self.catalog.meters
         self._records_seen += 1
         record_no = self._records_seen
@@ -249,19 +273,20 @@ class PartitionProcessor:
         place: _Placement | None = None
         place_period: Period | None = None
         place_meter = ""
-        for index, item in enumerate(items):
-            event = read_usage(item, valid_tenant, meters)
+        for index, event in enumerate(events):
             if event is None:
-                event = self._checked_usage(item, topic, offset, index if is_batch else None,
-                                            tenant)
-                if event is None:
-                    continue
+                continue
             event_id, source, _, aware_time, meter, quantity, dimensions = event
+            if meter not in meters:
+                self._dead(topic, offset, tenant, "unknown_meter",
+                           f"meter {meter!r} is not in the plan catalog",
+                           index if is_batch else None, item_at(index))
+                continue
             if aware_time > latest_allowed:
                 self._dead(topic, offset, tenant, "time_in_future",
                            f"event time {aware_time.isoformat()} is more than "
                            f"{self.config.max_future} after ingestion {ingested_at.isoformat()}",
-                           index if is_batch else None, item)
+                           index if is_batch else None, item_at(index))
                 continue
             in_utc = utc_times.get(aware_time)
             if in_utc is None:  # events of a batch often share a timestamp
@@ -349,7 +374,7 @@ class PartitionProcessor:
                                                    spec.aggregation)
         return counter
 
-    def _checked_usage(self, item: Any, topic: str, offset: int, where: int | None,
+    def _usage_by_model(self, item: Any, topic: str, offset: int, where: int | None,
                        tenant: str) -> Usage | None:
         """The model's verdict on an item the fast path declined: the event, or None after
         a dead letter naming what is wrong with it."""
@@ -366,11 +391,8 @@ class PartitionProcessor:
                 if event.subject != tenant:
                     reason = "subject_mismatch"
                     detail = f"subject {event.subject!r} != record key {tenant!r}"
-                elif event.data.meter not in self.catalog.meters:
-                    reason = "unknown_meter"
-                    detail = f"meter {event.data.meter!r} is not in the plan catalog"
                 else:
-                    return from_model(event)
+                    return from_model(event)  # its meter is checked with the others
         self._dead(topic, offset, tenant, reason, detail, where, item)
         return None
 

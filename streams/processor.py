@@ -306,20 +306,24 @@ class PartitionProcessor:
                     or not place.fixed:
                 place = self._place(tenant, period, meter, event_time, ingested_at)
                 place_period, place_meter = period, meter
-            counter = place.counter
+                # What every accepted event of this placement says alike.
+                counter, unique_dimension = place.counter, place.unique_dimension
+                aggregation, plan_id = counter.aggregation, place.plan_id
+                start_text, end_text = place.period.start_text, place.period.end_text
+                late, adjustment = place.late, place.adjustment
             if counter.applied_offset < offset:  # the record's first event in this counter
                 self._start_folding(counter, offset, record_no)
-            unique = dimensions.get(place.unique_dimension) if place.unique_dimension else None
+            unique = dimensions.get(unique_dimension) if unique_dimension else None
             if counter.folding_record == record_no:  # not folded before (replay, re-send)
                 counter.fold(quantity, unique, event_time)
                 counted += 1
             accepted.append({
                 "tenant_id": tenant, "event_id": event_id, "meter": meter,
-                "aggregation": counter.aggregation, "unique_value": unique,
+                "aggregation": aggregation, "unique_value": unique,
                 "quantity": str(quantity), "event_time": event_time_text,
                 "ingested_at": ingested_text, "source": source, "dimensions": dimensions,
-                "period_start": place.period.start_text, "period_end": place.period.end_text,
-                "plan_id": place.plan_id, "late": place.late, "adjustment": place.adjustment,
+                "period_start": start_text, "period_end": end_text,
+                "plan_id": plan_id, "late": late, "adjustment": adjustment,
             })
         self._effects.counted += counted
         if len(accepted) >= ACCEPTED_ROWS_HELD:

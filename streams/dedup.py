@@ -28,7 +28,8 @@ from typing import Any
 class _Bucket:
     ids: dict[str, int] = field(default_factory=dict)
     segments: int = 0  # segments written to the changelog so far
-    unwritten: list[str] = field(default_factory=list)  # ids added since the last drain
+    # Ids added since the last drain, with their offsets: the next segment as it is written.
+    unwritten: dict[str, int] = field(default_factory=dict)
 
 
 BucketKey = tuple[str, str]  # (tenant, "e2026-11-21" by event day | "a2026-11-21" by arrival)
@@ -99,7 +100,7 @@ class DedupWindow:
         b.ids[event_id] = offset
         if not b.unwritten:  # the bucket's first new id since the last drain
             self.dirty.add(bucket)
-        b.unwritten.append(event_id)
+        b.unwritten[event_id] = offset
         self.size += 1
         return offset
 
@@ -124,10 +125,9 @@ class DedupWindow:
         """Changelog entries since the last drain: new segments and tombstones."""
         for bucket in sorted(self.dirty):
             b = self.buckets[bucket]
-            yield self.segment_key(bucket, b.segments), {
-                "ids": {i: b.ids[i] for i in b.unwritten}}
+            yield self.segment_key(bucket, b.segments), {"ids": b.unwritten}
             b.segments += 1
-            b.unwritten = []
+            b.unwritten = {}
         self.dirty.clear()
         for bucket, segments in self.evicted.items():
             for index in range(segments):

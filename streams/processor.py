@@ -379,7 +379,7 @@ class PartitionProcessor:
         return counter
 
     def _usage_by_model(self, item: Any, topic: str, offset: int, where: int | None,
-                       tenant: str) -> Usage | None:
+                        tenant: str) -> Usage | None:
         """The model's verdict on an item the fast path declined: the event, or None after
         a dead letter naming what is wrong with it."""
         reason: DlqReason

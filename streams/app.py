@@ -2,7 +2,8 @@
 
 Usage records reach the Faust agent as frames written by the pre-batching stage
 (streams/prebatch.py), each carrying many `tally.usage` records with their original
-offsets and timestamps; subscription records arrive directly.
+offsets and timestamps, most of them already checked into compact rows; subscription
+records arrive directly.
 
 Per micro-batch (`stream.noack_take`), in this order:
 1. restore the state of every newly assigned partition from `tally.worker-state`

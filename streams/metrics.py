@@ -17,5 +17,10 @@ DEDUP_IDS = Gauge("tally_worker_dedup_ids", "Event ids held in the dedup window"
 RECOVERY_SECONDS = Histogram("tally_worker_recovery_seconds", "Time to restore a partition")
 PREBATCH_RECORDS = Counter("tally_worker_prebatch_records_total",
                            "tally.usage records repacked into frames")
+PREBATCH_CHECKED = Counter(
+    "tally_worker_prebatch_checked_total",
+    "tally.usage records the pre-batching stage checked into rows (the agent reads the rest "
+    "itself, which costs its core more)",
+)
 PREBATCH_FRAMES = Counter("tally_worker_prebatch_frames_total", "Frames written")
 CATALOG_PLANS = Gauge("tally_worker_catalog_plans", "Plans in the catalog the worker uses")

@@ -60,6 +60,7 @@ class PreBatcher:
         self.target = settings.topics.usage_batched
         self._stopping = asyncio.Event()
         self.records = 0  # repacked so far
+        self.checked = 0  # of which checked into rows
         self.frames = 0
 
     def stop(self) -> None:
@@ -98,10 +99,12 @@ class PreBatcher:
                     batch: dict[TopicPartition, list[Any]]) -> list[asyncio.Future[Any]]:
         futures = []
         for tp, records in batch.items():
-            for frame in _frames(records):
+            frames_of_tp, checked = _frames(records)
+            for frame in frames_of_tp:
                 futures.append(await producer.send(self.target, value=frame,
                                                    partition=tp.partition))
             self.records += len(records)
+            self.checked += checked
         self.frames += len(futures)
         return futures
 
@@ -121,10 +124,12 @@ class PreBatcher:
             log.info("prebatch commit skipped after a rebalance: %s", e)
 
 
-def _frames(records: list[Any]) -> list[bytes]:
+def _frames(records: list[Any]) -> tuple[list[bytes], int]:
     """Pack records (in offset order) into frames of at most MAX_FRAME_BYTES, each record
-    checked into rows if it can be (the worker's core is then spared those checks)."""
+    checked into rows if it can be (the worker's core is then spared those checks); return
+    the frames and how many records were checked."""
     out: list[bytes] = []
+    checked = 0
     entries: list[frames.Entry] = []
     size = 0
     for r in records:
@@ -135,10 +140,11 @@ def _frames(records: list[Any]) -> list[bytes]:
             out.append(frames.encode(entries))
             entries, size = [], 0
         entries.append((r.offset, r.timestamp, r.key, value, rows is not None))
+        checked += rows is not None
         size += entry_bytes
     if entries:
         out.append(frames.encode(entries))
-    return out
+    return out, checked
 
 
 # --- the child process ----------------------------------------------------------------
@@ -153,13 +159,15 @@ async def run_child(settings: Settings) -> None:
         env={**os.environ, **settings.to_env()},
     )
     assert child.stdin is not None and child.stdout is not None
-    records = frame_count = 0
+    reported = {"records": 0, "checked": 0, "frames": 0}
+    counters = {"records": metrics.PREBATCH_RECORDS, "checked": metrics.PREBATCH_CHECKED,
+                "frames": metrics.PREBATCH_FRAMES}
     try:
         async for line in child.stdout:
             counts = orjson.loads(line)
-            metrics.PREBATCH_RECORDS.inc(counts["records"] - records)
-            metrics.PREBATCH_FRAMES.inc(counts["frames"] - frame_count)
-            records, frame_count = counts["records"], counts["frames"]
+            for name, counter in counters.items():
+                counter.inc(counts[name] - reported[name])
+            reported = counts
         code = await child.wait()
         raise PreBatchExitedError(f"the pre-batching process exited with code {code}")
     finally:
@@ -187,7 +195,8 @@ async def _child_main() -> None:
         prebatcher.stop()
 
     def report() -> None:
-        line = orjson.dumps({"records": prebatcher.records, "frames": prebatcher.frames})
+        line = orjson.dumps({"records": prebatcher.records, "checked": prebatcher.checked,
+                             "frames": prebatcher.frames})
         sys.stdout.buffer.write(line + b"\n")
         sys.stdout.buffer.flush()
 

@@ -141,12 +141,17 @@ class WorkerProcess:
 
     def counted(self) -> float:
         """Events the worker has counted so far (its Prometheus counter); 0 while down."""
+        return self.metric('tally_worker_events_total{outcome="counted"}')
+
+    def metric(self, sample: str) -> float:
+        """The value of one sample of /metrics (name and labels as printed); 0 while down
+        or not yet reported."""
         try:
             text = self.metrics()
         except OSError:
             return 0.0
         for line in text.splitlines():
-            if line.startswith('tally_worker_events_total{outcome="counted"}'):
+            if line.startswith(sample + " "):
                 return float(line.rsplit(" ", 1)[1])
         return 0.0
 

@@ -38,7 +38,7 @@ def counters_by_tenant(settings: Settings, meter: str = "api_calls") -> dict[str
 def test_duplicates_are_counted_once_and_bad_records_go_to_the_dlq(
     catalog_worker: tuple[Settings, WorkerProcess],
 ) -> None:
-    settings, _ = catalog_worker
+    settings, worker = catalog_worker
     expected: dict[str, Decimal] = {}
     records: list[tuple[str | None, bytes]] = []
     for t in range(5):
@@ -64,6 +64,11 @@ def test_duplicates_are_counted_once_and_bad_records_go_to_the_dlq(
     assert reasons == ["invalid_json", "quantity_out_of_range"]
     body = loads(dlq[0].value)
     assert body["source_topic"] == settings.topics.usage and body["detail"]
+    # All but the two records holding bad input reached the agent checked into rows.
+    wait_for(lambda: (worker.metric("tally_worker_prebatch_records_total"),
+                      worker.metric("tally_worker_prebatch_checked_total")),
+             lambda got: got == (len(records), len(records) - 2),
+             what="records checked by the pre-batching stage")
 
 
 def test_worker_killed_mid_stream_restarts_with_exact_counters(

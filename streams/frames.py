@@ -52,24 +52,28 @@ def encode(entries: Iterable[Entry]) -> bytes:
 
 def decode(frame: bytes) -> Iterator[Entry]:
     if frame.startswith(MAGIC):
-        header = _HEADER
+        header, has_kind = _HEADER, True
     elif frame.startswith(MAGIC_RAW_ONLY):
-        header = _HEADER_RAW_ONLY
+        header, has_kind = _HEADER_RAW_ONLY, False
     else:
         raise FrameError("not a Tally frame")
-    view = memoryview(frame)
+    unpack, header_size = header.unpack_from, header.size
     at, end = len(MAGIC), len(frame)
+    checked = False
     while at < end:
-        if at + header.size > end:
+        if at + header_size > end:
             raise FrameError("truncated frame header")
-        offset, timestamp_ms, key_len, value_len, *kind = header.unpack_from(view, at)
-        at += header.size
-        key = None if key_len < 0 else bytes(view[at:at + key_len])
+        fields = unpack(frame, at)
+        at += header_size
+        key_len, value_len = fields[2], fields[3]
+        key = None if key_len < 0 else frame[at:at + key_len]
         at += max(key_len, 0)
-        value = None if value_len < 0 else bytes(view[at:at + value_len])
+        value = None if value_len < 0 else frame[at:at + value_len]
         at += max(value_len, 0)
         if at > end:
             raise FrameError("truncated frame entry")
-        if kind and kind[0] not in (RAW, CHECKED):
-            raise FrameError(f"unknown entry kind {kind[0]}")
-        yield offset, timestamp_ms, key, value, bool(kind) and kind[0] == CHECKED
+        if has_kind:
+            if fields[4] not in (RAW, CHECKED):
+                raise FrameError(f"unknown entry kind {fields[4]}")
+            checked = fields[4] == CHECKED
+        yield fields[0], fields[1], key, value, checked

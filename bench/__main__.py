@@ -19,7 +19,7 @@ BENCHES = [
     ("bench.bench_producer", "producer.json", ["--events", "300000"], ["--events", "50000"]),
     ("bench.bench_worker", "worker.jsonl",
      ["--batch-events", "500000", "--single-events", "150000"],
-     ["--batch-events", "50000", "--single-events", "10000"]),
+     ["--batch-events", "100000", "--single-events", "30000", "--rounds", "1"]),
     ("bench.bench_projection", "projection.jsonl", ["--events", "200000"],
      ["--events", "40000"]),
     ("bench.bench_quota_view", "quota_view.jsonl", [], []),

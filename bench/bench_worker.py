@@ -10,7 +10,10 @@ Contenders:
 - quixstreams: a quixstreams app doing the same stateful per-tenant sum.
 Each figure is events / (time from the first to the last event processed). Tally's is
 read from its Prometheus counter, polled every 100 ms: the rate of the events counted
-between the first poll that sees counting and the poll that sees them all.
+between the first poll that sees counting and the poll that sees them all. The whole is
+repeated `--rounds` times on fresh topics, contenders in a rotating order, and each
+contender's median rate is reported: this shared machine's speed drifts by a fifth from
+minute to minute.
 
 Starts its own Tansu unless KAFKA_BOOTSTRAP_SERVERS is set. Appends one JSON object per
 figure to `--out` (JSON lines) and prints a table with ratios against the baselines.
@@ -22,12 +25,14 @@ import argparse
 import asyncio
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -129,32 +134,53 @@ def run_baseline(module: str, args: list[str]) -> float:
     raise RuntimeError(f"{module} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
 
 
-def bench_dataset(name: str, bootstrap: str, events: int, per_record: int,
-                  home: Path) -> list[dict[str, Any]]:
-    settings = Settings(kafka_bootstrap_servers=bootstrap, topic_prefix=f"bench-{name}.",
-                        worker_id=f"bench-tally-{name}", partitions=4)
+def run_round(name: str, bootstrap: str, events: int, per_record: int, home: Path,
+              round_no: int) -> dict[str, float]:
+    """Publish a fresh copy of the dataset and time every contender on it, each in its own
+    consumer group (and tally with fresh state): contender -> seconds. The order rotates
+    with `round_no`, so no contender always runs first after the publish."""
+    settings = Settings(kafka_bootstrap_servers=bootstrap,
+                        topic_prefix=f"bench-{name}-{round_no}.",
+                        worker_id=f"bench-tally-{name}-{round_no}", partitions=4)
     asyncio.run(kafka.ensure_topics(settings))
     asyncio.run(publish_catalog(settings, load_catalog(default_catalog_path())))
-    records = make_records(events, per_record)
-    asyncio.run(publish(settings, records))
+    asyncio.run(publish(settings, make_records(events, per_record)))
     topic = settings.topics.usage
-    seconds = {
-        "tally": run_tally(settings, events, home),
-        "faust-textbook": run_baseline(
+    runs: dict[str, Callable[[], float]] = {
+        "tally": lambda: run_tally(settings, events, home),
+        "faust-textbook": lambda: run_baseline(
             "bench.baselines.faust_textbook",
             [bootstrap, topic, str(events), str(devstack.free_port()),
              str(settings.partitions)]),
-        "quixstreams": run_baseline(
+        "quixstreams": lambda: run_baseline(
             "bench.baselines.quix_sum", [bootstrap, topic, str(events),
                                          tempfile.mkdtemp(prefix="quix-", dir=home)]),
     }
-    rate = {k: events / v for k, v in seconds.items()}
+    names = list(runs)
+    order = names[round_no % len(names):] + names[:round_no % len(names)]
+    return {contender: runs[contender]() for contender in order}
+
+
+def bench_dataset(name: str, bootstrap: str, events: int, per_record: int, home: Path,
+                  rounds: int) -> list[dict[str, Any]]:
+    """Every contender's median rate over `rounds` rounds, with the ratios of the medians
+    and each round's rates (the machine's speed drifts from minute to minute: one run of
+    each would carry that drift into the ratios)."""
+    rates: dict[str, list[float]] = {}
+    for round_no in range(rounds):
+        for contender, seconds in run_round(name, bootstrap, events, per_record, home,
+                                            round_no).items():
+            rates.setdefault(contender, []).append(events / seconds)
+        print(f"{name} round {round_no + 1}/{rounds}: " + ", ".join(
+            f"{k} {v[-1]:,.0f}/s" for k, v in rates.items()), flush=True)
+    median = {k: statistics.median(v) for k, v in rates.items()}
     return [{
         "bench": "worker", "dataset": name, "events": events, "events_per_record": per_record,
-        "contender": k, "seconds": round(seconds[k], 4), "events_per_s": round(rate[k]),
-        "vs_faust_textbook": round(rate[k] / rate["faust-textbook"], 2),
-        "vs_quixstreams": round(rate[k] / rate["quixstreams"], 2),
-    } for k in seconds]
+        "contender": k, "rounds": rounds, "events_per_s": round(median[k]),
+        "events_per_s_by_round": [round(r) for r in rates[k]],
+        "vs_faust_textbook": round(median[k] / median["faust-textbook"], 2),
+        "vs_quixstreams": round(median[k] / median["quixstreams"], 2),
+    } for k in rates]
 
 
 def main() -> int:
@@ -162,18 +188,22 @@ def main() -> int:
     # Enough for tally to take seconds on each: its counter is polled every 100 ms.
     parser.add_argument("--batch-events", type=int, default=500_000)
     parser.add_argument("--single-events", type=int, default=150_000)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("bench/results/worker.jsonl"))
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     home = Path(tempfile.mkdtemp(prefix="tally-bench-worker-"))
     with devstack.embedded_where_missing(home, os.environ, postgres=False) as env:
         bootstrap = env["KAFKA_BOOTSTRAP_SERVERS"]
-        rows = bench_dataset("batch", bootstrap, args.batch_events, 500, home)
-        rows += bench_dataset("single", bootstrap, args.single_events, 1, home)
+        rows = bench_dataset("batch", bootstrap, args.batch_events, 500, home, args.rounds)
+        rows += bench_dataset("single", bootstrap, args.single_events, 1, home, args.rounds)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("ab") as f:
         for row in rows:
             row["at"] = datetime.now(UTC).isoformat()
             f.write(orjson.dumps(row) + b"\n")
+    print(f"medians of {args.rounds} rounds")
     print(f"{'dataset':<8} {'contender':<16} {'events/s':>10} {'x textbook':>11} {'x quix':>8}")
     for r in rows:
         print(f"{r['dataset']:<8} {r['contender']:<16} {r['events_per_s']:>10,} "

@@ -243,19 +243,15 @@ class PartitionProcessor:
             self._valid_tenants.add(tenant)
             valid_tenant = tenant
         meters = self.catalog.meters
-        events: list[Usage | None] = [read_usage(item, valid_tenant, meters) for item in items]
-        for index, event in enumerate(events):
-            if event is None:
-                events[index] = self._usage_by_model(
-                    items[index], topic, offset, index if is_batch else None, tenant)
+        events = [read_usage(item, valid_tenant, meters) for item in items]
         self._fold_usage(topic, offset, tenant, ingested, is_batch, events, items.__getitem__)
 
     def _fold_usage(
         self, topic: str, offset: int, tenant: str, ingested: tuple[datetime, str, datetime],
         is_batch: bool, events: Sequence[Usage | None], item_at: Callable[[int], Any],
     ) -> None:
-        """Fold the valid events of one record (None: dead-lettered already); `item_at`
-        gives the event at an index as it was sent, for a dead letter."""
+        """Fold the events of one record; `item_at` gives the event at an index as it was
+        sent, for the model to read where the fast path gave None, and for dead letters."""
         ingested_at, ingested_text, latest_allowed = ingested
         meters = self.catalog.meters
         self._records_seen += 1
@@ -275,7 +271,10 @@ class PartitionProcessor:
         place_meter = ""
         for index, event in enumerate(events):
             if event is None:
-                continue
+                event = self._usage_by_model(item_at(index), topic, offset,
+                                             index if is_batch else None, tenant)
+                if event is None:
+                    continue
             event_id, source, _, aware_time, meter, quantity, dimensions = event
             if meter not in meters:
                 self._dead(topic, offset, tenant, "unknown_meter",

@@ -1,6 +1,6 @@
 """Worker benchmark: Tally's worker against two baselines on the same records, same run.
 
-    python -m bench.bench_worker --batch-events 500000 --single-events 150000 --out FILE
+    python -m bench.bench_worker --batch-events 500000 --single-events 150000 --rounds 3 --out FILE
 
 Two datasets, each published once and read by every contender through its own consumer
 group: batch records (500 events per record, the SDK's format) and one-event records.

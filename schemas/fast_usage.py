@@ -19,7 +19,7 @@ import re
 from collections.abc import Container
 from datetime import datetime
 from decimal import Decimal
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from schemas.codec import RecordDecodeError, decode_record, dumps, is_batch_value, loads
 from schemas.events import MAX_QUANTITY, NAME_PATTERN, TENANT_PATTERN, USAGE_TYPE, UsageEvent
@@ -40,6 +40,16 @@ _JSON = "application/json"
 _CACHE_LIMIT = 4096
 _times: dict[str, datetime] = {}
 _amounts: dict[str, Decimal] = {}
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+
+def _remember(cache: dict[_K, _V], key: _K, value: _V) -> _V:
+    """Put `value` in `cache` under `key`, emptying the cache first when it is full."""
+    if len(cache) >= _CACHE_LIMIT:
+        cache.clear()
+    cache[key] = value
+    return value
 
 
 class Usage(NamedTuple):
@@ -68,9 +78,7 @@ def read_time(text: str) -> datetime | None:
             moment = datetime.fromisoformat(text)
         except ValueError:  # a field out of range, such as month 13
             return None
-        if len(_times) >= _CACHE_LIMIT:
-            _times.clear()
-        _times[text] = moment
+        _remember(_times, text, moment)
     return moment
 
 
@@ -80,10 +88,7 @@ def read_decimal(text: str) -> Decimal | None:
     if amount is None:
         if _DECIMAL.fullmatch(text) is None:
             return None
-        amount = Decimal(text)
-        if len(_amounts) >= _CACHE_LIMIT:
-            _amounts.clear()
-        _amounts[text] = amount
+        amount = _remember(_amounts, text, Decimal(text))
     return amount
 
 
@@ -219,15 +224,11 @@ def read_checked(payload: bytes, tenant: str) -> tuple[bool, list[Row], list[Usa
     for event_id, source, time_text, meter, quantity, dimensions, _ in rows:
         moment = times.get(time_text)
         if moment is None:
-            if len(times) >= _CACHE_LIMIT:
-                times.clear()
-            moment = times[time_text] = datetime.fromisoformat(time_text)
+            moment = _remember(times, time_text, datetime.fromisoformat(time_text))
         if type(quantity) is str:
             amount = amounts.get(quantity)
             if amount is None:
-                if len(amounts) >= _CACHE_LIMIT:
-                    amounts.clear()
-                amount = amounts[quantity] = Decimal(quantity)
+                amount = _remember(amounts, quantity, Decimal(quantity))
         else:
             amount = Decimal(quantity if type(quantity) is int else repr(quantity))
         events.append(_new_tuple(Usage, (event_id, source, tenant, moment, meter, amount,

@@ -606,7 +606,6 @@ class PartitionProcessor:
         elif kind == "w/" and value is not None:
             self.watermark = datetime.fromisoformat(value["watermark"])
 
-
     def finish_restore(self) -> None:
         """Give restored counters the distinct values read back from their segments.
 

@@ -23,6 +23,8 @@ BENCHES = [
     ("bench.bench_projection", "projection.jsonl", ["--events", "200000"],
      ["--events", "40000"]),
     ("bench.bench_quota_view", "quota_view.jsonl", [], []),
+    ("bench.bench_compression", "compression.jsonl", ["--events", "500000"],
+     ["--events", "50000", "--rounds", "1"]),
     ("bench.bench_latency", "latency.jsonl", ["--seconds", "15"], ["--seconds", "5"]),
 ]
 

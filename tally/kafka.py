@@ -33,6 +33,8 @@ def producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
         "max_batch_size": 1 << 20,
         "max_request_size": 4 << 20,
         "request_timeout_ms": 30000,
+        "compression_type": (None if settings.kafka_compression == "none"
+                             else settings.kafka_compression),
     }
     options.update(overrides)
     return AIOKafkaProducer(**options)

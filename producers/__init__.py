@@ -14,6 +14,7 @@ from producers.errors import (
     ProducerError,
     ProducerUnavailableError,
     SpoolError,
+    SpoolFullError,
 )
 from producers.sdk import (
     ProducerOptions,
@@ -35,6 +36,7 @@ __all__ = [
     "ProducerOptions",
     "ProducerUnavailableError",
     "SpoolError",
+    "SpoolFullError",
     "SyncUsageProducer",
     "UsageProducer",
     "build_subscription_event",

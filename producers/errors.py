@@ -42,6 +42,11 @@ class ProducerUnavailableError(ProducerError):
     """The broker could not be reached and there is no spool to fall back on."""
 
 
+class SpoolFullError(ProducerUnavailableError):
+    """The broker could not be reached and the spool holds its maximum: the event was not
+    taken (the caller still has it, and may retry later with the same id)."""
+
+
 class DeliveryError(ProducerError):
     """Events could be neither delivered nor spooled (only possible without a spool)."""
 

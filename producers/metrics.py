@@ -48,6 +48,9 @@ BUFFERED_EVENTS = Gauge(
 SPOOLED_RECORDS = Gauge(
     "tally_producer_spooled_records", "Records waiting in local spools for replay"
 )
+SPOOLED_BYTES = Gauge(
+    "tally_producer_spooled_bytes", "Bytes of the records waiting in local spools for replay"
+)
 CONNECTED = Gauge(
     "tally_producer_connected", "Producers currently connected to Kafka (sum over producers)"
 )

@@ -27,7 +27,10 @@ What happens to an event, and what is guaranteed at each step:
    records were sealed. A background task reconnects with exponential backoff, replays the
    spool oldest first, and only then resumes direct sends (see `_replay`). A new producer
    on the same spool directory replays what an earlier process left. A replayed record
-   keeps its original Kafka timestamp (the time its batch was sealed).
+   keeps its original Kafka timestamp (the time its batch was sealed). The spool's disk
+   use is bounded (`spool_max_bytes`): once it holds that much, `record` raises
+   `SpoolFullError` for new events until a replay makes room, so an event is either taken
+   (and then delivered or spooled) or refused at the call site, never dropped later.
 6. **flush / close** return once everything recorded before the call is acknowledged or
    spooled (and a replay under way, if the broker is reachable, has finished).
 
@@ -71,6 +74,7 @@ from producers.errors import (
     ProducerClosedError,
     ProducerError,
     ProducerUnavailableError,
+    SpoolFullError,
 )
 from producers.spool import FsyncPolicy, Spool, SpooledRecord
 from schemas import codec
@@ -389,6 +393,10 @@ class ProducerOptions(BaseModel):
     spool_fsync: FsyncPolicy = "interval"
     spool_fsync_interval_ms: int = Field(default=100, ge=1)
     spool_segment_bytes: int = Field(default=64 << 20, ge=1)
+    spool_max_bytes: int = Field(default=4 << 30, ge=1)
+    """Bound on the spool's disk use: once it holds this much, new events are refused with
+    SpoolFullError until a replay makes room. Events already taken are always spooled, so
+    the spool may pass the bound by what the buffer holds."""
     delivery_timeout_ms: int = Field(default=30_000, ge=100)
     """How long a record may wait for acknowledgement (retries included) before spooling."""
     connect_timeout_ms: int = Field(default=10_000, ge=100)
@@ -487,6 +495,7 @@ class UsageProducer:
         # the spool holds records not yet replayed: then they queue up in the spool.
         self._direct = False
         self._spool: Spool | None = None
+        self._spool_full = False  # refuse new events (see ProducerOptions.spool_max_bytes)
         self._lost = 0
         self._state: Literal["new", "open", "closing", "closed"] = "new"
         self._waiters: list[asyncio.Future[None]] = []
@@ -520,6 +529,7 @@ class UsageProducer:
                 o.spool_dir, fsync=o.spool_fsync, fsync_interval_ms=o.spool_fsync_interval_ms,
                 segment_bytes=o.spool_segment_bytes,
             )
+            self._note_spool_size()
         try:
             await self._connect()
         except ProducerUnavailableError as e:
@@ -603,7 +613,7 @@ class UsageProducer:
         )
         encoded = _encode(event)
         if self._state != "open" or len(encoded) + 2 > self._max_bytes or (
-            self._buffered >= self._limit
+            self._buffered >= self._limit or self._spool_full
         ):
             await self._admit(encoded)
         batch = self._open.get((self._usage_topic, tenant))
@@ -724,6 +734,11 @@ class UsageProducer:
         """Refuse an event that cannot be taken; wait while the buffer is full."""
         if self._state != "open":
             raise ProducerClosedError(f"producer is {self._state}; start() it or make a new one")
+        if self._spool_full:
+            raise SpoolFullError(
+                f"kafka is unreachable and the spool {self.options.spool_dir} holds its maximum "
+                f"of {self.options.spool_max_bytes} bytes; the event was not taken"
+            )
         if len(encoded) + 2 > self._max_bytes:
             raise PayloadTooLargeError(
                 [Problem("event", f"encoded size {len(encoded)} bytes exceeds the record "
@@ -860,6 +875,7 @@ class UsageProducer:
                 log.error("spool write failed, %d events lost: %s", batch.count, e)
             else:
                 m.spooled.inc(batch.count)
+                self._note_spool_size()
                 self._ensure_recovery()
                 return
         else:
@@ -1020,7 +1036,13 @@ class UsageProducer:
                 return False
         # Every record of the segment is acknowledged: only now may it go.
         spool.remove(segment)
+        self._note_spool_size()
         return True
+
+    def _note_spool_size(self) -> None:
+        """Refuse new events while the spool holds its maximum (the room check of `record`)."""
+        assert self._spool is not None
+        self._spool_full = self._spool.pending_bytes >= self.options.spool_max_bytes
 
 
 class SyncUsageProducer:

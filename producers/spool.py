@@ -99,6 +99,7 @@ class Spool:
         self._dirty = False
         self._sync_timer: asyncio.TimerHandle | None = None
         self._pending = 0
+        self._pending_bytes = 0
         self._closed = False
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -133,8 +134,10 @@ class Spool:
                 segment.path.unlink()
                 continue
             self._pending += data.count(b"\n")
+            self._pending_bytes += len(data)
         self._active_seq = last + 1
         metrics.SPOOLED_RECORDS.inc(self._pending)
+        metrics.SPOOLED_BYTES.inc(self._pending_bytes)
 
     def _segments(self) -> list[Segment]:
         found = []
@@ -150,6 +153,11 @@ class Spool:
     def pending_records(self) -> int:
         """Records spooled and not yet removed after a successful replay."""
         return self._pending
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes of the segment files those records are in."""
+        return self._pending_bytes
 
     def append(self, record: SpooledRecord) -> None:
         """Append one record durably (see the module docstring for what durable means)."""
@@ -175,7 +183,9 @@ class Spool:
             raise SpoolError(f"cannot write to spool {self.directory}: {e}") from e
         self._active_bytes += len(line)
         self._pending += 1
+        self._pending_bytes += len(line)
         metrics.SPOOLED_RECORDS.inc()
+        metrics.SPOOLED_BYTES.inc(len(line))
         self._dirty = True
         if self.fsync == "always":
             self.sync()
@@ -250,13 +260,16 @@ class Spool:
     def remove(self, segment: Segment) -> None:
         """Delete a sealed segment whose records were all acknowledged by Kafka (or rejected)."""
         try:
-            records = segment.path.read_bytes().count(b"\n")
+            data = segment.path.read_bytes()
         except FileNotFoundError:
             return
         segment.path.unlink()
         _fsync_dir(self.directory)
+        records = data.count(b"\n")
         self._pending = max(0, self._pending - records)
+        self._pending_bytes = max(0, self._pending_bytes - len(data))
         metrics.SPOOLED_RECORDS.dec(records)
+        metrics.SPOOLED_BYTES.dec(len(data))
 
     def reject(self, record: SpooledRecord, reason: str) -> None:
         """Keep a record the broker refuses for good (e.g. too large) out of the replay path."""
@@ -289,5 +302,6 @@ class Spool:
             if path.exists() and path.stat().st_size == 0:
                 path.unlink()
         metrics.SPOOLED_RECORDS.dec(self._pending)
+        metrics.SPOOLED_BYTES.dec(self._pending_bytes)
         fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
         os.close(self._lock_fd)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from producers import ProducerOptions, SpoolError, UsageProducer
+from producers import ProducerOptions, SpoolError, SpoolFullError, UsageProducer
 from producers.spool import Spool, SpooledRecord
 from schemas import codec
 from tally import devstack, kafka
@@ -52,11 +53,14 @@ def test_spooled_records_survive_a_restart_and_read_back_in_order(tmp_path: Path
     spool = Spool(tmp_path, fsync="always")
     for i in range(5):
         spool.append(record(i))
+    assert spool.pending_bytes == sum(f.stat().st_size for f in segment_files(tmp_path))
     spool.close()
     reopened = Spool(tmp_path)
     assert reopened.pending_records == 5
+    on_disk = sum(f.stat().st_size for f in segment_files(tmp_path))
+    assert reopened.pending_bytes == on_disk > 0  # what `spool_max_bytes` bounds
     assert replay_all(reopened) == [record(i) for i in range(5)]
-    assert reopened.pending_records == 0
+    assert reopened.pending_records == 0 and reopened.pending_bytes == 0
     reopened.close()
     assert segment_files(tmp_path) == []
 
@@ -168,6 +172,44 @@ def test_events_recorded_while_the_broker_is_unreachable_are_spooled_then_replay
     assert sorted(e["id"] for e in events) == ids  # every event, exactly once
     assert_in_order_per_tenant(events)
     assert segment_files(tmp_path / "spool") == []
+
+
+def test_a_full_spool_refuses_new_events_and_every_event_it_took_is_delivered(
+    settings_factory: SettingsFactory, tmp_path: Path,
+) -> None:
+    live = settings_factory()
+    dead = live.model_copy(update={"kafka_bootstrap_servers": dead_address()})
+    options = ProducerOptions(spool_dir=tmp_path, max_batch_events=50, linger_ms=1,
+                              connect_timeout_ms=2000, spool_max_bytes=40_000)
+
+    async def offline() -> list[str]:
+        taken: list[str] = []
+        async with UsageProducer(dead, options) as producer:
+            with pytest.raises(SpoolFullError, match="spool"):
+                for i in range(20_000):
+                    taken += await record_numbered(producer, i, 1)
+                    await asyncio.sleep(0)  # let the spooling tasks run
+            with pytest.raises(SpoolFullError):  # still full: nothing replays it
+                await producer.subscription_created("tenant-0", "pro", *_PERIOD)
+        return taken
+
+    taken = run(offline())
+    spooled = sum(f.stat().st_size for f in segment_files(tmp_path))
+    # Refused once full, not before; what was taken stays, past the bound by a batch or so.
+    assert 40_000 <= spooled < 40_000 + 2 * 50 * 400 and len(taken) >= 50
+
+    async def back_online() -> list[Any]:
+        async with UsageProducer(live, options) as producer:  # replays on start
+            await producer.flush()
+            assert producer.spooled_records == 0
+            await producer.record("tenant-0", "api_calls", 1, event_id="ev-after")
+        return await consume(live, live.topics.usage, len(taken) + 1)
+
+    events = all_events(run(back_online()))
+    assert sorted(e["id"] for e in events) == sorted([*taken, "ev-after"])  # each once
+
+
+_PERIOD = (datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC))
 
 
 def test_new_events_wait_behind_the_spool_until_it_is_replayed(

@@ -27,7 +27,10 @@ Decisions
 - **What 202 promises.** The gateway publishes through the SDK (`UsageProducer`), so
   events are batched per tenant and spooled when Kafka is away. The answer is sent only
   after every accepted event was acknowledged by Kafka (acks=all) or written to the
-  gateway's local spool — never merely buffered in memory.
+  gateway's local spool — never merely buffered in memory. When neither can take them
+  (Kafka away and the spool at `spool_max_bytes`), the answer is 503 with `Retry-After`;
+  the client resends with the same ids (any event of the request that was taken counts
+  once).
 - **Size limit.** A body over `max_body_bytes` is refused with 413 (from Content-Length
   before reading, or while reading when there is none).
 """
@@ -57,6 +60,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 JSON_CONTENT_TYPE = "application/json"
+# Told to clients refused with 503 (Kafka away and the spool full): about the longest wait
+# between the producer's reconnection attempts.
+RETRY_AFTER_SECONDS = "5"
 _ACCEPTED_TYPES = (codec.SINGLE_CONTENT_TYPE, codec.BATCH_CONTENT_TYPE, JSON_CONTENT_TYPE)
 
 _PRODUCER_KEY = web.AppKey("producer", UsageProducer)
@@ -166,7 +172,8 @@ async def _post_events(request: web.Request) -> web.Response:
             await request.app[_PRODUCER_KEY].publish(accepted, wait=True)
         except ProducerError as e:
             log.error("ingest: %d events not stored: %s", len(accepted), e)
-            return _error(503, f"events could not be stored, retry with the same ids: {e}")
+            return _error(503, f"events could not be stored, retry with the same ids: {e}",
+                          **{"Retry-After": RETRY_AFTER_SECONDS})
     body_out = {"accepted": len(accepted), "rejected": len(errors), "errors": errors}
     return _json(body_out, 202 if accepted else 400)
 

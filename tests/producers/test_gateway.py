@@ -39,13 +39,15 @@ def event(tenant: str = "tenant-a", *, quantity: str = "1", **overrides: Any) ->
 async def with_gateway(
     settings: Settings, body: Callable[[TestClient[Any, Any]], Awaitable[Any]], *,
     start: bool = True, max_body_bytes: int = 1 << 20, spool_dir: Path | None = None,
+    **options: Any,
 ) -> Any:
     """Run `body` against a gateway whose producer publishes to `settings`' broker.
 
     With start=False the producer is never started: for requests refused before
     anything is published (no broker needed).
     """
-    producer = UsageProducer(settings, ProducerOptions(linger_ms=5, spool_dir=spool_dir))
+    producer = UsageProducer(settings, ProducerOptions(linger_ms=5, spool_dir=spool_dir,
+                                                       **options))
     if start:
         await producer.start()
     app = create_gateway_app(producer, TOKENS, max_body_bytes)
@@ -285,6 +287,26 @@ def test_the_gateway_keeps_accepting_while_kafka_is_away_by_spooling(tmp_path: P
     assert status == 202
     assert health["kafka"] == "spooling"
     assert health["spooled_records"] == 2
+
+
+def test_a_full_spool_is_answered_503_with_retry_after_and_the_events_taken_stay(
+    tmp_path: Path,
+) -> None:
+    offline = Settings(kafka_bootstrap_servers=f"127.0.0.1:{_closed_port()}",
+                       topic_prefix="offline.")
+
+    async def scenario(client: TestClient[Any, Any]) -> tuple[int, int, str | None, Any]:
+        taken, _ = await post(client, [event(), event("tenant-b")], BATCH)  # fills it
+        response = await client.post("/v1/events", data=orjson.dumps(event()), headers=SINGLE)
+        body = await response.json()
+        health = await (await client.get("/healthz")).json()
+        return taken, response.status, response.headers.get("Retry-After"), (body, health)
+
+    taken, refused, retry_after, (body, health) = run(
+        with_gateway(offline, scenario, spool_dir=tmp_path, spool_max_bytes=1))
+    assert (taken, refused, retry_after) == (202, 503, "5")
+    assert "retry with the same ids" in body["error"] and "spool" in body["error"]
+    assert health["spooled_records"] == 2  # both tenants' records, nothing of the refused
 
 
 def test_serve_answers_until_cancelled_and_flushes_on_the_way_out(

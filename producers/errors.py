@@ -43,7 +43,7 @@ class ProducerUnavailableError(ProducerError):
 
 
 class SpoolFullError(ProducerUnavailableError):
-    """The broker could not be reached and the spool holds its maximum: the event was not
+    """The spool holds its maximum and Kafka has not taken it back yet: the event was not
     taken (the caller still has it, and may retry later with the same id)."""
 
 

@@ -736,8 +736,9 @@ class UsageProducer:
             raise ProducerClosedError(f"producer is {self._state}; start() it or make a new one")
         if self._spool_full:
             raise SpoolFullError(
-                f"kafka is unreachable and the spool {self.options.spool_dir} holds its maximum "
-                f"of {self.options.spool_max_bytes} bytes; the event was not taken"
+                f"the spool {self.options.spool_dir} holds its maximum of "
+                f"{self.options.spool_max_bytes} bytes until Kafka takes them back; the event "
+                f"was not taken"
             )
         if len(encoded) + 2 > self._max_bytes:
             raise PayloadTooLargeError(

@@ -60,8 +60,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 JSON_CONTENT_TYPE = "application/json"
-# Told to clients refused with 503 (Kafka away and the spool full): about the longest wait
-# between the producer's reconnection attempts.
+# Told to clients refused with 503 (Kafka away, and the spool full or absent): about the
+# longest wait between the producer's reconnection attempts.
 RETRY_AFTER_SECONDS = "5"
 _ACCEPTED_TYPES = (codec.SINGLE_CONTENT_TYPE, codec.BATCH_CONTENT_TYPE, JSON_CONTENT_TYPE)
 

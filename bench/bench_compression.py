@@ -36,9 +36,8 @@ from schemas.plans import default_catalog_path, load_catalog
 from streams.app import ACCEPTED_RECORD_BYTES
 from streams.processor import PartitionProcessor, ProcessorConfig
 from tally import devstack, kafka
-from tally.settings import Settings
+from tally.settings import COMPRESSIONS, Settings
 
-CODECS = ("none", "snappy", "lz4", "zstd", "gzip")
 PARTITIONS = 4
 
 
@@ -126,9 +125,10 @@ def measure(settings: Settings, records: list[tuple[bytes, bytes]],
 def run(address: str, broker_pid: int | None, events: int, rounds: int) -> dict[str, object]:
     records = accepted_records(events)
     tag = datetime.now(UTC).strftime("%H%M%S")
-    figures: dict[str, list[dict[str, float]]] = {c: [] for c in CODECS}
+    figures: dict[str, list[dict[str, float]]] = {c: [] for c in COMPRESSIONS}
     for round_no in range(rounds):
-        order = CODECS[round_no % len(CODECS):] + CODECS[:round_no % len(CODECS)]
+        turn = round_no % len(COMPRESSIONS)
+        order: tuple[str, ...] = COMPRESSIONS[turn:] + COMPRESSIONS[:turn]
         for name in order:
             settings = Settings(kafka_bootstrap_servers=address, partitions=PARTITIONS,
                                 topic_prefix=f"bench-compression-{tag}-{round_no}-{name}.",
@@ -138,12 +138,11 @@ def run(address: str, broker_pid: int | None, events: int, rounds: int) -> dict[
                 f"{k} {v:.3f}" for k, v in figures[name][-1].items()), flush=True)
     medians = {name: {k: statistics.median(f[k] for f in runs) for k in runs[0]}
                for name, runs in figures.items()}
-    raw_bytes = encoded_bytes("none", records)
+    sizes = {name: encoded_bytes(name, records) for name in COMPRESSIONS}
     codecs: dict[str, dict[str, float]] = {}
     for name, median in medians.items():
-        size = encoded_bytes(name, records)
-        row = {"bytes_per_event": round(size / events, 1),
-               "size_vs_none": round(size / raw_bytes, 3)}
+        row = {"bytes_per_event": round(sizes[name] / events, 1),
+               "size_vs_none": round(sizes[name] / sizes["none"], 3)}
         for k, v in median.items():
             row[k] = round(v, 3)
             base = medians["none"][k]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -42,6 +42,10 @@ def read_env_file(path: Path) -> dict[str, str]:
     return values
 
 
+KafkaCompression = Literal["none", "gzip", "snappy", "lz4", "zstd"]
+COMPRESSIONS: tuple[KafkaCompression, ...] = get_args(KafkaCompression)
+
+
 class Settings(BaseModel):
     """Everything a Tally process needs to know about its surroundings."""
 
@@ -60,7 +64,7 @@ class Settings(BaseModel):
     # bytes it saves it sending: the worker's accepted events, most of its output, take a
     # third less CPU to send and the broker a fifth of the work to store
     # (bench/bench_compression.py). Every Kafka client reads snappy.
-    kafka_compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "snappy"
+    kafka_compression: KafkaCompression = "snappy"
     stripe_api_key: str | None = None
     stripe_api_base: str | None = None  # set to the Stripe double's address in dev/tests
 

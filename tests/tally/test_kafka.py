@@ -6,11 +6,11 @@ from collections.abc import Callable
 
 import pytest
 
-from tally.settings import Settings, SettingsError
+from tally.settings import COMPRESSIONS, Settings, SettingsError
 from tests.kafka_helpers import publish, read_records
 
 
-@pytest.mark.parametrize("codec", ["none", "gzip", "snappy", "lz4", "zstd"])
+@pytest.mark.parametrize("codec", COMPRESSIONS)
 def test_every_codec_round_trips_through_the_broker(
     settings_factory: Callable[..., Settings], codec: str,
 ) -> None:

@@ -138,7 +138,7 @@ def run(address: str, broker_pid: int | None, events: int, rounds: int) -> dict[
                 f"{k} {v:.3f}" for k, v in figures[name][-1].items()), flush=True)
     medians = {name: {k: statistics.median(f[k] for f in runs) for k in runs[0]}
                for name, runs in figures.items()}
-    sizes = {name: encoded_bytes(name, records) for name in COMPRESSIONS}
+    sizes: dict[str, int] = {c: encoded_bytes(c, records) for c in COMPRESSIONS}
     codecs: dict[str, dict[str, float]] = {}
     for name, median in medians.items():
         row = {"bytes_per_event": round(sizes[name] / events, 1),

@@ -6,7 +6,7 @@ the broker and a reader, against uncompressed batches in the same run.
 The records are the worker's own: `tally.usage.accepted` records, made by the processor
 from the worker benchmark's batch records and joined as the worker joins them. They are
 most of the bytes a worker writes. Per codec, a fresh topic is written through
-`tally.kafka.producer` (acks=all), then read back and compared byte for byte. Reported
+`runtime.kafka.producer` (acks=all), then read back and compared byte for byte. Reported
 per codec: writer and reader CPU (user + system), broker CPU (the embedded Tansu only),
 and bytes on the wire per event, each also as a ratio to "none". The codecs run in
 rotating order, three rounds; the figures are medians.
@@ -31,12 +31,13 @@ import orjson
 from aiokafka import TopicPartition, codec
 
 from bench.bench_worker import make_records
+from devtools import devstack
+from runtime import kafka
+from runtime.settings import COMPRESSIONS, Settings
 from schemas.codec import join_arrays
 from schemas.plans import default_catalog_path, load_catalog
 from streams.app import ACCEPTED_RECORD_BYTES
 from streams.processor import PartitionProcessor, ProcessorConfig
-from tally import devstack, kafka
-from tally.settings import COMPRESSIONS, Settings
 
 PARTITIONS = 4
 

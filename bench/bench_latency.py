@@ -26,11 +26,12 @@ from pathlib import Path
 import orjson
 from aiokafka import TopicPartition
 
+from devtools import devstack
+from devtools.child import start_tally, wait_healthy
+from runtime import kafka
+from runtime.plans import publish_catalog
+from runtime.settings import Settings
 from schemas.plans import default_catalog_path, load_catalog
-from tally import devstack, kafka
-from tally.child import start_tally, wait_healthy
-from tally.plans_publish import publish_catalog
-from tally.settings import Settings
 
 EVENTS_PER_RECORD = 20
 

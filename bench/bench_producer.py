@@ -30,10 +30,11 @@ from typing import Any
 
 import orjson
 
+from devtools import devstack
 from producers import ProducerOptions, UsageProducer
+from runtime import kafka
+from runtime.settings import Settings
 from schemas import codec
-from tally import devstack, kafka
-from tally.settings import Settings
 
 
 async def _baseline(settings: Settings, events: int, tenants: list[str]) -> float:

@@ -51,13 +51,13 @@ from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
 from pydantic import TypeAdapter
 
+from devtools import devstack
 from projections.ledger import create_month_partitions
-from projections.migrations import migrate
 from projections.projector import Batch, Projector
+from runtime.postgres import migrate
+from runtime.settings import Settings
 from schemas.codec import dumps
 from schemas.records import AcceptedEvent
-from tally import devstack
-from tally.settings import Settings
 
 PERIOD = datetime(2026, 11, 1, tzinfo=UTC)
 PERIOD_END = datetime(2026, 12, 1, tzinfo=UTC)

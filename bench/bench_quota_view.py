@@ -21,9 +21,9 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from runtime.settings import Settings
 from schemas.codec import dumps
 from streams.quota_view import QuotaView
-from tally.settings import Settings
 
 METERS = ("api_calls", "executions", "storage_gb", "seats")
 TARGET_P99_US = 20.0

@@ -39,11 +39,12 @@ from typing import Any
 
 import orjson
 
+from devtools import devstack
+from devtools.child import start_tally
+from runtime import kafka
+from runtime.plans import publish_catalog
+from runtime.settings import Settings
 from schemas.plans import default_catalog_path, load_catalog
-from tally import devstack, kafka
-from tally.child import start_tally
-from tally.plans_publish import publish_catalog
-from tally.settings import Settings
 
 TENANTS = 100
 _COUNTED = re.compile(r'^tally_worker_events_total\{outcome="counted"\} ([0-9.e+]+)$', re.M)

@@ -10,7 +10,7 @@ import signal
 from datetime import datetime, timedelta
 from types import FrameType
 
-from tally.cli import Subparsers, add_group, settings
+from runtime.commands import Subparsers, add_group, settings
 
 
 def _now(args: argparse.Namespace) -> datetime | None:
@@ -53,7 +53,7 @@ def _sync_catalog(args: argparse.Namespace) -> int:
 
 
 def _journal(args: argparse.Namespace) -> int:
-    from projections.migrations import connect
+    from runtime.postgres import connect
 
     statuses = ["failed", "pending"] if not args.all else ["failed", "pending", "succeeded"]
     with connect(settings().require_database()) as conn:

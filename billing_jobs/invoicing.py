@@ -42,11 +42,11 @@ import stripe
 from billing_jobs import journal, metrics, stripe_api, stripe_catalog
 from billing_jobs.errors import BillingError
 from billing_jobs.push_usage import load_catalog
-from billing_jobs.rating import Interval, InvoiceDraft, RatingError, rate_period
-from projections.migrations import connect, migrate
+from domain.periods import months_between
+from domain.rating import Interval, InvoiceDraft, RatingError, rate_period
+from runtime.postgres import connect, migrate
+from runtime.settings import Settings
 from schemas.plans import Catalog
-from streams.periods import months_between
-from tally.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -28,10 +28,10 @@ import stripe
 
 from billing_jobs import journal, metrics, stripe_api, stripe_catalog
 from billing_jobs.errors import BillingError
-from projections.migrations import connect, migrate
+from runtime.plans import read_catalog
+from runtime.postgres import connect, migrate
+from runtime.settings import Settings
 from schemas.plans import Catalog
-from streams.catalog_follower import read_catalog
-from tally.settings import Settings
 
 log = logging.getLogger(__name__)
 

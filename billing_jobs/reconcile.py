@@ -22,8 +22,8 @@ import stripe
 
 from billing_jobs import journal, metrics, stripe_api, stripe_catalog
 from billing_jobs.push_usage import STRIPE_MAX_AGE
-from projections.migrations import connect, migrate
-from tally.settings import Settings
+from runtime.postgres import connect, migrate
+from runtime.settings import Settings
 
 
 @dataclass

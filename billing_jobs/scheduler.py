@@ -23,7 +23,7 @@ from datetime import timedelta
 
 from billing_jobs import metrics
 from billing_jobs.journal import Conn
-from projections.migrations import connect
+from runtime.postgres import connect
 from schemas.errors import TallyError
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ from stripe.params import InvoiceItemCreateParams, PriceCreateParams, PriceCreat
 from stripe.params.v2.billing import MeterEventStreamCreateParams
 
 from billing_jobs.errors import BillingError
-from tally.settings import Settings
+from runtime.settings import Settings
 
 # Stripe meter aggregation for each Tally aggregation. Gauges report their latest reading.
 METER_FORMULA: dict[str, Any] = {"sum": "sum", "count": "sum", "unique_count": "last",

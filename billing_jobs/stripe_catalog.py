@@ -35,9 +35,9 @@ from stripe.params import PriceCreateParams, PriceCreateParamsTier
 
 from billing_jobs import journal, metrics, stripe_api
 from billing_jobs.errors import BillingError
-from projections.migrations import connect, migrate
+from runtime.postgres import connect, migrate
+from runtime.settings import Settings
 from schemas.plans import Catalog, Graduated, Package, PerUnit, Plan, PlanMeter, Volume
-from tally.settings import Settings
 
 Item = str  # "month" / "year" for base fees, the meter name for metered prices
 

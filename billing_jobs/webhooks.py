@@ -35,8 +35,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from billing_jobs import metrics
 from billing_jobs.errors import BillingError
 from producers.sdk import ProducerOptions, SubscriptionKind, UsageProducer
-from projections.migrations import migrate
-from tally.settings import Settings
+from runtime.postgres import migrate
+from runtime.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -6,9 +6,9 @@ import argparse
 import asyncio
 from pathlib import Path
 
+from runtime.commands import Subparsers, add_group, settings
+from runtime.settings import SettingsError
 from schemas.codec import loads
-from tally.cli import Subparsers, add_group, settings
-from tally.settings import SettingsError
 
 
 def _read_tokens(path: Path) -> dict[str, str]:

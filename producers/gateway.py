@@ -52,9 +52,9 @@ from pydantic import ValidationError
 from producers import metrics
 from producers.errors import ProducerError
 from producers.sdk import ProducerOptions, TallyEvent, UsageProducer
+from runtime.settings import Settings, state_dir
 from schemas import codec
 from schemas.events import SUBSCRIPTION_TYPES, USAGE_TYPE, SubscriptionEvent, UsageEvent
-from tally.settings import Settings, state_dir
 
 log = logging.getLogger(__name__)
 

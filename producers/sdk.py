@@ -77,6 +77,8 @@ from producers.errors import (
     SpoolFullError,
 )
 from producers.spool import FsyncPolicy, Spool, SpooledRecord
+from runtime import kafka
+from runtime.settings import Settings
 from schemas import codec
 from schemas.events import (
     MAX_QUANTITY,
@@ -86,8 +88,6 @@ from schemas.events import (
     SubscriptionEvent,
     UsageEvent,
 )
-from tally import kafka
-from tally.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -403,7 +403,7 @@ class ProducerOptions(BaseModel):
     retry_backoff_ms: int = Field(default=100, ge=1)
     reconnect_backoff_max_ms: int = Field(default=5_000, ge=1)
     kafka_options: dict[str, Any] = Field(default_factory=dict)
-    """Extra aiokafka producer options, over those of `tally.kafka.producer`."""
+    """Extra aiokafka producer options, over those of `runtime.kafka.producer`."""
 
 
 _BATCH_HEADERS = codec.content_type_headers(batch=True)

@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from tally.cli import Subparsers, add_group, run_until_signalled, settings
+from runtime.commands import Subparsers, add_group, run_until_signalled, settings
 
 
 def _project(args: argparse.Namespace) -> int:
     from prometheus_client import start_http_server
 
     from projections.projector import Projector
-    from tally import kafka
+    from runtime import kafka
 
     s = settings()
     s.require_database()
@@ -23,8 +23,8 @@ def _project(args: argparse.Namespace) -> int:
 
 
 def _rebuild(args: argparse.Namespace) -> int:
-    from projections.migrations import connect
     from projections.rebuild import checksum, rebuild
+    from runtime.postgres import connect
 
     s = settings()
     report = asyncio.run(rebuild(s, max_records=args.max_records))
@@ -36,8 +36,8 @@ def _rebuild(args: argparse.Namespace) -> int:
 
 
 def _checksum(args: argparse.Namespace) -> int:
-    from projections.migrations import connect
     from projections.rebuild import checksum
+    from runtime.postgres import connect
 
     with connect(settings().require_database()) as conn:
         _print_checksums(checksum(conn))
@@ -50,7 +50,7 @@ def _print_checksums(digests: dict[str, tuple[int, str]]) -> None:
 
 
 def _db_migrate(args: argparse.Namespace) -> int:
-    from projections.migrations import migrate
+    from runtime.postgres import migrate
 
     applied = migrate(settings().require_database())
     print("applied: " + ", ".join(applied) if applied else "schema is up to date")

@@ -6,6 +6,3 @@ from schemas.errors import TallyError
 class ProjectionError(TallyError):
     """Root of the projections' errors."""
 
-
-class DatabaseUnavailable(ProjectionError):
-    """Postgres could not be reached."""

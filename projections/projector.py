@@ -54,14 +54,14 @@ from projections.ledger import (
     stage_accepted,
     write_accepted,
 )
-from projections.migrations import connect, migrate
+from runtime import kafka
+from runtime.plans import METERS_KEY
+from runtime.postgres import connect, migrate
+from runtime.settings import Settings
 from schemas.codec import RecordDecodeError, decode_record, loads
 from schemas.events import SubscriptionEvent
 from schemas.plans import MeterSpec, Plan, format_validation_error
 from schemas.records import AcceptedEvent, QuotaState
-from streams.catalog_follower import METERS_KEY
-from tally import kafka
-from tally.settings import Settings
 
 log = logging.getLogger(__name__)
 

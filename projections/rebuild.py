@@ -32,9 +32,9 @@ from typing import Any
 
 from projections.errors import ProjectionError
 from projections.ledger import create_month_partitions
-from projections.migrations import connect, migrate
 from projections.projector import PROJECTION, Conn, Projector, lock_key
-from tally.settings import Settings
+from runtime.postgres import connect, migrate
+from runtime.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -35,17 +35,17 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from runtime import kafka
+from runtime.plans import CatalogFollower
+from runtime.settings import Settings, state_dir
 from schemas.codec import BATCH_CONTENT_TYPE, CONTENT_TYPE_HEADER, dumps, join_arrays, loads
 from schemas.plans import Catalog
 from streams import frames, metrics, prebatch
-from streams.catalog_follower import CatalogFollower
 from streams.errors import StateRecoveryError
 from streams.faust_transport import App
 from streams.faust_transport import Worker as FaustWorker
 from streams.processor import Effects, PartitionProcessor, ProcessorConfig, counter_key
 from streams.quota_view import QuotaView, parse_quantity
-from tally import kafka
-from tally.settings import Settings, state_dir
 
 log = logging.getLogger(__name__)
 

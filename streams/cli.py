@@ -7,13 +7,13 @@ import asyncio
 import os
 from pathlib import Path
 
-from tally.cli import Subparsers, add_group, settings
-from tally.settings import SettingsError
+from runtime.commands import Subparsers, add_group, settings
+from runtime.settings import SettingsError
 
 
 def _worker(args: argparse.Namespace) -> int:
+    from runtime import kafka
     from streams.app import run_worker
-    from tally import kafka
 
     s = settings()
     asyncio.run(kafka.ensure_topics(s))
@@ -22,7 +22,7 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _plans_publish(args: argparse.Namespace) -> int:
-    from tally.plans_publish import publish_file
+    from runtime.plans import publish_file
 
     count = asyncio.run(publish_file(settings(), Path(args.file)))
     print(f"published {count} catalog records from {args.file}")
@@ -30,8 +30,8 @@ def _plans_publish(args: argparse.Namespace) -> int:
 
 
 def _notify_serve(args: argparse.Namespace) -> int:
+    from runtime.commands import run_until_signalled
     from streams.notifier import NotifierOptions, NotifierService
-    from tally.cli import run_until_signalled
 
     secret = args.secret or os.environ.get("TALLY_WEBHOOK_SECRET", "")
     if not secret:

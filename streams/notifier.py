@@ -65,10 +65,10 @@ from aiokafka.errors import CommitFailedError, IllegalStateError
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from pydantic import ValidationError
 
+from runtime import kafka
+from runtime.settings import Settings
 from schemas.codec import dumps
 from schemas.records import Notification
-from tally import kafka
-from tally.settings import Settings
 
 log = logging.getLogger(__name__)
 

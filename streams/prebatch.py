@@ -34,11 +34,11 @@ import orjson
 from aiokafka import TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError
 
+from runtime import kafka
+from runtime.settings import Settings
 from schemas.fast_usage import check_record
 from streams import frames, metrics
 from streams.errors import StreamsError
-from tally import kafka
-from tally.settings import Settings
 
 log = logging.getLogger(__name__)
 

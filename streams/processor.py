@@ -26,6 +26,9 @@ from typing import Any, Literal
 
 from pydantic import TypeAdapter, ValidationError
 
+from domain import quota, trials
+from domain.aggregation import Counter
+from domain.periods import Period, anniversary_period, calendar_month
 from schemas.codec import RecordDecodeError, decode_record, dumps, is_batch_value
 from schemas.events import (
     SUBSCRIPTION_TYPES,
@@ -37,10 +40,7 @@ from schemas.events import (
 from schemas.fast_usage import Usage, from_model, item_of_row, read_checked, read_usage
 from schemas.plans import Catalog, PlanMeter
 from schemas.records import DeadLetter, Notification, QuotaState
-from streams import quota, trials
-from streams.aggregation import Counter
 from streams.dedup import DedupWindow
-from streams.periods import Period, anniversary_period, calendar_month
 
 _USAGE_ONE = TypeAdapter(UsageEvent)
 _SUBSCRIPTION_ONE = TypeAdapter(SubscriptionEvent)

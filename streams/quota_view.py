@@ -25,7 +25,7 @@ Decision rules (`check`)
 - no state for the key: the configured policy (`on_unknown`, default "allow"), reason
   "no quota state yet" — a tenant that never used the meter has used nothing;
 - state `blocked`: not allowed;
-- otherwise allowed iff used + quantity <= limit (`streams.quota.check`; limit None is
+- otherwise allowed iff used + quantity <= limit (`domain.quota.check`; limit None is
   unlimited);
 - the state's period has ended: the new period has no usage yet, so the state is judged
   with used = 0 against the last known limit. Without this, a blocked tenant would stay
@@ -51,11 +51,11 @@ from aiokafka import TopicPartition
 from prometheus_client import Counter, Gauge
 from pydantic import ValidationError
 
+from domain import quota
+from runtime import kafka
+from runtime.settings import Settings
 from schemas.records import QuotaState
-from streams import quota
 from streams.errors import StreamsError
-from tally import kafka
-from tally.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -22,9 +22,10 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tally import devstack, kafka
-from tally.child import healthy, start_tally
-from tally.settings import Settings
+from devtools import devstack
+from devtools.child import healthy, start_tally
+from runtime import kafka
+from runtime.settings import Settings
 
 
 def _docker_answers() -> bool:

@@ -11,11 +11,11 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
+from runtime import kafka
+from runtime.plans import publish_catalog
+from runtime.settings import Settings
 from schemas.codec import loads
 from schemas.plans import default_catalog_path, load_catalog
-from tally import kafka
-from tally.plans_publish import publish_catalog
-from tally.settings import Settings
 
 T = TypeVar("T")
 

@@ -6,9 +6,9 @@ import asyncio
 import threading
 from typing import Any
 
-from projections.migrations import migrate
 from projections.projector import Projector
-from tally.settings import Settings
+from runtime.postgres import migrate
+from runtime.settings import Settings
 
 
 class ProjectorThread:

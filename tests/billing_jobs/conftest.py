@@ -16,9 +16,9 @@ import pytest
 
 from billing_jobs.journal import RetryPolicy
 from billing_jobs.stripe_double import StripeDouble
-from projections.migrations import migrate
+from runtime.postgres import migrate
+from runtime.settings import Settings
 from schemas.plans import Catalog, default_catalog_path, load_catalog
-from tally.settings import Settings
 
 CATALOG = load_catalog(default_catalog_path())
 FAST = RetryPolicy(attempts=10, base_delay=0.005, max_delay=0.02, timeout=0.3)

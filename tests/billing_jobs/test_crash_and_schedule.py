@@ -17,9 +17,9 @@ import psycopg
 from billing_jobs.push_usage import run_push_usage
 from billing_jobs.scheduler import Job, Scheduler
 from billing_jobs.stripe_double import StripeDouble
-from tally import devstack
-from tally.child import start_tally
-from tally.settings import Settings
+from devtools import devstack
+from devtools.child import start_tally
+from runtime.settings import Settings
 from tests.billing_jobs.conftest import CATALOG, FAST, NOW
 from tests.billing_jobs.test_jobs import received
 from tests.kafka_helpers import publish_seed_catalog, wait_for

@@ -17,7 +17,7 @@ from billing_jobs.push_usage import run_push_usage
 from billing_jobs.reconcile import run_reconcile
 from billing_jobs.stripe_catalog import price_specs, sync_catalog
 from billing_jobs.stripe_double import DoubleSnapshot, StripeDouble
-from tally.settings import Settings
+from runtime.settings import Settings
 from tests.billing_jobs.conftest import (
     CATALOG,
     END,

@@ -13,10 +13,10 @@ from billing_jobs.push_usage import run_push_usage
 from billing_jobs.reconcile import run_reconcile
 from billing_jobs.stripe_catalog import sync_catalog
 from billing_jobs.stripe_double import StripeDouble
+from domain.periods import calendar_month
 from producers.sdk import SyncUsageProducer
-from projections.migrations import migrate
-from streams.periods import calendar_month
-from tally.settings import Settings
+from runtime.postgres import migrate
+from runtime.settings import Settings
 from tests.billing_jobs.conftest import CATALOG, FAST, sql
 from tests.conftest import WorkerProcess
 from tests.helpers import record, usage

@@ -15,8 +15,8 @@ from typing import Any
 from aiohttp.test_utils import TestClient, TestServer
 
 from billing_jobs.webhooks import WebhookReceiver
+from runtime.settings import Settings
 from schemas.codec import loads
-from tally.settings import Settings
 from tests.billing_jobs.conftest import sql
 from tests.kafka_helpers import read_records
 

@@ -14,8 +14,8 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from producers import ProducerOptions, UsageProducer
 from producers.gateway import create_gateway_app
+from runtime.settings import Settings
 from schemas import codec
-from tally.settings import Settings
 from tests.conftest import WorkerProcess
 from tests.helpers import record, usage
 from tests.kafka_helpers import publish, read_compacted, wait_for

@@ -14,7 +14,7 @@ import pytest
 from billing_jobs.journal import RetryPolicy
 from billing_jobs.push_usage import run_push_usage
 from billing_jobs.stripe_double import StripeDouble
-from tally.settings import Settings
+from runtime.settings import Settings
 from tests.conftest import WorkerProcess
 from tests.helpers import record, usage
 from tests.kafka_helpers import publish, publish_seed_catalog, wait_for

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from devtools import devstack
+from runtime import kafka
+from runtime.settings import Settings
 from schemas import codec
-from tally import devstack, kafka
-from tally.settings import Settings
 
 
 @dataclass(frozen=True)

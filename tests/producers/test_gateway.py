@@ -15,9 +15,9 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from producers import ProducerOptions, UsageProducer
 from producers.gateway import create_gateway_app, serve
+from runtime.settings import Settings
 from schemas import codec
 from schemas.events import SubscriptionEvent, UsageEvent
-from tally.settings import Settings
 from tests.helpers import subscription, usage
 from tests.producers import all_events, consume, run
 
@@ -345,6 +345,6 @@ def test_serve_answers_until_cancelled_and_flushes_on_the_way_out(
 
 
 def _closed_port() -> int:
-    from tally.devstack import free_port
+    from devtools.devstack import free_port
 
     return free_port()

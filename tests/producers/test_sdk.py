@@ -16,9 +16,9 @@ from producers import (
     SyncUsageProducer,
     UsageProducer,
 )
+from runtime.settings import Settings
 from schemas import codec
 from schemas.events import SubscriptionEvent, UsageEvent
-from tally.settings import Settings
 from tests.producers import all_events, consume, run
 
 SettingsFactory = Callable[..., Settings]

@@ -11,11 +11,12 @@ from typing import Any
 
 import pytest
 
+from devtools import devstack
 from producers import ProducerOptions, SpoolError, SpoolFullError, UsageProducer
 from producers.spool import Spool, SpooledRecord
+from runtime import kafka
+from runtime.settings import Settings
 from schemas import codec
-from tally import devstack, kafka
-from tally.settings import Settings
 from tests.producers import (
     all_events,
     consume,

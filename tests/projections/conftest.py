@@ -9,8 +9,8 @@ from collections.abc import Callable, Iterator
 import psycopg
 import pytest
 
-from tally import kafka
-from tally.settings import Settings
+from runtime import kafka
+from runtime.settings import Settings
 
 
 @pytest.fixture(scope="module")

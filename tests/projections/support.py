@@ -2,7 +2,7 @@
 
 The projector's input contract is `tally.usage.accepted`: key = tenant, value = a JSON
 array of AcceptedEvent. Tests write those records directly, as the worker does, and
-compute what the tables must hold with the worker's own counter (streams.aggregation).
+compute what the tables must hold with the worker's own counter (domain.aggregation).
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from typing import Any
 
 import psycopg
 
+from domain.aggregation import Counter
+from runtime.settings import Settings
 from schemas.codec import dumps
 from schemas.records import AcceptedEvent
-from streams.aggregation import Counter
-from tally.settings import Settings
 from tests.kafka_helpers import publish, wait_for
 
 PERIOD_START = datetime(2026, 11, 1, tzinfo=UTC)

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from projections.migrations import migrate
-from tally import devstack
-from tally.child import start_tally
-from tally.settings import Settings
+from devtools import devstack
+from devtools.child import start_tally
+from runtime.postgres import migrate
+from runtime.settings import Settings
 from tests.kafka_helpers import wait_for
 from tests.projections.support import (
     AGGREGATION_OF,

@@ -13,7 +13,7 @@ import psycopg
 import pytest
 
 from projections.cookbook import recipes
-from tally.settings import Settings
+from runtime.settings import Settings
 from tests.kafka_helpers import publish_seed_catalog
 from tests.projections.support import (
     PERIOD_END,

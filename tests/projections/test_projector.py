@@ -12,13 +12,13 @@ import psycopg
 import pytest
 from prometheus_client import REGISTRY
 
+from domain.aggregation import Counter
 from projections.fast_accepted import from_model
 from projections.ledger import ensure_month_partitions, stage_accepted, write_staged
-from projections.migrations import migrate
+from runtime.postgres import migrate
+from runtime.settings import Settings
 from schemas.codec import dumps
 from schemas.records import AcceptedEvent
-from streams.aggregation import Counter
-from tally.settings import Settings
 from tests.kafka_helpers import publish, wait_for
 from tests.projections.support import (
     AGGREGATION_OF,

@@ -12,12 +12,12 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from projections.migrations import connect
 from projections.rebuild import checksum
+from runtime.postgres import connect
+from runtime.settings import Settings
 from schemas.codec import dumps
 from schemas.records import QuotaState
 from tally.cli import main
-from tally.settings import Settings
 from tests.helpers import record, subscription
 from tests.kafka_helpers import publish, publish_seed_catalog
 from tests.projections.support import (

@@ -21,6 +21,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from aiokafka.partitioner import DefaultPartitioner
 
+from runtime.settings import Settings
 from schemas.codec import dumps
 from schemas.records import Notification
 from streams.notifier import (
@@ -35,7 +36,6 @@ from streams.notifier import (
     sign,
     verify_signature,
 )
-from tally.settings import Settings
 from tests.kafka_helpers import publish
 
 SECRET = "whsec_test"

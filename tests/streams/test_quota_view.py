@@ -18,6 +18,8 @@ import pytest
 from fastapi import Depends, FastAPI, Request
 from fastapi.testclient import TestClient
 
+from runtime import kafka
+from runtime.settings import Settings
 from schemas.codec import dumps
 from streams.quota_fastapi import require_quota
 from streams.quota_view import (
@@ -30,8 +32,6 @@ from streams.quota_view import (
     parse_quantity,
     quota_guard,
 )
-from tally import kafka
-from tally.settings import Settings
 from tests.conftest import WorkerProcess
 from tests.helpers import record, usage
 from tests.kafka_helpers import publish, wait_for

@@ -10,8 +10,8 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
+from runtime.settings import Settings
 from schemas.codec import loads
-from tally.settings import Settings
 from tests.conftest import WorkerProcess
 from tests.helpers import record, subscription, usage
 from tests.kafka_helpers import (

@@ -8,14 +8,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from streams.notifier import idempotency_key
-from streams.trials import (
+from domain.trials import (
     DEFAULT_NOTICE,
     TRIAL_METER,
     notice_at,
     trial_ending_due,
     trial_ending_notification,
 )
+from streams.notifier import idempotency_key
 
 END = datetime(2026, 12, 15, 12, 0, tzinfo=UTC)
 DAY = timedelta(days=1)

@@ -1,4 +1,6 @@
-"""Versioned SQL migrations: `projections/sql/NNN_name.sql`, applied in order, once each.
+"""Postgres for every stage: `connect` (driver errors translated here), the connection type,
+and the versioned schema migrations: `runtime/sql/NNN_name.sql`, applied in order, once each.
+Every package that talks to Postgres goes through this module.
 
 Safe to run twice or concurrently: a transaction-scoped advisory lock serialises runners,
 and each file is applied in the same transaction as its row in `tally.schema_migrations`.
@@ -11,7 +13,14 @@ from typing import Any
 
 import psycopg
 
-from projections.errors import DatabaseUnavailable
+from schemas.errors import TallyError
+
+Connection = psycopg.Connection[tuple[Any, ...]]
+
+
+class DatabaseUnavailable(TallyError):
+    """Postgres could not be reached."""
+
 
 SQL_DIR = Path(__file__).resolve().parent / "sql"
 _LOCK_ID = 0x7A11_0001
@@ -25,7 +34,7 @@ def migration_files() -> list[tuple[int, str, Path]]:
     return found
 
 
-def connect(database_url: str, **kwargs: Any) -> psycopg.Connection[tuple[Any, ...]]:
+def connect(database_url: str, **kwargs: Any) -> Connection:
     """A connection, with driver errors translated at this edge."""
     try:
         return psycopg.connect(database_url, **kwargs)

@@ -1,4 +1,5 @@
-"""Follow the compacted `tally.plans` topic and keep the current catalog in memory.
+"""The plan catalog on Kafka: publish it to the compacted `tally.plans` topic, read it back,
+and follow it (the current catalog kept in memory).
 
 Records: key = plan id, value = the plan; key `_meters`, value = {default_plan, meters}.
 A catalog is assembled once both kinds are present and validates as a whole; an invalid
@@ -10,15 +11,16 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from aiokafka import TopicPartition
 
+from runtime import kafka
+from runtime.settings import Settings
 from schemas.codec import dumps, loads
 from schemas.errors import CatalogError
-from schemas.plans import Catalog, parse_catalog
-from tally import kafka
-from tally.settings import Settings
+from schemas.plans import Catalog, load_catalog, parse_catalog
 
 log = logging.getLogger(__name__)
 
@@ -97,3 +99,25 @@ async def read_catalog(settings: Settings) -> Catalog | None:
     for r in await kafka.read_topic(settings, settings.topics.plans):
         records[r.key.decode() if r.key else ""] = loads(r.value) if r.value else None
     return assemble(records)
+
+
+async def publish_catalog(settings: Settings, catalog: Catalog) -> int:
+    """Write every record of the catalog; return how many were written."""
+    await kafka.ensure_topics(settings)
+    producer = kafka.producer(settings)
+    await producer.start()
+    try:
+        records = catalog_records(catalog)
+        futures = [
+            await producer.send(settings.topics.plans, key=key.encode(), value=value)
+            for key, value in records
+        ]
+        for f in futures:
+            await f
+        return len(records)
+    finally:
+        await producer.stop()
+
+
+async def publish_file(settings: Settings, path: Path) -> int:
+    return await publish_catalog(settings, load_catalog(path))

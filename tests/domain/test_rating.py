@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from billing_jobs.rating import (
+from domain.rating import (
     AppliedCoupon,
     Coupon,
     Interval,

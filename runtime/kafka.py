@@ -15,9 +15,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
+from runtime.settings import Settings
 from schemas import topics as topic_specs
 from schemas.errors import TallyError
-from tally.settings import Settings
 
 
 class KafkaUnavailable(TallyError):

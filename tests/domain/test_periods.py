@@ -3,7 +3,7 @@ from datetime import UTC, datetime, timedelta
 from hypothesis import given
 from hypothesis import strategies as st
 
-from streams.periods import Period, add_months, anniversary_period, calendar_month
+from domain.periods import Period, add_months, anniversary_period, calendar_month
 
 
 def dt(*args: int) -> datetime:

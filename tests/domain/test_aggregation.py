@@ -1,7 +1,7 @@
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal as D
 
-from streams.aggregation import Counter
+from domain.aggregation import Counter
 
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
 

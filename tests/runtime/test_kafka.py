@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tally.settings import COMPRESSIONS, Settings, SettingsError
+from runtime.settings import COMPRESSIONS, Settings, SettingsError
 from tests.kafka_helpers import publish, read_records
 
 

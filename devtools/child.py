@@ -11,7 +11,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from tally.settings import Settings
+from runtime.settings import Settings
 
 
 def start_tally(settings: Settings, args: list[str], log_path: Path,

@@ -28,17 +28,18 @@ from decimal import Decimal
 from pathlib import Path
 
 from billing_jobs.push_usage import run_push_usage
-from billing_jobs.rating import rate_period
+from devtools import devstack
+from devtools.child import start_tally
+from devtools.progress import Progress
+from domain.periods import calendar_month
+from domain.rating import rate_period
 from producers.sdk import ProducerOptions, UsageProducer
-from projections.migrations import connect, migrate
 from projections.projector import Projector
+from runtime import kafka
+from runtime.plans import publish_catalog
+from runtime.postgres import connect, migrate
+from runtime.settings import Settings
 from schemas.plans import Catalog, default_catalog_path, load_catalog
-from streams.periods import calendar_month
-from tally import devstack, kafka
-from tally.child import start_tally
-from tally.plans_publish import publish_catalog
-from tally.progress import Progress
-from tally.settings import Settings
 
 
 @dataclass(frozen=True)

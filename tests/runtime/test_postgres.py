@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import psycopg
 import pytest
 
-from projections.migrations import SQL_DIR, migrate, migration_files
+from runtime.postgres import SQL_DIR, migrate, migration_files
 
 
 def test_migrate_twice_applies_everything_once(database_url: str) -> None:

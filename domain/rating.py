@@ -60,7 +60,7 @@ from typing import Annotated, Literal, ParamSpec, TypeVar
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
-from billing_jobs.errors import BillingError
+from domain.errors import DomainError
 from schemas.plans import Graduated, Package, PerUnit, Plan, PlanMeter, Pricing, Tier
 
 Interval = Literal["month", "year"]
@@ -77,7 +77,7 @@ _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
 
-class RatingError(BillingError):
+class RatingError(DomainError):
     """The inputs cannot be rated: a missing price, an unknown meter, a bad tier table."""
 
 

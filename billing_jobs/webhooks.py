@@ -34,7 +34,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from billing_jobs import metrics
 from billing_jobs.errors import BillingError
-from producers.sdk import ProducerOptions, SubscriptionKind, UsageProducer
+from producers import ProducerOptions, SubscriptionKind, UsageProducer
 from runtime.postgres import migrate
 from runtime.settings import Settings
 

@@ -33,7 +33,7 @@ from devtools.child import start_tally
 from devtools.progress import Progress
 from domain.periods import calendar_month
 from domain.rating import rate_period
-from producers.sdk import ProducerOptions, UsageProducer
+from producers import ProducerOptions, UsageProducer
 from projections.projector import Projector
 from runtime import kafka
 from runtime.plans import publish_catalog

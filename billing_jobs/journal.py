@@ -25,14 +25,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import psycopg
 import stripe
 from psycopg.types.json import Jsonb
 
 from billing_jobs import metrics
 from billing_jobs.errors import StripeCallError
+from runtime.postgres import Connection
 
-Conn = psycopg.Connection[tuple[Any, ...]]
 T = TypeVar("T")
 
 
@@ -73,7 +72,7 @@ def is_duplicate_identifier(error: stripe.StripeError) -> bool:
     )
 
 
-def succeeded_object(conn: Conn, key: str) -> str | None:
+def succeeded_object(conn: Connection, key: str) -> str | None:
     """The Stripe object id of a call already made successfully with this key."""
     row = conn.execute(
         "SELECT stripe_object_id FROM tally.stripe_pushes"
@@ -83,7 +82,7 @@ def succeeded_object(conn: Conn, key: str) -> str | None:
 
 
 def call(
-    conn: Conn, *, key: str, kind: str, tenant_id: str, summary: dict[str, Any],
+    conn: Connection, *, key: str, kind: str, tenant_id: str, summary: dict[str, Any],
     request: Callable[[str], Any], policy: RetryPolicy, sleep: Callable[[float], None] = time.sleep,
 ) -> str:
     """Make one journaled Stripe call; return the Stripe object id.
@@ -103,7 +102,7 @@ def call(
 
 
 def call_batch(
-    conn: Conn, *, items: list[tuple[str, str, dict[str, Any]]], kind: str,
+    conn: Connection, *, items: list[tuple[str, str, dict[str, Any]]], kind: str,
     request: Callable[[], Any], policy: RetryPolicy, sleep: Callable[[float], None] = time.sleep,
 ) -> None:
     """One Stripe call carrying several (key, tenant, summary) items, each journaled alone.
@@ -132,7 +131,7 @@ def read(request: Callable[[], T], policy: RetryPolicy,
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def record_failure(conn: Conn, *, key: str, kind: str, tenant_id: str,
+def record_failure(conn: Connection, *, key: str, kind: str, tenant_id: str,
                    summary: dict[str, Any], error: str, reason: str) -> None:
     """Journal a call that could not even be made (see the module docstring)."""
     conn.execute(
@@ -147,7 +146,7 @@ def record_failure(conn: Conn, *, key: str, kind: str, tenant_id: str,
 
 
 def _journaled(
-    conn: Conn, items: list[tuple[str, str, dict[str, Any]]], kind: str,
+    conn: Connection, items: list[tuple[str, str, dict[str, Any]]], kind: str,
     send: Callable[[], list[str]], policy: RetryPolicy, sleep: Callable[[float], None],
 ) -> list[str]:
     keys = [key for key, _, _ in items]
@@ -191,7 +190,8 @@ def _journaled(
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _finish(conn: Conn, key: str, status: str, object_id: str | None, error: str | None) -> None:
+def _finish(conn: Connection, key: str, status: str, object_id: str | None,
+            error: str | None) -> None:
     conn.execute(
         "UPDATE tally.stripe_pushes SET status = %s, stripe_object_id = %s, last_error = %s,"
         " updated_at = now() WHERE idempotency_key = %s",

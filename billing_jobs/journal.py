@@ -15,14 +15,16 @@ so the journal is the one place to look for why something was not billed.
 
 A batch call (`call_batch`, the v2 meter event stream) journals every item under its own
 key, exactly as `call` does, so a crashed high-volume run is finished by either mode.
+`entries` reads the journal back (`tally jobs journal`).
 """
 
 from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, TypeVar
 
 import stripe
@@ -30,7 +32,7 @@ from psycopg.types.json import Jsonb
 
 from billing_jobs import metrics
 from billing_jobs.errors import StripeCallError
-from runtime.postgres import Connection
+from runtime.postgres import Connection, fetch_rows
 
 T = TypeVar("T")
 
@@ -143,6 +145,30 @@ def record_failure(conn: Connection, *, key: str, kind: str, tenant_id: str,
         (key, kind, tenant_id, Jsonb(summary), error),
     )
     metrics.STRIPE_CALLS.labels(kind, reason).inc()
+
+
+@dataclass(frozen=True)
+class JournalEntry:
+    """One journaled Stripe call, as `tally jobs journal` lists it."""
+
+    updated_at: datetime
+    status: str
+    kind: str
+    tenant_id: str
+    idempotency_key: str
+    attempts: int
+    detail: str  # the last error, else the Stripe object id, else ""
+
+
+def entries(conn: Connection, statuses: Sequence[str], limit: int) -> list[JournalEntry]:
+    """The `limit` most recently updated calls whose status is one of `statuses`."""
+    return fetch_rows(
+        conn, JournalEntry,
+        "SELECT updated_at, status, kind, tenant_id, idempotency_key, attempts,"
+        " coalesce(last_error, stripe_object_id, '') AS detail FROM tally.stripe_pushes"
+        " WHERE status = ANY(%s) ORDER BY updated_at DESC LIMIT %s",
+        (list(statuses), limit),
+    )
 
 
 def _journaled(

@@ -53,6 +53,7 @@ from pydantic import TypeAdapter
 from devtools import devstack
 from projections.ledger import create_month_partitions
 from projections.projector import Batch, Projector
+from projections.queries import usage_event_count
 from runtime.postgres import Connection, connect, migrate
 from runtime.settings import Settings
 from schemas.codec import dumps
@@ -278,8 +279,8 @@ def main(argv: list[str] | None = None) -> int:
                 migrate(url)
                 with connect(url) as conn:
                     seconds = run(conn, records, args.batch)
-                    rows = conn.execute("SELECT count(*) FROM tally.usage_events").fetchone()
-                assert rows is not None and rows[0] == distinct, (rows, distinct)
+                    rows = usage_event_count(conn)
+                assert rows == distinct, (rows, distinct)
                 rates[name] = args.events / seconds
                 emit({"bench": f"projection_{name}", "events": args.events,
                       "distinct": distinct, "batch": args.batch,

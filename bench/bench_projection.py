@@ -46,7 +46,6 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import psycopg
 from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
 from pydantic import TypeAdapter
@@ -54,7 +53,8 @@ from pydantic import TypeAdapter
 from devtools import devstack
 from projections.ledger import create_month_partitions
 from projections.projector import Batch, Projector
-from runtime.postgres import migrate
+from projections.queries import usage_event_count
+from runtime.postgres import Connection, connect, migrate
 from runtime.settings import Settings
 from schemas.codec import dumps
 from schemas.records import AcceptedEvent
@@ -64,7 +64,6 @@ PERIOD_END = datetime(2026, 12, 1, tzinfo=UTC)
 METERS = ("api_calls", "tokens", "executions", "storage_mb")
 AGGREGATION = {"api_calls": "sum", "tokens": "sum", "executions": "count", "storage_mb": "max"}
 EVENTS_PER_RECORD = 100
-Conn = psycopg.Connection[tuple[Any, ...]]
 # The usual way to read a record: the model validates it straight from its JSON.
 _MODEL = TypeAdapter(list[AcceptedEvent])
 
@@ -98,14 +97,14 @@ def make_records(n: int, tenants: int, seed: int = 7) -> tuple[list[tuple[bytes,
     return records, len({(e["tenant_id"], e["event_id"]) for e in events})
 
 
-def _offsets(conn: Conn, batch_no: int) -> None:
+def _offsets(conn: Connection, batch_no: int) -> None:
     conn.execute(
         "INSERT INTO tally.projection_offsets VALUES ('bench', 'tally.usage.accepted', 0, %s)"
         " ON CONFLICT (projection, topic, partition) DO UPDATE SET"
         " next_offset = excluded.next_offset", (batch_no + 1,))
 
 
-def run_batched(conn: Conn, values: list[tuple[bytes, bytes]], batch: int) -> float:
+def run_batched(conn: Connection, values: list[tuple[bytes, bytes]], batch: int) -> float:
     settings = Settings()
     projector = Projector(settings)
     tp = TopicPartition(settings.topics.usage_accepted, 0)
@@ -151,7 +150,7 @@ _PERIOD = (
     " event_count = p.event_count + 1, plan_id = excluded.plan_id")
 
 
-def run_per_event(conn: Conn, values: list[tuple[bytes, bytes]], batch: int) -> float:
+def run_per_event(conn: Connection, values: list[tuple[bytes, bytes]], batch: int) -> float:
     months: set[datetime] = set()
     per_batch = max(batch // EVENTS_PER_RECORD, 1)
     started = time.perf_counter()
@@ -176,7 +175,7 @@ def run_per_event(conn: Conn, values: list[tuple[bytes, bytes]], batch: int) -> 
     return time.perf_counter() - started
 
 
-def fill_ledger(conn: Conn, rows: int, tenants: int) -> float:
+def fill_ledger(conn: Connection, rows: int, tenants: int) -> float:
     """`rows` ledger rows over 12 months and `tenants` tenants, and their rollup, in SQL."""
     started = time.perf_counter()
     with conn.transaction():
@@ -210,7 +209,7 @@ def _percentiles(samples: list[float]) -> dict[str, float]:
             "p99_ms": round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000, 3)}
 
 
-def time_lookups(conn: Conn, tenants: int, lookups: int) -> dict[str, float]:
+def time_lookups(conn: Connection, tenants: int, lookups: int) -> dict[str, float]:
     rng = random.Random(1)
     samples = []
     for _ in range(lookups):
@@ -223,7 +222,7 @@ def time_lookups(conn: Conn, tenants: int, lookups: int) -> dict[str, float]:
     return _percentiles(samples)
 
 
-def time_as_of(conn: Conn, tenants: int, lookups: int) -> dict[str, float]:
+def time_as_of(conn: Connection, tenants: int, lookups: int) -> dict[str, float]:
     rng = random.Random(2)
     samples = []
     for _ in range(lookups):
@@ -237,12 +236,12 @@ def time_as_of(conn: Conn, tenants: int, lookups: int) -> dict[str, float]:
 @contextmanager
 def database(admin_url: str) -> Iterator[str]:
     name = f"bench_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(admin_url, autocommit=True) as conn:
+    with connect(admin_url, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     try:
         yield admin_url.rsplit("/", 1)[0] + "/" + name
     finally:
-        with psycopg.connect(admin_url, autocommit=True) as conn:
+        with connect(admin_url, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
@@ -278,10 +277,10 @@ def main(argv: list[str] | None = None) -> int:
         for name, run in (("batched_copy", run_batched), ("per_event_upsert", run_per_event)):
             with database(admin_url) as url:
                 migrate(url)
-                with psycopg.connect(url) as conn:
+                with connect(url) as conn:
                     seconds = run(conn, records, args.batch)
-                    rows = conn.execute("SELECT count(*) FROM tally.usage_events").fetchone()
-                assert rows is not None and rows[0] == distinct, (rows, distinct)
+                    rows = usage_event_count(conn)
+                assert rows == distinct, (rows, distinct)
                 rates[name] = args.events / seconds
                 emit({"bench": f"projection_{name}", "events": args.events,
                       "distinct": distinct, "batch": args.batch,
@@ -293,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
 
         with database(admin_url) as url:
             migrate(url)
-            with psycopg.connect(url) as conn:
+            with connect(url) as conn:
                 fill = fill_ledger(conn, args.ledger_rows, args.tenants * 5)
                 lookup = time_lookups(conn, args.tenants * 5, args.lookups)
                 emit({"bench": "usage_by_period_lookup", "ledger_rows": args.ledger_rows,

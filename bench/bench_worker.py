@@ -76,7 +76,7 @@ def make_records(events: int, per_record: int) -> list[tuple[bytes, bytes]]:
 
 
 def _sdk_time(moment: datetime) -> str:
-    """The text producers.sdk writes for a time: microseconds, "Z", no fraction if zero."""
+    """The text the producer SDK writes for a time: microseconds, "Z", no fraction if zero."""
     return moment.isoformat().replace("+00:00", "Z")
 
 

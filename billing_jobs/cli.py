@@ -53,19 +53,16 @@ def _sync_catalog(args: argparse.Namespace) -> int:
 
 
 def _journal(args: argparse.Namespace) -> int:
+    from billing_jobs.journal import entries
     from runtime.postgres import connect
 
     statuses = ["failed", "pending"] if not args.all else ["failed", "pending", "succeeded"]
     with connect(settings().require_database()) as conn:
-        rows = conn.execute(
-            "SELECT updated_at, status, kind, tenant_id, idempotency_key, attempts,"
-            " coalesce(last_error, stripe_object_id, '') FROM tally.stripe_pushes"
-            " WHERE status = ANY(%s) ORDER BY updated_at DESC LIMIT %s",
-            (statuses, args.limit)).fetchall()
-    for at, status, kind, tenant, key, attempts, detail in rows:
-        print(f"{at:%Y-%m-%d %H:%M:%S} {status:<9} {kind:<16} {tenant:<20} {key}"
-              f" (attempts {attempts}) {detail}")
-    return 1 if any(r[1] == "failed" for r in rows) else 0
+        rows = entries(conn, statuses, args.limit)
+    for e in rows:
+        print(f"{e.updated_at:%Y-%m-%d %H:%M:%S} {e.status:<9} {e.kind:<16} {e.tenant_id:<20}"
+              f" {e.idempotency_key} (attempts {e.attempts}) {e.detail}")
+    return 1 if any(e.status == "failed" for e in rows) else 0
 
 
 def _schedule(args: argparse.Namespace) -> int:

@@ -44,7 +44,7 @@ from billing_jobs.errors import BillingError
 from billing_jobs.push_usage import load_catalog
 from domain.periods import months_between
 from domain.rating import Interval, InvoiceDraft, RatingError, rate_period
-from runtime.postgres import connect, migrate
+from runtime.postgres import Connection, connect, migrate
 from runtime.settings import Settings
 from schemas.plans import Catalog
 
@@ -127,7 +127,7 @@ class Invoicer:
         return result
 
     @staticmethod
-    def _failed(conn: journal.Conn, result: InvoiceResult, inv: str, tenant: str,
+    def _failed(conn: Connection, result: InvoiceResult, inv: str, tenant: str,
                 e: Exception) -> None:
         metrics.PUSH_ERRORS.labels("invoice", type(e).__name__).inc()
         if isinstance(e, RatingError):  # no Stripe call was made: journal why
@@ -136,7 +136,7 @@ class Invoicer:
                                    error=f"RatingError: {e}", reason="rating_error")
         result.failed.append(f"{inv}: {e}")
 
-    def _closed_periods(self, conn: journal.Conn,
+    def _closed_periods(self, conn: Connection,
                         now: datetime) -> list[tuple[str, datetime, datetime, str]]:
         rows = conn.execute(
             "SELECT u.tenant_id, u.period_start, max(u.period_end), max(u.plan_id)"
@@ -149,7 +149,7 @@ class Invoicer:
 
     # -- step 1 ---------------------------------------------------------------------------
 
-    def _rate_and_store(self, conn: journal.Conn, tenant: str, start: datetime, end: datetime,
+    def _rate_and_store(self, conn: Connection, tenant: str, start: datetime, end: datetime,
                         plan_id: str) -> None:
         inv = invoice_id(tenant, start)
         interval = interval_of(start, end)
@@ -203,7 +203,7 @@ class Invoicer:
                             ln.amount_cents))
         return out
 
-    def _carried(self, conn: journal.Conn, tenant: str,
+    def _carried(self, conn: Connection, tenant: str,
                  before: datetime) -> list[tuple[str, str, Decimal, Line]]:
         """Usage that reached the tenant's invoiced periods after they were rated."""
         rows = conn.execute(
@@ -235,7 +235,7 @@ class Invoicer:
 
     # -- steps 2-4 ------------------------------------------------------------------------
 
-    def _bill(self, conn: journal.Conn, inv: str, tenant: str, customer: str | None) -> int:
+    def _bill(self, conn: Connection, inv: str, tenant: str, customer: str | None) -> int:
         head = conn.execute(
             "SELECT period_start, period_end, currency, total_cents, plan_id, billing_interval"
             " FROM tally.invoices WHERE invoice_id = %s", (inv,)).fetchone()
@@ -282,7 +282,7 @@ class Invoicer:
                      " WHERE invoice_id = %s AND status = 'draft'", (status, inv))
         return int(total)
 
-    def _prices(self, conn: journal.Conn, inv: str, tenant: str, plan_id: str, interval: str,
+    def _prices(self, conn: Connection, inv: str, tenant: str, plan_id: str, interval: str,
                 lines: list[Any]) -> dict[int, str]:
         """The Stripe price behind each line; a priced line without one stops this invoice.
 

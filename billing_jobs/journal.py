@@ -15,24 +15,25 @@ so the journal is the one place to look for why something was not billed.
 
 A batch call (`call_batch`, the v2 meter event stream) journals every item under its own
 key, exactly as `call` does, so a crashed high-volume run is finished by either mode.
+`entries` reads the journal back (`tally jobs journal`).
 """
 
 from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, TypeVar
 
-import psycopg
 import stripe
 from psycopg.types.json import Jsonb
 
 from billing_jobs import metrics
 from billing_jobs.errors import StripeCallError
+from runtime.postgres import Connection, fetch_rows
 
-Conn = psycopg.Connection[tuple[Any, ...]]
 T = TypeVar("T")
 
 
@@ -73,7 +74,7 @@ def is_duplicate_identifier(error: stripe.StripeError) -> bool:
     )
 
 
-def succeeded_object(conn: Conn, key: str) -> str | None:
+def succeeded_object(conn: Connection, key: str) -> str | None:
     """The Stripe object id of a call already made successfully with this key."""
     row = conn.execute(
         "SELECT stripe_object_id FROM tally.stripe_pushes"
@@ -83,7 +84,7 @@ def succeeded_object(conn: Conn, key: str) -> str | None:
 
 
 def call(
-    conn: Conn, *, key: str, kind: str, tenant_id: str, summary: dict[str, Any],
+    conn: Connection, *, key: str, kind: str, tenant_id: str, summary: dict[str, Any],
     request: Callable[[str], Any], policy: RetryPolicy, sleep: Callable[[float], None] = time.sleep,
 ) -> str:
     """Make one journaled Stripe call; return the Stripe object id.
@@ -103,7 +104,7 @@ def call(
 
 
 def call_batch(
-    conn: Conn, *, items: list[tuple[str, str, dict[str, Any]]], kind: str,
+    conn: Connection, *, items: list[tuple[str, str, dict[str, Any]]], kind: str,
     request: Callable[[], Any], policy: RetryPolicy, sleep: Callable[[float], None] = time.sleep,
 ) -> None:
     """One Stripe call carrying several (key, tenant, summary) items, each journaled alone.
@@ -132,7 +133,7 @@ def read(request: Callable[[], T], policy: RetryPolicy,
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def record_failure(conn: Conn, *, key: str, kind: str, tenant_id: str,
+def record_failure(conn: Connection, *, key: str, kind: str, tenant_id: str,
                    summary: dict[str, Any], error: str, reason: str) -> None:
     """Journal a call that could not even be made (see the module docstring)."""
     conn.execute(
@@ -146,8 +147,32 @@ def record_failure(conn: Conn, *, key: str, kind: str, tenant_id: str,
     metrics.STRIPE_CALLS.labels(kind, reason).inc()
 
 
+@dataclass(frozen=True)
+class JournalEntry:
+    """One journaled Stripe call, as `tally jobs journal` lists it."""
+
+    updated_at: datetime
+    status: str
+    kind: str
+    tenant_id: str
+    idempotency_key: str
+    attempts: int
+    detail: str  # the last error, else the Stripe object id, else ""
+
+
+def entries(conn: Connection, statuses: Sequence[str], limit: int) -> list[JournalEntry]:
+    """The `limit` most recently updated calls whose status is one of `statuses`."""
+    return fetch_rows(
+        conn, JournalEntry,
+        "SELECT updated_at, status, kind, tenant_id, idempotency_key, attempts,"
+        " coalesce(last_error, stripe_object_id, '') AS detail FROM tally.stripe_pushes"
+        " WHERE status = ANY(%s) ORDER BY updated_at DESC LIMIT %s",
+        (list(statuses), limit),
+    )
+
+
 def _journaled(
-    conn: Conn, items: list[tuple[str, str, dict[str, Any]]], kind: str,
+    conn: Connection, items: list[tuple[str, str, dict[str, Any]]], kind: str,
     send: Callable[[], list[str]], policy: RetryPolicy, sleep: Callable[[float], None],
 ) -> list[str]:
     keys = [key for key, _, _ in items]
@@ -191,7 +216,8 @@ def _journaled(
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _finish(conn: Conn, key: str, status: str, object_id: str | None, error: str | None) -> None:
+def _finish(conn: Connection, key: str, status: str, object_id: str | None,
+            error: str | None) -> None:
     conn.execute(
         "UPDATE tally.stripe_pushes SET status = %s, stripe_object_id = %s, last_error = %s,"
         " updated_at = now() WHERE idempotency_key = %s",

@@ -29,7 +29,7 @@ import stripe
 from billing_jobs import journal, metrics, stripe_api, stripe_catalog
 from billing_jobs.errors import BillingError
 from runtime.plans import read_catalog
-from runtime.postgres import connect, migrate
+from runtime.postgres import Connection, connect, migrate
 from runtime.settings import Settings
 from schemas.plans import Catalog
 
@@ -147,7 +147,7 @@ class UsagePusher:
         result.failed.append(f"{what}: {e}")
 
     def _unsent(
-        self, conn: journal.Conn, tenant: str, meter: str, start: datetime, end: datetime,
+        self, conn: Connection, tenant: str, meter: str, start: datetime, end: datetime,
         quantity: Decimal, customer_id: str, now: datetime,
     ) -> list[Send]:
         """What is unsent for one tenant, meter and period, oldest first."""
@@ -178,7 +178,7 @@ class UsagePusher:
         return [*sends, Send(identifier(tenant, meter, start, total), tenant, meter,
                              customer_id, summary)]
 
-    def _send(self, conn: journal.Conn, send: Send) -> None:
+    def _send(self, conn: Connection, send: Send) -> None:
         journal.call(
             conn, key=send.key, kind="meter_event", tenant_id=send.tenant,
             summary={k: v for k, v in send.summary.items() if k != "resent"},
@@ -188,7 +188,7 @@ class UsagePusher:
             policy=self.policy,
         )
 
-    def _stream(self, conn: journal.Conn, result: PushResult, sends: list[Send]) -> None:
+    def _stream(self, conn: Connection, result: PushResult, sends: list[Send]) -> None:
         """`--high-volume`: the v2 meter event stream, up to 100 events per request.
 
         Same journal keys as the v1 path, so either mode finishes the other's crashed run.

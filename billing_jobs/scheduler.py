@@ -22,8 +22,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from billing_jobs import metrics
-from billing_jobs.journal import Conn
-from runtime.postgres import connect
+from runtime.postgres import Connection, connect, fetch_value
 from schemas.errors import TallyError
 
 log = logging.getLogger(__name__)
@@ -62,11 +61,10 @@ class Scheduler:
                     return
                 self.stop_event.wait(max(0.0, min(min(due.values()) - time.monotonic(), 1.0)))
 
-    def run_job(self, conn: Conn, job: Job) -> str:
+    def run_job(self, conn: Connection, job: Job) -> str:
         """Run `job` if no other scheduler runs it now; return the outcome."""
-        row = conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))",
-                           (f"tally-job:{job.name}",)).fetchone()
-        if row is None or not row[0]:
+        if not fetch_value(conn, "SELECT pg_try_advisory_lock(hashtext(%s))",
+                           (f"tally-job:{job.name}",)):
             outcome = "locked"  # another scheduler is running it right now
         else:
             started = time.monotonic()

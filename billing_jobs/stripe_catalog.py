@@ -35,7 +35,7 @@ from stripe.params import PriceCreateParams, PriceCreateParamsTier
 
 from billing_jobs import journal, metrics, stripe_api
 from billing_jobs.errors import BillingError
-from runtime.postgres import connect, migrate
+from runtime.postgres import Connection, connect, migrate
 from runtime.settings import Settings
 from schemas.plans import Catalog, Graduated, Package, PerUnit, Plan, PlanMeter, Volume
 
@@ -179,7 +179,7 @@ def customer_key(tenant: str) -> str:
     return f"tally-customer-{tenant}"
 
 
-def ensure_meter(conn: journal.Conn, client: stripe.StripeClient, catalog: Catalog, meter: str,
+def ensure_meter(conn: Connection, client: stripe.StripeClient, catalog: Catalog, meter: str,
                  policy: journal.RetryPolicy, *, create: bool = True) -> str:
     """The Stripe meter id of a catalog meter, created (once) if allowed."""
     key = meter_key(meter)
@@ -201,7 +201,7 @@ def ensure_meter(conn: journal.Conn, client: stripe.StripeClient, catalog: Catal
     )
 
 
-def ensure_customer(conn: journal.Conn, client: stripe.StripeClient, tenant: str,
+def ensure_customer(conn: Connection, client: stripe.StripeClient, tenant: str,
                     known: str | None, policy: journal.RetryPolicy, *,
                     create: bool = True) -> str:
     """The tenant's Stripe customer: from its subscription, an earlier run, or created once."""
@@ -221,7 +221,7 @@ def ensure_customer(conn: journal.Conn, client: stripe.StripeClient, tenant: str
     )
 
 
-def _missing(conn: journal.Conn, key: str, kind: str, tenant: str, summary: dict[str, Any],
+def _missing(conn: Connection, key: str, kind: str, tenant: str, summary: dict[str, Any],
              error: str, reason: str) -> None:
     journal.record_failure(conn, key=key, kind=kind, tenant_id=tenant, summary=summary,
                            error=error, reason=reason)
@@ -254,7 +254,7 @@ def sync_catalog(settings: Settings, catalog: Catalog,
     return result
 
 
-def _ensure_price(conn: journal.Conn, client: stripe.StripeClient, spec: PriceSpec,
+def _ensure_price(conn: Connection, client: stripe.StripeClient, spec: PriceSpec,
                   result: SyncResult, policy: journal.RetryPolicy) -> str:
     meter_id = None
     if spec.kind == "metered":

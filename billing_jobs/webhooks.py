@@ -27,15 +27,14 @@ import signal
 from datetime import UTC, datetime
 from typing import Any
 
-import psycopg
 import stripe
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from billing_jobs import metrics
 from billing_jobs.errors import BillingError
-from producers.sdk import ProducerOptions, SubscriptionKind, UsageProducer
-from runtime.postgres import migrate
+from producers import ProducerOptions, SubscriptionKind, UsageProducer
+from runtime.postgres import AsyncConnection, connect_async, migrate
 from runtime.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -67,7 +66,7 @@ class WebhookReceiver:
         self.tolerance = tolerance
         self.database_url = settings.require_database()
         self.producer: UsageProducer | None = None
-        self.conn: psycopg.AsyncConnection[tuple[Any, ...]] | None = None
+        self.conn: AsyncConnection | None = None
         self.lock = asyncio.Lock()  # one connection: requests take turns on it
 
     def app(self) -> web.Application:
@@ -81,7 +80,7 @@ class WebhookReceiver:
 
     async def _start(self, _app: web.Application) -> None:
         await asyncio.to_thread(migrate, self.database_url)
-        self.conn = await psycopg.AsyncConnection.connect(self.database_url, autocommit=True)
+        self.conn = await connect_async(self.database_url, autocommit=True)
         self.producer = UsageProducer(self.settings, ProducerOptions(source="stripe/webhooks"))
         await self.producer.start()
 

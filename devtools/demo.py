@@ -33,8 +33,9 @@ from devtools.child import start_tally
 from devtools.progress import Progress
 from domain.periods import calendar_month
 from domain.rating import rate_period
-from producers.sdk import ProducerOptions, UsageProducer
+from producers import ProducerOptions, UsageProducer
 from projections.projector import Projector
+from projections.queries import period_quantities, usage_event_count, usage_with_quota
 from runtime import kafka
 from runtime.plans import publish_catalog
 from runtime.postgres import connect, migrate
@@ -172,8 +173,7 @@ def wait_for_ledger(database_url: str, expected: int, timeout: float = 180) -> i
     count = 0
     with connect(database_url, autocommit=True) as conn:
         while time.monotonic() < deadline:
-            row = conn.execute("SELECT count(*) FROM tally.usage_events").fetchone()
-            count = int(row[0]) if row else 0
+            count = usage_event_count(conn)
             progress.update(count)
             if count >= expected:
                 break
@@ -186,14 +186,11 @@ def report(settings: Settings, catalog: Catalog, pushed: dict[tuple[str, str], D
            dead_letters: int) -> str:
     rows = []
     with connect(settings.require_database()) as conn:
-        usage = conn.execute(
-            "SELECT u.tenant_id, u.meter, u.quantity, u.plan_id, q.state, q.\"limit\""
-            " FROM tally.usage_by_period u LEFT JOIN tally.quota_state q"
-            " USING (tenant_id, meter) ORDER BY 1, 2"
-        ).fetchall()
-    by_tenant: dict[str, list[tuple[str, Decimal, str, str, Decimal | None]]] = {}
-    for tenant, meter, quantity, plan_id, state, limit in usage:
-        by_tenant.setdefault(tenant, []).append((meter, quantity, plan_id, state, limit))
+        usage = usage_with_quota(conn)
+    by_tenant: dict[str, list[tuple[str, Decimal, str, str | None, Decimal | None]]] = {}
+    for u in usage:
+        by_tenant.setdefault(u.tenant_id, []).append(
+            (u.meter, u.quantity, u.plan_id, u.state, u.limit))
     header = (f"{'tenant':<11} {'plan':<11} {'meter':<11} {'used':>11} {'limit':>11} "
               f"{'state':<9} {'to Stripe':>10} {'invoice':>10}")
     rows.append(header)
@@ -279,8 +276,7 @@ def _clean_up(home: Path) -> None:
 def _stripe_mismatches(settings: Settings, pushed: dict[tuple[str, str], Decimal]) -> list[str]:
     """(tenant, meter) whose pushed total differs from the period usage in Postgres."""
     with connect(settings.require_database()) as conn:
-        used = {(t, m): q for t, m, q in conn.execute(
-            "SELECT tenant_id, meter, quantity FROM tally.usage_by_period")}
+        used = period_quantities(conn)
     return [f"{t}/{m}: used {q}, pushed {pushed.get((t, m), 0)}"
             for (t, m), q in sorted(used.items()) if pushed.get((t, m), Decimal(0)) != q]
 

@@ -2,9 +2,19 @@
 
     from producers import ProducerOptions, UsageProducer
 
-See `producers.sdk` for the delivery guarantees and `producers.gateway` for the HTTP API.
+This package's namespace is the SDK's public API. Its modules: `producers.producer` (the
+async `UsageProducer` and its delivery guarantees), `producers.sync` (the blocking facade),
+`producers.options`, `producers.encoding` (validation and the wire form), `producers.ids`
+(UUIDv7 event ids), `producers.batching` and `producers.delivery` (the producer's two
+halves), `producers.spool`; `producers.gateway` is the HTTP API.
 """
 
+from producers.encoding import (
+    SubscriptionKind,
+    TallyEvent,
+    build_subscription_event,
+    build_usage_event,
+)
 from producers.errors import (
     DeliveryError,
     InvalidEventError,
@@ -16,15 +26,10 @@ from producers.errors import (
     SpoolError,
     SpoolFullError,
 )
-from producers.sdk import (
-    ProducerOptions,
-    SyncUsageProducer,
-    UsageProducer,
-    build_subscription_event,
-    build_usage_event,
-    new_event_id,
-    uuid7,
-)
+from producers.ids import new_event_id, uuid7
+from producers.options import ProducerOptions
+from producers.producer import UsageProducer
+from producers.sync import SyncUsageProducer
 
 __all__ = [
     "DeliveryError",
@@ -37,7 +42,9 @@ __all__ = [
     "ProducerUnavailableError",
     "SpoolError",
     "SpoolFullError",
+    "SubscriptionKind",
     "SyncUsageProducer",
+    "TallyEvent",
     "UsageProducer",
     "build_subscription_event",
     "build_usage_event",

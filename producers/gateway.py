@@ -50,8 +50,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
 from producers import metrics
+from producers.encoding import TallyEvent
 from producers.errors import ProducerError
-from producers.sdk import ProducerOptions, TallyEvent, UsageProducer
+from producers.options import ProducerOptions
+from producers.producer import UsageProducer
 from runtime.settings import Settings, state_dir
 from schemas import codec
 from schemas.events import SUBSCRIPTION_TYPES, USAGE_TYPE, SubscriptionEvent, UsageEvent

@@ -56,7 +56,7 @@ from projections.ledger import (
 )
 from runtime import kafka
 from runtime.plans import METERS_KEY
-from runtime.postgres import connect, migrate
+from runtime.postgres import Connection, connect, migrate
 from runtime.settings import Settings
 from schemas.codec import RecordDecodeError, decode_record, loads
 from schemas.events import SubscriptionEvent
@@ -80,7 +80,6 @@ _STATUS = {
 # from the stored offsets.
 _REJECTED = (psycopg.DataError, psycopg.IntegrityError, psycopg.errors.CardinalityViolation)
 
-Conn = psycopg.Connection[tuple[Any, ...]]
 Record: TypeAlias = ConsumerRecord[bytes, bytes]
 Records: TypeAlias = list[Record]
 
@@ -166,7 +165,7 @@ class Projector:
         t = settings.topics
         self.accepted_topic = t.usage_accepted
         # The accepted events have their own path (`_project_accepted`).
-        self.handlers: dict[str, Callable[[Conn, Batch, Records], None]] = {
+        self.handlers: dict[str, Callable[[Connection, Batch, Records], None]] = {
             t.subscriptions: self._project_subscriptions,
             t.quota_state: self._project_quota_states,
             t.plans: self._project_plans,
@@ -189,7 +188,7 @@ class Projector:
             finally:
                 await self.close()
 
-    async def project(self, conn: Conn, batches: AsyncIterator[Batch | None]) -> None:
+    async def project(self, conn: Connection, batches: AsyncIterator[Batch | None]) -> None:
         """Commit the batches in order (None: nothing fetched this time).
 
         The next batch is fetched, decoded and staged by a task of this event loop, which
@@ -213,7 +212,7 @@ class Projector:
     def stop(self) -> None:
         self.stopping.set()
 
-    async def open(self, conn: Conn) -> None:
+    async def open(self, conn: Connection) -> None:
         """Start the consumer at the stored offsets of this projection."""
         self._consumer = kafka.consumer(self.settings)
         await self._consumer.start()
@@ -229,7 +228,7 @@ class Projector:
         """Next offset per (topic, partition), as last committed by this projector."""
         return dict(self._committed)
 
-    async def step(self, conn: Conn) -> int:
+    async def step(self, conn: Connection) -> int:
         """Fetch and apply one batch; return how many records it held (0: caught up)."""
         fetched = await self._fetch()
         if not fetched:
@@ -256,7 +255,7 @@ class Projector:
             self._observe_caught_up()
         return fetched
 
-    async def _assign(self, conn: Conn) -> None:
+    async def _assign(self, conn: Connection) -> None:
         assert self._consumer is not None
         consumer = self._consumer
         with conn.transaction():
@@ -272,7 +271,7 @@ class Projector:
             else:
                 await consumer.seek_to_beginning(tp)
 
-    def _stored_offsets(self, conn: Conn) -> dict[tuple[str, int], int]:
+    def _stored_offsets(self, conn: Connection) -> dict[tuple[str, int], int]:
         return {
             (topic, partition): offset
             for topic, partition, offset in conn.execute(
@@ -290,7 +289,7 @@ class Projector:
                          if (pairs := self._decode_accepted(batch, r))])
         return batch
 
-    async def commit(self, conn: Conn, batch: Batch) -> bool:
+    async def commit(self, conn: Connection, batch: Batch) -> bool:
         """Apply a prepared batch in one transaction (steps 2-3 of the module docstring).
 
         Returns False when fenced: nothing was written and the caller re-seeks.
@@ -361,7 +360,7 @@ class Projector:
 
     # --- problems ----------------------------------------------------------------------
 
-    def _write_problems(self, conn: Conn, problems: list[Problem]) -> None:
+    def _write_problems(self, conn: Connection, problems: list[Problem]) -> None:
         if not problems:
             return
         with conn.cursor() as cur:
@@ -408,7 +407,7 @@ class Projector:
             return None
         return event
 
-    async def _project_accepted(self, conn: Conn, batch: Batch) -> None:
+    async def _project_accepted(self, conn: Connection, batch: Batch) -> None:
         """The ledger and rollups, from the accepted events `prepare` decoded and staged."""
         ensure_month_partitions(conn, batch.staged, self._months, self.schema)
         try:
@@ -426,7 +425,7 @@ class Projector:
         except _REJECTED:
             self._write_accepted_one_by_one(conn, batch)
 
-    def _write_accepted_one_by_one(self, conn: Conn, batch: Batch) -> None:
+    def _write_accepted_one_by_one(self, conn: Connection, batch: Batch) -> None:
         """The slow path after the database refused the batch: a savepoint per record,
         then per event of a refused record, in log order; refused events are reported."""
         for r, pairs in batch.accepted:
@@ -443,7 +442,7 @@ class Projector:
                 except _REJECTED as e:
                     batch.report(r, index, "rejected_by_database", str(e).splitlines()[0])
 
-    def _project_subscriptions(self, conn: Conn, batch: Batch, records: Records) -> None:
+    def _project_subscriptions(self, conn: Connection, batch: Batch, records: Records) -> None:
         rows = []
         for r in records:
             try:
@@ -478,7 +477,7 @@ class Projector:
                 rows,
             )
 
-    def _project_quota_states(self, conn: Conn, batch: Batch, records: Records) -> None:
+    def _project_quota_states(self, conn: Connection, batch: Batch, records: Records) -> None:
         # A compacted topic: only the latest value per key matters, and a tombstone deletes
         # (a rebuild after compaction sees no record for that key at all).
         latest: dict[tuple[str, str], tuple[QuotaState, datetime] | None] = {}
@@ -511,7 +510,7 @@ class Projector:
                  for value in latest.values() if value is not None for q, at in [value]],
             )
 
-    def _project_plans(self, conn: Conn, batch: Batch, records: Records) -> None:
+    def _project_plans(self, conn: Connection, batch: Batch, records: Records) -> None:
         # Compacted too: each key's latest value replaces what it described.
         latest: dict[str, Record] = {}
         for r in records:

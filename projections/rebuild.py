@@ -32,8 +32,8 @@ from typing import Any
 
 from projections.errors import ProjectionError
 from projections.ledger import create_month_partitions
-from projections.projector import PROJECTION, Conn, Projector, lock_key
-from runtime.postgres import connect, migrate
+from projections.projector import PROJECTION, Projector, lock_key
+from runtime.postgres import Connection, connect, fetch_value, migrate
 from runtime.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ class RebuildReport:
     offsets: dict[tuple[str, int], int]
 
 
-def checksum(conn: Conn, schema: str = LIVE) -> dict[str, tuple[int, str]]:
+def checksum(conn: Connection, schema: str = LIVE) -> dict[str, tuple[int, str]]:
     """table -> (rows, digest). Order-independent: the digest sums a hash of each row's
     canonical JSON (UTC timestamps, numerics as stored), so equal rows give equal digests
     however they were written. Streams through the table; no sort, no big aggregate."""
@@ -97,14 +97,14 @@ def checksum(conn: Conn, schema: str = LIVE) -> dict[str, tuple[int, str]]:
     return digests
 
 
-def _columns(conn: Conn, table: str) -> str:
+def _columns(conn: Connection, table: str) -> str:
     names = [r[0] for r in conn.execute(
         "SELECT column_name FROM information_schema.columns WHERE table_schema = %s"
         " AND table_name = %s ORDER BY ordinal_position", (LIVE, table))]
     return ", ".join(f'"{n}"' for n in names)
 
 
-def prepare_shadow(conn: Conn) -> None:
+def prepare_shadow(conn: Connection) -> None:
     """An empty copy of every rebuilt table (and of projection_offsets) in the shadow."""
     with conn.transaction():
         conn.execute(f"DROP SCHEMA IF EXISTS {SHADOW} CASCADE")
@@ -115,7 +115,7 @@ def prepare_shadow(conn: Conn) -> None:
                          f" (LIKE {LIVE}.{table} INCLUDING ALL){partitioned}")
 
 
-def _swap(conn: Conn) -> None:
+def _swap(conn: Connection) -> None:
     """Replace the live rows with the shadow's (inside the caller's transaction)."""
     months = {row[0].astimezone(UTC) for row in conn.execute(
         f"SELECT DISTINCT date_trunc('month', event_time, 'UTC') FROM {SHADOW}.usage_events")}
@@ -138,7 +138,7 @@ async def rebuild(settings: Settings, max_records: int = 20000,
     database_url = settings.require_database()
     migrate(database_url)
     with connect(database_url, autocommit=True) as conn:
-        if not conn.execute("SELECT pg_try_advisory_lock(%s)", (_REBUILD_LOCK,)).fetchone()[0]:  # type: ignore[index]
+        if not fetch_value(conn, "SELECT pg_try_advisory_lock(%s)", (_REBUILD_LOCK,)):
             raise RebuildError("another rebuild is running on this database")
         conn.autocommit = False
         prepare_shadow(conn)

@@ -1,5 +1,6 @@
-"""Postgres for every stage: `connect` (driver errors translated here), the connection type,
-and the versioned schema migrations: `runtime/sql/NNN_name.sql`, applied in order, once each.
+"""Postgres for every stage: `connect` and `connect_async` (driver errors translated here),
+the connection types, row helpers (`fetch_rows`, `fetch_value`), and the versioned schema
+migrations: `runtime/sql/NNN_name.sql`, applied in order, once each.
 Every package that talks to Postgres goes through this module.
 
 Safe to run twice or concurrently: a transaction-scoped advisory lock serialises runners,
@@ -9,13 +10,17 @@ and each file is applied in the same transaction as its row in `tally.schema_mig
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, LiteralString, TypeVar
 
 import psycopg
+from psycopg.abc import Params
+from psycopg.rows import class_row
 
 from schemas.errors import TallyError
 
 Connection = psycopg.Connection[tuple[Any, ...]]
+AsyncConnection = psycopg.AsyncConnection[tuple[Any, ...]]
+R = TypeVar("R")
 
 
 class DatabaseUnavailable(TallyError):
@@ -40,6 +45,28 @@ def connect(database_url: str, **kwargs: Any) -> Connection:
         return psycopg.connect(database_url, **kwargs)
     except psycopg.OperationalError as e:
         raise DatabaseUnavailable(f"cannot connect to Postgres: {e}") from e
+
+
+async def connect_async(database_url: str, **kwargs: Any) -> AsyncConnection:
+    """An asyncio connection, with driver errors translated at this edge."""
+    try:
+        return await psycopg.AsyncConnection.connect(database_url, **kwargs)
+    except psycopg.OperationalError as e:
+        raise DatabaseUnavailable(f"cannot connect to Postgres: {e}") from e
+
+
+def fetch_rows(conn: Connection, row_type: type[R], query: LiteralString,
+               params: Params | None = None) -> list[R]:
+    """Every row of `query`, each as a `row_type` built from its columns by name (a frozen
+    dataclass whose fields are the selected columns, in any order)."""
+    with conn.cursor(row_factory=class_row(row_type)) as cur:
+        return cur.execute(query, params).fetchall()
+
+
+def fetch_value(conn: Connection, query: LiteralString, params: Params | None = None) -> Any:
+    """The first column of the first row of `query`; None when it returns no row."""
+    row = conn.execute(query, params).fetchone()
+    return None if row is None else row[0]
 
 
 def migrate(database_url: str) -> list[str]:

@@ -14,7 +14,7 @@ from billing_jobs.reconcile import run_reconcile
 from billing_jobs.stripe_catalog import sync_catalog
 from billing_jobs.stripe_double import StripeDouble
 from domain.periods import calendar_month
-from producers.sdk import SyncUsageProducer
+from producers import SyncUsageProducer
 from runtime.postgres import migrate
 from runtime.settings import Settings
 from tests.billing_jobs.conftest import CATALOG, FAST, sql

@@ -15,8 +15,15 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from producers import InvalidEventError, ProducerError, build_subscription_event, new_event_id
-from producers.sdk import _fast_usage_event, build_usage_event, uuid7
+from producers import (
+    InvalidEventError,
+    ProducerError,
+    build_subscription_event,
+    build_usage_event,
+    new_event_id,
+    uuid7,
+)
+from producers.encoding import fast_usage_event
 from schemas.errors import TallyError
 from schemas.events import USAGE_TYPE, UsageEvent
 
@@ -188,7 +195,7 @@ times = st.one_of(
 def test_fast_path_accepts_only_what_the_model_accepts_and_builds_the_same_event(
     tenant: Any, meter: Any, quantity: Any, dims: Any, event_id: Any, time: Any,
 ) -> None:
-    fast = _fast_usage_event(tenant, meter, quantity, dims, event_id, time, SOURCE)
+    fast = fast_usage_event(tenant, meter, quantity, dims, event_id, time, SOURCE)
     try:
         built: dict[str, Any] | None = build_usage_event(
             tenant, meter, quantity, dimensions=dims, event_id=event_id, time=time,
@@ -228,7 +235,7 @@ def test_fast_path_accepts_only_what_the_model_accepts_and_builds_the_same_event
 def test_fast_path_takes_plain_valid_input_and_builds_what_the_model_builds(
     tenant: str, meter: str, quantity: Any, dims: Any, event_id: Any, time: Any,
 ) -> None:
-    fast = _fast_usage_event(tenant, meter, quantity, dims, event_id, time, SOURCE)
+    fast = fast_usage_event(tenant, meter, quantity, dims, event_id, time, SOURCE)
     assert fast is not None
     assert fast == model_dump(tenant, meter, quantity, dims, event_id or fast["id"],
                               time or datetime.fromisoformat(fast["time"]))

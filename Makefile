@@ -14,10 +14,13 @@ STAMP  := $(VENV)/.installed
 install: $(STAMP)
 
 # constraints.txt pins every dependency (the lock); refresh it with `make lock`.
-$(STAMP): pyproject.toml constraints.txt
+# The test kit (testkit/: the Stripe double, package stripe_testkit) is installed here,
+# beside the dev extra: a PEP 508 extra cannot name a local path portably, so `.[dev]`
+# cannot pull it in, and a runtime install (`pip install .`) never has it.
+$(STAMP): pyproject.toml testkit/pyproject.toml constraints.txt
 	@test -n "$(PYTHON)" || { echo "need Python 3.11 or newer on PATH (python3.11 ... python3.14)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e ./testkit -e '.[dev]'
 	touch $(STAMP)
 
 lock: $(STAMP)

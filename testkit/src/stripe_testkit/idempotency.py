@@ -1,0 +1,80 @@
+"""Idempotency keys: the responses stored under them, replayed on a repeat.
+
+A POST whose ``Idempotency-Key`` was seen before with the same method, path and
+parameters replays the stored response with ``Idempotent-Replayed: true``; different
+parameters give 400 ``idempotency_error``. Like Stripe, only requests that reached the
+API method are stored (their 200s and their business 400s); requests refused earlier
+(authentication, unknown or missing parameters, injected faults) are not, so the key
+stays usable for a retry.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Final
+
+from stripe_testkit.errors import JSON, ApiError, Response
+
+__all__ = ["ReplayStore", "fingerprint"]
+
+# Stripe forgets idempotency keys after 24 hours; the double keeps the newest ones, so a
+# long demo run holds bounded memory for them (every SDK POST carries a fresh key).
+_MAX_REMEMBERED_KEYS: Final = 200_000
+
+
+def fingerprint(method: str, path: str, params: JSON) -> str:
+    """What a repeat must match to be replayed: method, path and parameters."""
+    return json.dumps([method, path, params], sort_keys=True)
+
+
+@dataclass
+class _Replay:
+    fingerprint: str
+    response: Response
+
+
+class ReplayStore:
+    """The newest responses by idempotency key, oldest forgotten first.
+
+    Not thread-safe by itself: :class:`~stripe_testkit.StripeDouble` looks a key up and
+    stores its response with its one lock held, so two requests with one key never both
+    run the handler.
+    """
+
+    def __init__(self, capacity: int = _MAX_REMEMBERED_KEYS) -> None:
+        self._capacity = capacity
+        self._replays: dict[str, _Replay] = {}
+
+    def replay(self, key: str, fingerprint: str) -> Response | None:
+        """The stored response for ``key``, marked replayed; None if the key is new.
+
+        Raises the ``idempotency_error`` if the key was first used with other parameters.
+        """
+        replay = self._replays.get(key)
+        if replay is None:
+            return None
+        if replay.fingerprint != fingerprint:
+            raise ApiError(
+                400,
+                "Keys for idempotent requests can only be used with the same "
+                "parameters they were first used with. Try using a key other "
+                f"than '{key}' if you meant to execute a different request.",
+                type_="idempotency_error",
+            )
+        stored = replay.response
+        return Response(
+            stored.status,
+            stored.body,
+            {**stored.headers, "Idempotent-Replayed": "true", "Idempotency-Key": key},
+        )
+
+    def store(self, key: str, fingerprint: str, response: Response) -> None:
+        """Remember ``response`` (a snapshot the caller no longer changes) under ``key``."""
+        self._replays[key] = _Replay(fingerprint, response)
+        if len(self._replays) > self._capacity:
+            del self._replays[next(iter(self._replays))]  # dicts keep insertion order
+
+    def clear(self) -> None:
+        """Forget every key."""
+        self._replays.clear()

@@ -1,0 +1,49 @@
+"""The double's objects, and what a handler sees of one request."""
+
+from __future__ import annotations
+
+import secrets
+import string
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final
+
+from stripe_testkit.errors import JSON
+
+__all__ = ["DAY", "Call", "State", "new_id"]
+
+DAY: Final = 86_400
+
+
+class State:
+    """Stripe's objects, by resource; the handlers in the resource modules change them.
+
+    Not thread-safe by itself: :class:`~stripe_testkit.StripeDouble` calls every handler
+    with its one lock held, so each request is atomic and requests are linearizable.
+    """
+
+    def __init__(self) -> None:
+        self.customers: dict[str, JSON] = {}
+        self.meters: dict[str, JSON] = {}
+        self.meter_events: list[JSON] = []
+        self.identifiers: set[str] = set()
+        self.invoice_items: dict[str, JSON] = {}
+        self.invoices: dict[str, JSON] = {}
+        self.prices: dict[str, JSON] = {}
+        self.products: dict[str, JSON] = {}
+        self.sessions: dict[str, float] = {}
+        self.dropped_stream_events: list[JSON] = []
+
+
+@dataclass(frozen=True)
+class Call:
+    """What a handler sees of one request."""
+
+    params: JSON
+    path: Mapping[str, str]
+    now: int
+
+
+def new_id(prefix: str) -> str:
+    alphabet = string.ascii_letters + string.digits
+    return prefix + "_" + "".join(secrets.choice(alphabet) for _ in range(24))

@@ -13,9 +13,9 @@ from typing import Any
 
 import psycopg
 import pytest
+from stripe_testkit import StripeDouble
 
 from billing_jobs.journal import RetryPolicy
-from billing_jobs.stripe_double import StripeDouble
 from runtime.postgres import migrate
 from runtime.settings import Settings
 from schemas.plans import Catalog, default_catalog_path, load_catalog

@@ -13,10 +13,10 @@ from decimal import Decimal
 from pathlib import Path
 
 import psycopg
+from stripe_testkit import StripeDouble
 
 from billing_jobs.push_usage import run_push_usage
 from billing_jobs.scheduler import Job, Scheduler
-from billing_jobs.stripe_double import StripeDouble
 from devtools import devstack
 from devtools.child import start_tally
 from runtime.settings import Settings

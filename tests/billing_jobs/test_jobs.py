@@ -10,13 +10,13 @@ from typing import Any
 
 import pytest
 from prometheus_client import REGISTRY
+from stripe_testkit import DoubleSnapshot, StripeDouble
 
 from billing_jobs import stripe_api
 from billing_jobs.invoicing import run_invoice
 from billing_jobs.push_usage import run_push_usage
 from billing_jobs.reconcile import run_reconcile
 from billing_jobs.stripe_catalog import price_specs, sync_catalog
-from billing_jobs.stripe_double import DoubleSnapshot, StripeDouble
 from runtime.settings import Settings
 from tests.billing_jobs.conftest import (
     CATALOG,

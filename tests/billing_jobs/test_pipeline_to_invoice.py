@@ -7,12 +7,12 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from stripe_testkit import StripeDouble
 
 from billing_jobs.invoicing import run_invoice
 from billing_jobs.push_usage import run_push_usage
 from billing_jobs.reconcile import run_reconcile
 from billing_jobs.stripe_catalog import sync_catalog
-from billing_jobs.stripe_double import StripeDouble
 from domain.periods import calendar_month
 from producers import SyncUsageProducer
 from runtime.postgres import migrate

@@ -10,10 +10,10 @@ from decimal import Decimal
 
 import psycopg
 import pytest
+from stripe_testkit import StripeDouble
 
 from billing_jobs.journal import RetryPolicy
 from billing_jobs.push_usage import run_push_usage
-from billing_jobs.stripe_double import StripeDouble
 from runtime.settings import Settings
 from tests.conftest import WorkerProcess
 from tests.helpers import record, usage

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,15 +12,12 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import pytest
 import stripe
+from stripe_testkit import StripeDouble
 
-from billing_jobs.stripe_double import StripeDouble
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 HOUR = 3600
 
 
@@ -585,12 +581,10 @@ def test_request_without_an_api_key_is_unauthorized(double: StripeDouble) -> Non
 
 def test_command_line_server_serves_and_stops_cleanly_on_sigterm() -> None:
     process = subprocess.Popen(
-        [sys.executable, "-m", "billing_jobs.stripe_double", "--port", "0"],
-        cwd=REPO_ROOT,
+        [sys.executable, "-m", "stripe_testkit", "--port", "0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
     )
     try:
         assert process.stdout is not None

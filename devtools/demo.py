@@ -1,19 +1,21 @@
 """`make demo` / `tally demo`: the whole pipeline on synthetic traffic, then a report.
 
 Starts what it needs (embedded Tansu + Postgres unless KAFKA_BOOTSTRAP_SERVERS /
-DATABASE_URL are set; the Stripe double unless STRIPE_API_KEY is set), publishes the seed
-plan catalog and subscriptions, runs the worker and the projector, sends usage through the
-producer SDK (with retries that duplicate events, and a few malformed records), pushes the
-usage to Stripe, prints a per-tenant report and stops everything it started — also on
-Ctrl-C.
+DATABASE_URL are set; the test kit's Stripe double, as a child process, unless
+STRIPE_API_KEY is set), publishes the seed plan catalog and subscriptions, runs the worker
+and the projector, sends usage through the producer SDK (with retries that duplicate
+events, and a few malformed records), pushes the usage to Stripe, prints a per-tenant
+report and stops everything it started — also on Ctrl-C.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import os
 import random
+import select
 import shutil
 import signal
 import subprocess
@@ -30,6 +32,7 @@ from pathlib import Path
 from billing_jobs.push_usage import run_push_usage
 from devtools import devstack
 from devtools.child import start_tally
+from devtools.errors import DevtoolsError
 from devtools.progress import Progress
 from domain.periods import calendar_month
 from domain.rating import rate_period
@@ -82,16 +85,54 @@ def demo_stack(home: Path) -> contextlib.AbstractContextManager[dict[str, str]]:
     return devstack.embedded_where_missing(home, configured)
 
 
+# The Stripe double is in the test kit (testkit/, a distribution of its own that only the
+# developer install adds). The product never imports the test kit: the demo runs the
+# double as a child process and talks to it over HTTP, as to Stripe.
+STRIPE_DOUBLE_MODULE = "stripe_testkit"
+_LISTENING = "stripe double listening on "  # the first line `python -m stripe_testkit` prints
+
+
 @contextlib.contextmanager
-def stripe_endpoint() -> Iterator[dict[str, str]]:
+def stripe_endpoint(home: Path) -> Iterator[dict[str, str]]:
     if os.environ.get("STRIPE_API_KEY"):
         yield {"stripe_api_key": os.environ["STRIPE_API_KEY"],
                "stripe_api_base": os.environ.get("STRIPE_API_BASE", "")}
         return
-    from billing_jobs.stripe_double import StripeDouble
+    with stripe_double_process(home / "stripe-double.log") as url:
+        yield {"stripe_api_key": "sk_test_tally_demo", "stripe_api_base": url}
 
-    with StripeDouble() as double:
-        yield {"stripe_api_key": "sk_test_tally_demo", "stripe_api_base": double.url}
+
+@contextlib.contextmanager
+def stripe_double_process(log_path: Path, timeout: float = 30) -> Iterator[str]:
+    """`python -m stripe_testkit --port 0` as a child process; yields the address it
+    prints, and stops it with SIGTERM on exit. Its log goes to `log_path`."""
+    if importlib.util.find_spec(STRIPE_DOUBLE_MODULE) is None:  # a runtime-only install
+        raise DevtoolsError("tally demo needs the developer install (make install): "
+                            "the Stripe double is in the test kit")
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", STRIPE_DOUBLE_MODULE, "--port", "0"],
+            stdout=subprocess.PIPE, stderr=log,
+            start_new_session=True,  # Ctrl-C reaches the demo, which stops it in order
+        )
+    try:
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], timeout)
+        line = proc.stdout.readline().decode(errors="replace") if ready else ""
+        if not line.startswith(_LISTENING):
+            raise DevtoolsError(f"the Stripe double did not start within {timeout:.0f}s; "
+                                f"its log: {log_path}")
+        yield line.removeprefix(_LISTENING).strip()
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 @contextlib.contextmanager
@@ -220,7 +261,8 @@ def run_demo(tenants: int = 8, events: int = 60000) -> int:
     now = datetime.now(UTC)
     started = time.monotonic()
     try:
-        with demo_stack(home) as env, stripe_endpoint() as stripe_env:
+        # Stripe first: without the test kit the demo stops before starting a stack.
+        with stripe_endpoint(home) as stripe_env, demo_stack(home) as env:
             settings = Settings(
                 kafka_bootstrap_servers=env["KAFKA_BOOTSTRAP_SERVERS"],
                 database_url=env["DATABASE_URL"],
@@ -265,12 +307,14 @@ def run_demo(tenants: int = 8, events: int = 60000) -> int:
 
 
 def _clean_up(home: Path) -> None:
-    """Remove the demo's data; keep the worker log if something went wrong."""
-    log = home / "worker.log"
-    if log.exists() and "Traceback" in log.read_text(errors="replace"):
-        print(f"worker log kept at {log}", file=sys.stderr)
-        return
-    shutil.rmtree(home, ignore_errors=True)
+    """Remove the demo's data; keep the logs (worker, Stripe double) if something went
+    wrong in a child process."""
+    kept = [log for log in sorted(home.glob("*.log"))
+            if "Traceback" in log.read_text(errors="replace")]
+    for log in kept:
+        print(f"{log.stem} log kept at {log}", file=sys.stderr)
+    if not kept:
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def _stripe_mismatches(settings: Settings, pushed: dict[tuple[str, str], Decimal]) -> list[str]:

@@ -213,20 +213,20 @@ class StripeDouble:
     def inspect(self) -> DoubleSnapshot:
         """A consistent deep copy of the current state."""
         with self._lock:
-            api = self._state
-            state = copy.deepcopy(
+            live = self._state
+            copied = copy.deepcopy(
                 (
-                    tuple(api.customers.values()),
-                    tuple(api.meters.values()),
-                    tuple(api.meter_events),
-                    tuple(api.invoice_items.values()),
-                    tuple(api.prices.values()),
-                    tuple(render_invoice(api, i) for i in api.invoices.values()),
-                    tuple(api.dropped_stream_events),
+                    tuple(live.customers.values()),
+                    tuple(live.meters.values()),
+                    tuple(live.meter_events),
+                    tuple(live.invoice_items.values()),
+                    tuple(live.prices.values()),
+                    tuple(render_invoice(live, i) for i in live.invoices.values()),
+                    tuple(live.dropped_stream_events),
                 )
             )
             counts, faults_injected = dict(self._counts), self._faults.injected
-        customers, meters, meter_events, invoice_items, prices, invoices, dropped = state
+        customers, meters, meter_events, invoice_items, prices, invoices, dropped = copied
         return DoubleSnapshot(
             customers=customers,
             meters=meters,

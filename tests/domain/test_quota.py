@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from schemas.plans import PlanMeter
 from domain import quota
+from schemas.plans import PlanMeter
 
 FREE = PlanMeter(included=D(1000), hard_limit=D(1000))
 STARTER = PlanMeter(included=D(10000), hard_limit=D(20000))

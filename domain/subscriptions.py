@@ -249,7 +249,9 @@ def _created(drafts: list[_Draft], event: SubscriptionEvent, catalog: Catalog) -
     data = event.data
     plan_id, interval = _plan_and_interval(event, catalog)
     start = whole_second(data.period_start)
-    live = _live(drafts, whole_second(event.time))
+    # Live where the new one starts: a successor may be created to start when a scheduled
+    # cancel takes effect.
+    live = _live(drafts, start)
     if live is not None:
         if live.start == start and live.plans[0].plan_id == plan_id:
             return  # the same creation stated again

@@ -87,6 +87,14 @@ def test_a_new_subscription_after_a_cancel_is_a_second_subscription() -> None:
     assert (first.end, second.start) == (d(1, 10), d(2, 5))
 
 
+def test_a_successor_may_start_where_a_scheduled_cancel_ends_its_predecessor() -> None:
+    first, second = derive(event("created", d(1, 1), "starter"),
+                           event("canceled", d(1, 10), "starter", d(1, 1), d(2, 1),
+                                 cancel_at_period_end=True),
+                           event("created", d(1, 10), "pro", d(2, 1)))
+    assert (first.end, second.start, second.plans[0].plan_id) == (d(2, 1), d(2, 1), "pro")
+
+
 def test_segments_cut_at_trial_end_and_plan_changes_and_end_canceled() -> None:
     (sub,) = derive(event("created", d(1, 1), "pro", trial_end=d(1, 15)),
                     event("plan_changed", d(1, 20), "starter", d(1, 15), d(2, 15)),

@@ -208,6 +208,15 @@ def test_cancel_at_period_end_has_a_last_invoice_with_usage_and_no_fee() -> None
     assert totals(invoices) == [(d(1, 1), "opening", 2900), (d(2, 1), "final", 200)]
 
 
+def test_a_yearly_plan_change_prorates_the_rest_of_the_year_on_the_next_monthly_invoice() -> None:
+    invoices = schedule([event("created", d(1, 1), "starter", months=12),
+                         event("plan_changed", d(7, 2), "pro", d(7, 2), d(7, 2, year=2027))],
+                        now=d(8, 1, 1))
+    # 183 of 365 days remain: 29000 x 183/365 = 14539.73, 99000 x 183/365 = 49635.62.
+    assert amounts(on(invoices, d(8, 1))) == [("proration_credit", None, -14540),
+                                              ("proration_charge", None, 49636)]
+
+
 def test_a_yearly_subscription_canceled_at_once_is_credited_the_rest_of_its_year() -> None:
     invoices = schedule([event("created", d(1, 1), "starter", months=12),
                          event("canceled", d(3, 1), "starter", d(1, 1), d(1, 1, year=2027))])

@@ -41,7 +41,7 @@ from domain.cycles import (
     is_fee_boundary,
     seconds_between,
 )
-from domain.rating import Coupon, RatingError
+from domain.rating import Coupon, RatingError, interval_fee
 from domain.subscriptions import Subscription
 from domain.usage_charges import (
     Line,
@@ -241,11 +241,7 @@ class _Schedule:
         return lines
 
     def _fee(self, plan: Plan) -> Decimal:
-        if self.sub.interval == "month":
-            return plan.monthly_fee_cents
-        if plan.yearly_fee_cents is None:
-            raise RatingError(f"plan {plan.name!r} has no yearly price")
-        return plan.yearly_fee_cents
+        return interval_fee(plan, self.sub.interval)
 
     def _fee_line(self, moment: datetime) -> Line:
         plan = self.catalog.plans[self.sub.plan_at(moment)]

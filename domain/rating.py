@@ -328,7 +328,8 @@ def _check_usage(plan: Plan, usage: Mapping[str, Decimal]) -> None:
         raise RatingError("; ".join(sorted(problems)))
 
 
-def _fee(plan: Plan, interval: Interval) -> Decimal:
+def interval_fee(plan: Plan, interval: Interval) -> Decimal:
+    """The plan's fee for one month or one year; RatingError if it has no yearly price."""
     if interval == "month":
         return plan.monthly_fee_cents
     if plan.yearly_fee_cents is None:
@@ -340,7 +341,7 @@ def _fee_line(
     kind: LineKind, plan: Plan, interval: Interval, billed: Decimal, period: Decimal
 ) -> InvoiceLine:
     """The fee of `plan` for `billed` of the period's `period` microseconds."""
-    fee = _fee(plan, interval)
+    fee = interval_fee(plan, interval)
     # Display only. The amount divides once, at 60 digits, so an exact half cent stays a tie.
     fraction = (billed / period).quantize(_UNIT_PRICE_PLACES).normalize()
     description = f"{plan.name} {interval}ly fee"

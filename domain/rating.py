@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import ROUND_CEILING, ROUND_HALF_EVEN, ROUND_HALF_UP, Context, Decimal, localcontext
 from itertools import pairwise
@@ -191,9 +192,13 @@ def _in_fixed_context(function: Callable[_P, _R]) -> Callable[_P, _R]:
 
 
 @_in_fixed_context
-def to_cents(amount: Decimal) -> int:
-    """Round an exact amount of cents to whole cents, half up: the one rounding per line."""
-    return int(amount.quantize(_ONE_CENT, rounding=ROUND_HALF_UP))
+def to_cents(amount: Decimal, rounding: str = ROUND_HALF_UP) -> int:
+    """Round an exact amount of cents to whole cents: the one rounding per line.
+
+    Half up for `rate_period`; the subscription billing model (docs/billing.md) passes
+    ROUND_HALF_EVEN.
+    """
+    return int(amount.quantize(_ONE_CENT, rounding=rounding))
 
 
 # --- pricing models: exact Decimal cents for a quantity of overage units ----------------------
@@ -323,7 +328,8 @@ def _check_usage(plan: Plan, usage: Mapping[str, Decimal]) -> None:
         raise RatingError("; ".join(sorted(problems)))
 
 
-def _fee(plan: Plan, interval: Interval) -> Decimal:
+def interval_fee(plan: Plan, interval: Interval) -> Decimal:
+    """The plan's fee for one month or one year; RatingError if it has no yearly price."""
     if interval == "month":
         return plan.monthly_fee_cents
     if plan.yearly_fee_cents is None:
@@ -335,7 +341,7 @@ def _fee_line(
     kind: LineKind, plan: Plan, interval: Interval, billed: Decimal, period: Decimal
 ) -> InvoiceLine:
     """The fee of `plan` for `billed` of the period's `period` microseconds."""
-    fee = _fee(plan, interval)
+    fee = interval_fee(plan, interval)
     # Display only. The amount divides once, at 60 digits, so an exact half cent stays a tie.
     fraction = (billed / period).quantize(_UNIT_PRICE_PLACES).normalize()
     description = f"{plan.name} {interval}ly fee"
@@ -370,26 +376,47 @@ def _span(start: datetime, end: datetime) -> Decimal:
     return Decimal((end - start) // timedelta(microseconds=1))
 
 
+@dataclass(frozen=True)
+class OverageCharge:
+    """What an overage of one meter costs, before the line's rounding.
+
+    `quantity x unit_amount_cents` is the charge for per-unit and package pricing; for tiers
+    `unit_amount_cents` is the average price per unit, for display, and `exact_cents` is exact.
+    """
+
+    quantity: Decimal  # overage units, or whole packages for package pricing
+    unit_amount_cents: Decimal
+    exact_cents: Decimal
+    detail: str  # how the quantity was priced, for the line's description ("" for per unit)
+
+
+@_in_fixed_context
+def overage_charge(pricing: Pricing, over: Decimal) -> OverageCharge:
+    """The charge for `over` units above the allowance, under any pricing model."""
+    if isinstance(pricing, PerUnit):
+        exact = per_unit_amount(pricing, over)
+        return OverageCharge(over, pricing.unit_amount_cents, exact, "")
+    if isinstance(pricing, Package):
+        # The line counts packages, so quantity x unit price is the amount.
+        packages = package_count(pricing, over)
+        detail = f", {packages} packages of {pricing.package_size}"
+        return OverageCharge(packages, pricing.package_amount_cents,
+                             package_amount(pricing, over), detail)
+    tiered = graduated_amount if isinstance(pricing, Graduated) else volume_amount
+    exact = tiered(pricing.tiers, over)
+    average = (exact / over).quantize(_UNIT_PRICE_PLACES) if over else Decimal(0)
+    detail = f" ({pricing.model} tiers; unit price is the average)"
+    return OverageCharge(over, average, exact, detail)
+
+
 def _usage_line(meter: str, terms: PlanMeter, used: Decimal) -> InvoiceLine:
     """The overage charge of one meter: usage above `included`, at the meter's pricing."""
     assert terms.overage is not None and terms.included is not None  # filtered by the caller
     over = max(Decimal(0), used - terms.included)
-    description = f"{meter}: {used} used, {terms.included} included, {over} over"
-    pricing: Pricing = terms.overage
-    if isinstance(pricing, PerUnit):
-        exact = per_unit_amount(pricing, over)
-        return _line("usage", meter, description, over, pricing.unit_amount_cents, exact)
-    if isinstance(pricing, Package):
-        # The line counts packages, so quantity x unit price is the amount.
-        packages = package_count(pricing, over)
-        description += f", {packages} packages of {pricing.package_size}"
-        exact = package_amount(pricing, over)
-        return _line("usage", meter, description, packages, pricing.package_amount_cents, exact)
-    tiered = graduated_amount if isinstance(pricing, Graduated) else volume_amount
-    exact = tiered(pricing.tiers, over)
-    average = (exact / over).quantize(_UNIT_PRICE_PLACES) if over else Decimal(0)
-    description += f" ({pricing.model} tiers; unit price is the average)"
-    return _line("usage", meter, description, over, average, exact)
+    charge = overage_charge(terms.overage, over)
+    description = f"{meter}: {used} used, {terms.included} included, {over} over{charge.detail}"
+    return _line("usage", meter, description, charge.quantity, charge.unit_amount_cents,
+                 charge.exact_cents)
 
 
 def _line(

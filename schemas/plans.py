@@ -122,6 +122,9 @@ class Plan(BaseModel):
     monthly_fee_cents: NonNegative = Decimal(0)
     yearly_fee_cents: NonNegative | None = None
     trial_days: Annotated[int, Field(ge=0)] = 0
+    # Least the usage charges of one monthly cycle come to; a "minimum" line tops them up
+    # (docs/billing.md, rule 9). None: no minimum.
+    minimum_cents: NonNegative | None = None
     tier: Annotated[int, Field(ge=0)] = 0  # upgrade order
     features: list[str] = Field(default_factory=list)
     meters: dict[Name, PlanMeter] = Field(default_factory=dict)

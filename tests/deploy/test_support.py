@@ -44,6 +44,10 @@ def test_an_unknown_metric_or_label_is_reported() -> None:
         "tally_worker_eventz_total: no such metric in the code"]
     assert unknown_metrics('tally_worker_events_total{meter="x"}') == [
         "tally_worker_events_total: no label meter"]
+    # A metric's own `job` label is stored as `exported_job`; other metrics have none.
+    assert unknown_metrics('tally_billing_job_runs_total{exported_job="invoice"}') == []
+    assert unknown_metrics('tally_worker_events_total{exported_job="x"}') == [
+        "tally_worker_events_total: no label exported_job"]
     names = [name for name, _ in selected_metrics(
         "a > on (topic) group_left b or absent(c{job='x'})"
         " unless sum by (l) (max_over_time(d[5m:1m]))")]

@@ -96,10 +96,12 @@ def graph(title: str, description: str, *targets: cogbuilder.Builder[cogvariants
 
 def number(title: str, description: str, target: cogbuilder.Builder[cogvariants.Dataquery],
            unit: str = "short", span: int = 6, sql: bool = False) -> stat.Panel:
+    # A SQL stat shows every row (one per currency, say); a Prometheus one the last value.
+    reduce = (common_builders.ReduceDataOptions().values(True).calcs([]) if sql
+              else common_builders.ReduceDataOptions().calcs(["lastNotNull"]))
     return (stat.Panel().title(title).description(description).unit(unit).span(span).height(5)
             .datasource(POSTGRES if sql else PROMETHEUS).targets(_ids((target,)))
-            .graph_mode(common.BigValueGraphMode.NONE)
-            .reduce_options(common_builders.ReduceDataOptions().calcs(["lastNotNull"])))
+            .graph_mode(common.BigValueGraphMode.NONE).reduce_options(reduce))
 
 
 def bars(title: str, description: str, target: cogbuilder.Builder[cogvariants.Dataquery],

@@ -33,6 +33,17 @@ test: install
 	$(BIN)/lint-imports
 	$(BIN)/pytest -q
 
+# promtool and amtool for tests/deploy (`promtool check/test rules`, `amtool check-config`):
+# Debian's prometheus and prometheus-alertmanager packages, installed only when missing.
+.PHONY: tools
+tools:
+	@command -v promtool >/dev/null && command -v amtool >/dev/null || { \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+		--no-install-recommends prometheus prometheus-alertmanager; }
+
+test: tools
+test-fast: tools
+
 test-fast: install
 	$(BIN)/pytest -q -m "not e2e"
 

@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml testkit/pyproject.toml constraints.txt
 	touch $(STAMP)
 
 lock: $(STAMP)
-	$(BIN)/pip freeze --disable-pip-version-check | grep -v '^-e' | grep -v '^tally==' > constraints.txt
+	$(BIN)/pip freeze --disable-pip-version-check | grep -v '^-e' | grep -v '^#' | grep -v '^tally\(-testkit\)\?==' > constraints.txt
 
 demo: install
 	$(BIN)/tally demo

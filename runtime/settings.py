@@ -67,6 +67,14 @@ class Settings(BaseModel):
     kafka_compression: KafkaCompression = "snappy"
     stripe_api_key: str | None = None
     stripe_api_base: str | None = None  # set to the Stripe double's address in dev/tests
+    # The mail server the notifier sends customer alerts through (streams/channels/mail.py).
+    # No host: e-mail channels cannot be delivered (each goes to the dead letters).
+    smtp_host: str | None = None
+    smtp_port: int = Field(default=587, ge=1, le=65535)
+    smtp_user: str | None = None  # log in when set (only after STARTTLS, unless turned off)
+    smtp_password: str | None = None
+    smtp_from: str = "Tally <tally@localhost>"  # the From header and envelope sender
+    smtp_starttls: bool = True  # upgrade the connection with STARTTLS before anything else
 
     @property
     def topics(self) -> Topics:

@@ -9,3 +9,7 @@ class StreamsError(TallyError):
 
 class StateRecoveryError(StreamsError):
     """A partition's state could not be read back from its changelog."""
+
+
+class ChannelError(StreamsError):
+    """A notification channel is invalid, or not there (`tally notify channels`)."""

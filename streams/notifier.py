@@ -42,6 +42,12 @@ Verifying a delivery (the receiver's side; the same scheme as Stripe's webhooks)
 Stopping: SIGTERM finishes the POST in flight (bounded by the request timeout), commits
 what was delivered and exits 0; a notification waiting for its next attempt is left
 uncommitted and is delivered after the restart.
+
+Customer alerts: with `channels` (streams/channels, given by `tally notify serve` when
+Postgres is configured) each notification also goes to every enabled channel of its
+tenant — e-mail, Slack-compatible webhooks, the tenant's own signed webhook — once each,
+deduplicated in Postgres across restarts, before its offset is committed. The webhook
+above (`webhook_url`, the operator's) is then optional: "" sends none.
 """
 
 from __future__ import annotations
@@ -56,7 +62,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC
 from decimal import Decimal
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 from aiohttp import web
@@ -169,9 +175,21 @@ def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> 
 # --- the service -----------------------------------------------------------------------
 
 
+class Channels(Protocol):
+    """Delivery to tenants' own channels (streams/channels.ChannelDelivery)."""
+
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+
+    async def deliver(self, n: Notification, stopping: asyncio.Event) -> bool:
+        """Deliver to every channel (or give up on it); False if stopping before that."""
+        ...
+
+
 @dataclass(frozen=True)
 class NotifierOptions:
-    """How the notifier delivers. `max_attempts` None: retry until delivered."""
+    """How the notifier delivers. `max_attempts` None: retry until delivered.
+    `webhook_url` "": no operator webhook (tenants' channels only)."""
 
     webhook_url: str
     secret: str
@@ -185,9 +203,11 @@ class NotifierOptions:
 class Notifier:
     """Consumes `tally.notifications` and delivers each one to the webhook; see module docs."""
 
-    def __init__(self, settings: Settings, options: NotifierOptions) -> None:
+    def __init__(self, settings: Settings, options: NotifierOptions,
+                 channels: Channels | None = None) -> None:
         self.settings = settings
         self.options = options
+        self.channels = channels
         self.topic = settings.topics.notifications
         self.group_id = options.group_id or f"{settings.topic_prefix}notifier"
         self.delivered = 0
@@ -210,6 +230,8 @@ class Notifier:
             max_poll_interval_ms=3_600_000,
         )
         timeout = aiohttp.ClientTimeout(total=self.options.request_timeout)
+        if self.channels is not None:
+            await self.channels.open()
         await consumer.start()
         # One task per partition with records to deliver; the partition is paused (nothing
         # more fetched for it) until its task is done.
@@ -235,6 +257,8 @@ class Notifier:
             for task in delivering.values():
                 task.cancel()
             await consumer.stop()
+            if self.channels is not None:
+                await self.channels.close()
 
     async def _deliver_partition(self, consumer: Any, http: aiohttp.ClientSession,
                                  tp: TopicPartition, records: list[Any],
@@ -257,7 +281,11 @@ class Notifier:
             log.error("skipping notification record at offset %d that is not a Notification: %s",
                       offset, e)
             return True
-        return await self.deliver(http, notification)
+        if self.options.webhook_url and not await self.deliver(http, notification):
+            return False
+        if self.channels is not None:
+            return await self.channels.deliver(notification, self._stopping)
+        return True
 
     async def deliver(self, http: aiohttp.ClientSession, n: Notification) -> bool:
         """POST one notification until it is accepted; False if stopped before that."""
@@ -339,8 +367,9 @@ def web_app(notifier: Notifier) -> web.Application:
 class NotifierService:
     """A notifier with its web port, as `tally notify serve` runs it."""
 
-    def __init__(self, settings: Settings, options: NotifierOptions, web_port: int) -> None:
-        self.notifier = Notifier(settings, options)
+    def __init__(self, settings: Settings, options: NotifierOptions, web_port: int,
+                 channels: Channels | None = None) -> None:
+        self.notifier = Notifier(settings, options, channels)
         self.web_port = web_port
 
     def stop(self) -> None:

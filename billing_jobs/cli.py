@@ -93,7 +93,7 @@ def _schedule(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     if args.metrics_port:
-        start_http_server(args.metrics_port)
+        start_http_server(args.metrics_port, addr=s.scheduler_metrics_host)
     scheduler.run(once=args.once)
     return 0
 

@@ -17,7 +17,7 @@ def _project(args: argparse.Namespace) -> int:
     s = settings()
     s.require_database()
     asyncio.run(kafka.ensure_topics(s))
-    start_http_server(args.metrics_port, addr="127.0.0.1")
+    start_http_server(args.metrics_port, addr=s.projector_metrics_host)
     run_until_signalled(lambda: Projector(s, max_records=args.max_records))
     return 0
 

@@ -290,7 +290,10 @@ def create_app(settings: Settings, web_port: int = 6066,
         producer_linger_ms=2,
         producer_max_request_size=4 << 20,
         web_port=web_port,
-        web_host="127.0.0.1",
+        # Faust listens on web_bind (its default 0.0.0.0); web_host is only the name it
+        # gives itself in URLs. Both are the setting `worker_web_host` (loopback unless set).
+        web_bind=settings.worker_web_host,
+        web_host=settings.worker_web_host,
         web_in_thread=False,
         store="memory://",
         datadir=str(datadir),

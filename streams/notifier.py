@@ -365,11 +365,13 @@ def web_app(notifier: Notifier) -> web.Application:
 
 
 class NotifierService:
-    """A notifier with its web port, as `tally notify serve` runs it."""
+    """A notifier with its web port, as `tally notify serve` runs it; the port listens on
+    the setting `notifier_web_host` (loopback unless set)."""
 
     def __init__(self, settings: Settings, options: NotifierOptions, web_port: int,
                  channels: Channels | None = None) -> None:
         self.notifier = Notifier(settings, options, channels)
+        self.web_host = settings.notifier_web_host
         self.web_port = web_port
 
     def stop(self) -> None:
@@ -379,7 +381,7 @@ class NotifierService:
         runner = web.AppRunner(web_app(self.notifier))
         await runner.setup()
         if self.web_port:
-            await web.TCPSite(runner, "127.0.0.1", self.web_port).start()
+            await web.TCPSite(runner, self.web_host, self.web_port).start()
         try:
             await self.notifier.run()
         finally:

@@ -240,6 +240,19 @@ def pipeline() -> Dashboard:
             q(f"sum by (reason) (rate(tally_notifier_failed_total[{RATE}]))", "failed {{reason}}"),
             unit="ops", span=8))
         .with_panel(graph(
+            "Customer alerts", "Tenants' channels (e-mail, Slack, webhooks): delivered, "
+            "retried, skipped as already delivered (replays), and dead letters "
+            "(tally.notification_dead_letters).",
+            q(f"sum by (channel) (rate(tally_notifier_channel_delivered_total[{RATE}]))",
+              "delivered {{channel}}"),
+            q(f"sum by (channel, cause) (rate(tally_notifier_channel_retried_total[{RATE}]))",
+              "retried {{channel}} {{cause}}"),
+            q(f"sum by (channel) (rate(tally_notifier_channel_duplicates_total[{RATE}]))",
+              "replayed {{channel}}"),
+            q(f"sum by (channel, reason) (rate(tally_notifier_dead_letters_total[{RATE}]))",
+              "dead {{channel}} {{reason}}"),
+            unit="ops", span=8))
+        .with_panel(graph(
             "Notification delivery p99", "From the first attempt to a 2xx answer.",
             q(p99("tally_notifier_delivery_seconds"), "p99"), unit="s", span=8))
         .with_panel(graph(

@@ -18,7 +18,8 @@ from tests.deploy.support import (
 
 def test_a_command_tally_does_not_have_is_refused() -> None:
     parse_tally(["worker", "--web-port", "6066"])
-    for argv in (["wrker"], ["worker", "--no-such-flag"], ["jobs"], ["notify", "serve"]):
+    for argv in (["wrker"], ["worker", "--no-such-flag"], ["jobs"],
+                 ["notify", "channels", "add", "t-1"]):
         with pytest.raises(NotACommand):
             parse_tally(argv)
 

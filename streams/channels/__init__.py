@@ -25,6 +25,6 @@ record's offset.
 process dies, or Postgres fails, after a channel accepted it and before its delivery row
 committed (the time of one INSERT and COMMIT, a few milliseconds), or if Postgres loses
 the rows. A notification replayed from the topic for any other reason is not sent again.
-Receivers that can dedup get help: e-mails carry a Message-ID and webhooks an
-Idempotency-Key derived from (notification, channel) and the notification's identity.
+Receivers that can dedup get help: e-mails carry a Message-ID made of the notification
+and the channel, and webhooks the notification's Idempotency-Key.
 """

@@ -220,14 +220,20 @@ def test_meter_event_retried_with_its_idempotency_key_is_replayed_not_rejected(
         (5 * 60 + 60, "timestamp_in_future"),
     ],
 )
-def test_meter_event_outside_the_accepted_time_range_is_rejected(
-    send_usage: Callable[..., Any], double: StripeDouble, offset: int, code: str
+def test_meter_event_outside_the_accepted_time_range_is_accepted_then_dropped_and_reported(
+    send_usage: Callable[..., Any], double: StripeDouble, meter_id: str, offset: int, code: str
 ) -> None:
-    with pytest.raises(stripe.InvalidRequestError) as raised:
-        send_usage(1, identifier="late", timestamp=int(time.time()) + offset)
+    send_usage(1, identifier="late", timestamp=int(time.time()) + offset)  # no error: async
 
-    assert (raised.value.http_status, raised.value.code) == (400, code)
-    assert double.inspect().meter_events == ()
+    snapshot = double.inspect()
+    assert snapshot.meter_events == ()
+    assert [r["code"] for r in snapshot.rejected_meter_events] == [code]
+    [report] = snapshot.events
+    assert report["type"] == "v1.billing.meter.error_report_triggered"
+    assert report["related_object"]["id"] == meter_id
+    [error_type] = report["data"]["reason"]["error_types"]
+    assert error_type["code"] == code
+    assert [s["request"]["identifier"] for s in error_type["sample_errors"]] == ["late"]
 
 
 def test_meter_event_within_35_days_is_accepted(
@@ -238,29 +244,32 @@ def test_meter_event_within_35_days_is_accepted(
     assert len(double.inspect().meter_events) == 1
 
 
-def test_meter_event_for_an_event_name_without_meter_is_rejected(
-    client: stripe.StripeClient, customer_id: str, meter_id: str
+def test_meter_event_for_an_event_name_without_meter_is_reported_as_no_meter_found(
+    client: stripe.StripeClient, customer_id: str, meter_id: str, double: StripeDouble
 ) -> None:
-    with pytest.raises(stripe.InvalidRequestError) as raised:
-        client.v1.billing.meter_events.create(
-            {"event_name": "api_cals", "payload": {"stripe_customer_id": customer_id}}
-        )
+    client.v1.billing.meter_events.create(
+        {"event_name": "api_cals", "payload": {"stripe_customer_id": customer_id}}
+    )
 
-    assert raised.value.code == "no_meter"
+    snapshot = double.inspect()
+    assert [r["code"] for r in snapshot.rejected_meter_events] == ["no_meter"]
+    assert [e["type"] for e in snapshot.events] == ["v1.billing.meter.no_meter_found"]
 
 
 def test_meter_event_value_must_be_a_whole_number(
-    client: stripe.StripeClient, customer_id: str, meter_id: str
+    client: stripe.StripeClient, customer_id: str, meter_id: str, double: StripeDouble
 ) -> None:
-    with pytest.raises(stripe.InvalidRequestError) as raised:
-        client.v1.billing.meter_events.create(
-            {
-                "event_name": "api_calls",
-                "payload": {"stripe_customer_id": customer_id, "value": "1.5"},
-            }
-        )
+    client.v1.billing.meter_events.create(
+        {
+            "event_name": "api_calls",
+            "payload": {"stripe_customer_id": customer_id, "value": "1.5"},
+        }
+    )
 
-    assert raised.value.code == "meter_event_invalid_value"
+    assert [r["code"] for r in double.inspect().rejected_meter_events] == [
+        "meter_event_invalid_value"
+    ]
+    assert usage_total(client, meter_id, customer_id) == 0
 
 
 def test_concurrent_meter_events_are_all_recorded(
@@ -299,7 +308,7 @@ def test_v2_stream_records_valid_events_and_drops_invalid_ones_as_stripe_does_as
     )
 
     assert usage_total(client, meter_id, customer_id) == 6
-    assert [d["code"] for d in double.inspect().dropped_stream_events] == ["no_meter"]
+    assert [d["code"] for d in double.inspect().rejected_meter_events] == ["no_meter"]
 
 
 def test_v2_stream_refuses_a_secret_key_in_place_of_a_session_token(

@@ -1,10 +1,16 @@
 """Fault injection: which API requests fail, how, and the errors they fail with.
 
-A fault is decided before a request has any effect: nothing is stored and its
-idempotency key is not consumed, so a retry with the same key is safe. The one
-exception is ``timeout``, a lost response: the request takes effect (and its key is
-stored), then the answer is held back ``FaultPlan.timeout`` seconds, past the client's
-timeout, so the client must retry with the same key to learn what happened.
+Most faults are decided before a request has any effect: nothing is stored and its
+idempotency key is not consumed, so a retry with the same key is safe. The exceptions:
+
+- ``timeout``, a lost response: the request takes effect (and its key is stored), then
+  the answer is held back ``FaultPlan.timeout`` seconds, past the client's timeout, so
+  the client must retry with the same key to learn what happened;
+- ``stored_500``: the request reaches the API method, which fails with a 500 before any
+  effect; Stripe stores that 500 under the idempotency key, and so does the double, so
+  every retry with the same key gets the same 500 until the key is forgotten;
+- ``stored_500_applied``: the same, except the request took effect before the 500 — the
+  client cannot tell the two apart and must look up what Stripe has.
 """
 
 from __future__ import annotations
@@ -15,11 +21,16 @@ from typing import Final
 
 from stripe_testkit.errors import ApiError
 
-__all__ = ["FAULT_KINDS", "FaultInjector", "FaultPlan", "fault_error"]
+__all__ = ["FAULT_KINDS", "STORED_KINDS", "FaultInjector", "FaultPlan", "fault_error"]
 
-FAULT_KINDS: Final = frozenset({"429", "lock_timeout", "500", "timeout"})
-"""Injectable faults: a rate-limit 429, a lock-timeout 429 (retryable), a 500, and a
-response lost after the request took effect (``timeout``)."""
+FAULT_KINDS: Final = frozenset(
+    {"429", "lock_timeout", "500", "timeout", "stored_500", "stored_500_applied"}
+)
+"""Injectable faults: a rate-limit 429, a lock-timeout 429 (retryable), a 500 before the
+API method, a response lost after the request took effect (``timeout``), and a 500 stored
+under the idempotency key without or after the effect (``stored_500``,
+``stored_500_applied``)."""
+STORED_KINDS: Final = frozenset({"stored_500", "stored_500_applied"})
 
 
 @dataclass(frozen=True)
@@ -63,6 +74,13 @@ def fault_error(kind: str) -> ApiError:
             "Request rate limit exceeded. (injected by the Stripe double)",
             code="rate_limit",
             should_retry=False,
+        )
+    if kind in STORED_KINDS:
+        return ApiError(
+            500,
+            "An unknown error occurred while processing the request "
+            "(injected by the Stripe double; stored under the idempotency key).",
+            type_="api_error",
         )
     # The fault happened before any effect, so a retry with the same key is safe.
     return ApiError(

@@ -67,6 +67,9 @@ class Settings(BaseModel):
     kafka_compression: KafkaCompression = "snappy"
     stripe_api_key: str | None = None
     stripe_api_base: str | None = None  # set to the Stripe double's address in dev/tests
+    # Invoices of customers without a default payment method are sent (`send_invoice`) and
+    # due this many days after finalization; with one, Stripe charges it.
+    stripe_days_until_due: int = Field(default=30, ge=0, le=730)
 
     @property
     def topics(self) -> Topics:

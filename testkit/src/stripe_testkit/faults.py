@@ -35,15 +35,20 @@ STORED_KINDS: Final = frozenset({"stored_500", "stored_500_applied"})
 
 @dataclass(frozen=True)
 class FaultPlan:
-    """Which requests fail, and how: each API request fails with probability ``rate``,
-    with a kind drawn from ``kinds``; every API request first waits ``delay`` seconds.
-    A seeded plan fails the same requests in the same order on every run."""
+    """Which requests fail, and how: each API request (to ``routes``, when given) fails
+    with probability ``rate``, with a kind drawn from ``kinds``, up to ``limit`` faults;
+    every API request first waits ``delay`` seconds. A seeded plan fails the same
+    requests in the same order on every run."""
 
     rate: float = 0.0
     kinds: tuple[str, ...] = ("429", "500")
     seed: int | None = None
     delay: float = 0.0
     timeout: float = 2.0  # how long a `timeout` fault holds the response back
+    routes: tuple[str, ...] = ()
+    """Only requests to these routes (``"POST /v1/invoiceitems"``) may fail; () = all."""
+    limit: int | None = None
+    """At most this many faults from this plan (None: no limit)."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.rate <= 1.0:
@@ -101,16 +106,25 @@ class FaultInjector:
     def __init__(self) -> None:
         self.plan = FaultPlan()
         self.injected = 0
+        self._from_plan = 0
         self._rng = random.Random()
 
     def use(self, plan: FaultPlan) -> None:
         """Fail requests by ``plan`` from now on; the count of faults so far is kept."""
         self.plan = plan
+        self._from_plan = 0
         self._rng = random.Random(plan.seed)
 
-    def draw(self) -> str | None:
-        """The kind of fault for the next API request, or None if it goes through."""
-        if self.plan.rate and self._rng.random() < self.plan.rate:
+    def draw(self, route: str = "") -> str | None:
+        """The kind of fault for the next API request (to ``route``), or None if it goes
+        through."""
+        plan = self.plan
+        if plan.routes and route not in plan.routes:
+            return None
+        if plan.limit is not None and self._from_plan >= plan.limit:
+            return None
+        if plan.rate and self._rng.random() < plan.rate:
             self.injected += 1
-            return self._rng.choice(self.plan.kinds)
+            self._from_plan += 1
+            return self._rng.choice(plan.kinds)
         return None

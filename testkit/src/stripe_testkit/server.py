@@ -270,13 +270,18 @@ class StripeDouble:
         seed: int | None = None,
         delay: float = 0.0,
         timeout: float = 2.0,
+        routes: Sequence[str] = (),
+        limit: int | None = None,
     ) -> FaultPlan:
         """Inject faults into API requests from now on; ``faults()`` turns them off.
 
         ``kinds`` is drawn from :data:`FAULT_KINDS`. A faulted request has no effect,
-        except ``timeout``: it takes effect and its response is held ``timeout`` seconds.
+        except ``timeout`` (it takes effect and its response is held ``timeout`` seconds)
+        and ``stored_500_applied``. ``routes`` (``"POST /v1/invoiceitems"``) limits the
+        faults to those routes, ``limit`` their number.
         """
-        plan = FaultPlan(rate=rate, kinds=tuple(kinds), seed=seed, delay=delay, timeout=timeout)
+        plan = FaultPlan(rate=rate, kinds=tuple(kinds), seed=seed, delay=delay, timeout=timeout,
+                         routes=tuple(routes), limit=limit)
         with self._lock:
             self._faults.use(plan)
         return plan
@@ -372,7 +377,7 @@ class StripeDouble:
             problems.insert(0, key_problem)
         if problems:
             self._record_invalid(method, path, problems)
-        hold, stored = self._maybe_fault()
+        hold, stored = self._maybe_fault(route.key)
         if problems:
             raise problems[0].error()
         try:
@@ -452,12 +457,12 @@ class StripeDouble:
         if not token.startswith("sk_test_"):
             raise ApiError(401, f"Invalid API Key provided: {token[:8]}****{token[-4:]}")
 
-    def _maybe_fault(self) -> tuple[float, str | None]:
+    def _maybe_fault(self, route: str) -> tuple[float, str | None]:
         """Raise an injected fault, or return how long to hold the response back and
         which stored fault the API method meets (None: none)."""
         with self._lock:
             plan = self._faults.plan
-            kind = self._faults.draw()
+            kind = self._faults.draw(route)
         if plan.delay:
             time.sleep(plan.delay)  # outside the lock: a slow request must not stall others
         if kind == "timeout":
@@ -538,6 +543,8 @@ class StripeDouble:
                     seed=spec.get("seed"),
                     delay=float(spec.get("delay", 0.0)),
                     timeout=float(spec.get("timeout", 2.0)),
+                    routes=tuple(spec.get("routes", ())),
+                    limit=spec.get("limit"),
                 )
             except (ValueError, TypeError, AttributeError) as error:
                 raise ApiError(400, f"Invalid fault plan: {error}") from error

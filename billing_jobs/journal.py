@@ -154,9 +154,13 @@ class Row:
     first_tried_at: datetime
     last_tried_at: datetime
     request_summary: dict[str, Any]
+    attempts: int
 
     def resendable(self, now: datetime) -> bool:
-        """May this unfinished call be sent again under its own key?"""
+        """May this unfinished call be sent again under its own key? Always, if it never
+        reached Stripe (a problem found before any call: `record_failure`)."""
+        if self.attempts == 0:
+            return True
         return not self.key_spent and now - self.first_tried_at < STRIPE_MEMORY
 
     def due(self, now: datetime) -> bool:
@@ -166,7 +170,8 @@ class Row:
 
 
 _ROW_COLUMNS = ("idempotency_key, logical_key, generation, status, stripe_object_id,"
-                " last_error, key_spent, first_tried_at, last_tried_at, request_summary")
+                " last_error, key_spent, first_tried_at, last_tried_at, request_summary,"
+                " attempts")
 
 
 def latest(conn: Connection, logical_key: str) -> Row | None:
@@ -371,7 +376,9 @@ def _journaled(
             "INSERT INTO tally.stripe_pushes (idempotency_key, logical_key, generation, kind,"
             " tenant_id, request_summary, status, first_tried_at, last_tried_at)"
             " VALUES (%s, %s, %s, %s, %s, %s, 'pending', %s, %s)"
-            " ON CONFLICT (idempotency_key) DO UPDATE SET status = 'pending', updated_at = now()",
+            " ON CONFLICT (idempotency_key) DO UPDATE SET status = 'pending', updated_at = now(),"
+            " first_tried_at = CASE WHEN tally.stripe_pushes.attempts = 0"
+            "  THEN excluded.first_tried_at ELSE tally.stripe_pushes.first_tried_at END",
             [(key, logical, generation, kind, tenant, Jsonb(summary), now, now)
              for (key, tenant, summary), logical in zip(items, logicals, strict=True)],
         )

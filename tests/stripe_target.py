@@ -1,9 +1,9 @@
 """The Stripe a contract test runs against: one suite, two targets.
 
 - `double`: the Stripe double (always; `make test`).
-- `stripe`: Stripe test mode, when `STRIPE_API_KEY` starts with `sk_test_`
-  (`make test-stripe` runs only the contract tests, on this target), through a recording
-  proxy (`stripe_testkit.proxy`).
+- `stripe`: Stripe test mode, when `STRIPE_API_KEY` starts with `sk_test_`, through a
+  recording proxy (`stripe_testkit.proxy`). `make test-stripe` runs only the contract
+  tests, only on this target (`TALLY_STRIPE_TARGET=stripe`).
 
 Either way every request the test sends — Tally's included — is checked against Stripe's
 OpenAPI document (by the double itself, or by the proxy), and the fixture fails the test
@@ -30,6 +30,7 @@ from runtime.settings import Settings
 T = TypeVar("T")
 STRIPE_KEY = os.environ.get("STRIPE_API_KEY", "")
 ON_STRIPE = STRIPE_KEY.startswith("sk_test_")
+ONLY_STRIPE = os.environ.get("TALLY_STRIPE_TARGET") == "stripe"
 
 
 @dataclass
@@ -83,15 +84,27 @@ class Target:
 def targets(request: pytest.FixtureRequest, **double_options: Any) -> Iterator[Target]:
     """The body of a `target` fixture parametrized over ("double", "stripe")."""
     if request.param == "double":
+        if ONLY_STRIPE:
+            pytest.skip("TALLY_STRIPE_TARGET=stripe: Stripe test mode only")
         with StripeDouble(**double_options) as double:
             target = Target("double", "sk_test_contract", double.url, double=double)
             yield target
     else:
         if not ON_STRIPE:
+            if ONLY_STRIPE:
+                pytest.fail("TALLY_STRIPE_TARGET=stripe needs STRIPE_API_KEY=sk_test_...")
             pytest.skip("Stripe test mode: set STRIPE_API_KEY=sk_test_... (make test-stripe)")
         if request.node.get_closest_marker("double_only"):
             pytest.skip("needs the Stripe double (its clock, faults or state)")
-        with RecordingProxy() as proxy:
-            target = Target("stripe", STRIPE_KEY, proxy.url, proxy=proxy, patience=240.0)
-            yield target
+        if os.environ.get("TALLY_STRIPE_UPSTREAM") == "double":
+            # A dry run of this target's wiring without Stripe: the proxy in front of a
+            # double (`TALLY_STRIPE_UPSTREAM=double make test-stripe` with any sk_test_ key).
+            with StripeDouble() as upstream, RecordingProxy(
+                    api=upstream.url, meter_events=upstream.url) as proxy:
+                target = Target("stripe", STRIPE_KEY, proxy.url, proxy=proxy, patience=5.0)
+                yield target
+        else:
+            with RecordingProxy() as proxy:
+                target = Target("stripe", STRIPE_KEY, proxy.url, proxy=proxy, patience=240.0)
+                yield target
     assert target.invalid_requests() == [], "requests that break Stripe's OpenAPI document"

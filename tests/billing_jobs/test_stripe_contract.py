@@ -440,3 +440,17 @@ def test_stored_500s_among_random_faults_still_leave_each_event_and_item_once(
     assert Counter(e["payload"]["value"] for e in snapshot.meter_events) == Counter(
         str(20_000 + t) for t in range(3))
     assert len(snapshot.invoices) == 3 and set(items_per_line(snapshot).values()) == {1}
+
+
+def test_a_meter_stripe_already_has_under_tallys_event_name_is_adopted_not_duplicated(
+    settings: Settings, double: StripeDouble, db: str,
+) -> None:
+    client = stripe_api.client(settings)
+    existing = stripe_api.create_meter(client, "api_calls", "sum", "made-elsewhere")
+
+    synced = sync_catalog(settings, CATALOG, FAST)
+
+    assert not synced.failed and synced.meters["api_calls"] == existing.id
+    assert len(double.inspect().meters) == 4
+    assert sql(db, "SELECT status, stripe_object_id FROM tally.stripe_pushes"
+                   " WHERE logical_key = 'tally-meter-api_calls'") == [("succeeded", existing.id)]

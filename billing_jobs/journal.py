@@ -200,7 +200,7 @@ def call(
     `key` is the call's readable first key (also its `logical_key`); the idempotency key
     sent is `stripe_ids.idempotency_key(key, generation)`. `request(idempotency_key)`
     performs the call and returns the Stripe object. `lookup` finds what Stripe already
-    has for the call (steps 4-5 of the module docstring); without one, an unfinished call
+    has for the call (step 4 of the module docstring); without one, an unfinished call
     is always sent again under its own key. `now` is the job's clock. `conn` must be in
     autocommit mode: each journal write is its own durable step.
     """

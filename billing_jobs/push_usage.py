@@ -146,9 +146,10 @@ class UsagePusher:
         self.high_volume = high_volume
         self.create_missing = create_missing
         self.summary_lag = summary_lag
+        self.now = datetime.now(UTC)  # the run's clock (`run(now)`)
 
     def run(self, now: datetime | None = None) -> PushResult:
-        now = now or datetime.now(UTC)
+        now = self.now = now or datetime.now(UTC)
         result = PushResult()
         migrate(self.database_url)
         with connect(self.database_url, autocommit=True) as conn:
@@ -258,6 +259,11 @@ class UsagePusher:
         if found.value <= 0:
             return []
         summary = {**last.request_summary, "value": int(found.value)}
+        if datetime.fromtimestamp(int(summary["timestamp"]), UTC) < (
+                self.now - STRIPE_MAX_AGE + SAFETY):
+            raise BillingError(f"period {p.start:%Y-%m-%d}: {found.value} of its usage is "
+                               "missing at Stripe and too old for meter events; bill it as "
+                               "an invoice adjustment")
         return [Send(key, p.tenant, p.meter, p.customer_id, p.series, generation, summary,
                      resent=True)]
 

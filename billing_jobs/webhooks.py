@@ -187,7 +187,8 @@ class WebhookReceiver:
                 await self._record_event(notification.id, notification.type, outcome)
         else:
             try:
-                outcome = await asyncio.to_thread(self._meter_errors, notification)
+                async with self.lock:  # one report at a time: a redelivery sees the first
+                    outcome = await asyncio.to_thread(self._meter_errors, notification)
             except stripe.StripeError as e:
                 # Stripe redelivers a notification that was not acknowledged: try again then.
                 metrics.WEBHOOKS.labels(notification.type, "retry").inc()

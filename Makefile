@@ -44,6 +44,16 @@ tools:
 test: tools
 test-fast: tools
 
+# The Stripe contract suite against Stripe test mode (it runs against the double in `make
+# test`): needs STRIPE_API_KEY=sk_test_...; every request is also checked against Stripe's
+# OpenAPI document by a recording proxy. Creates customers, meters and invoices there.
+.PHONY: test-stripe
+test-stripe: install
+	@case "$$STRIPE_API_KEY" in sk_test_*) ;; \
+	  *) echo "make test-stripe needs STRIPE_API_KEY=sk_test_... (a test-mode key)"; exit 2;; esac
+	TALLY_STRIPE_TARGET=stripe $(BIN)/pytest -q -m "stripe_contract and not double_only" \
+	  tests/stripe_testkit tests/billing_jobs
+
 test-fast: install
 	$(BIN)/pytest -q -m "not e2e"
 

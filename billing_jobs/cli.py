@@ -1,7 +1,7 @@
-"""`tally jobs ...` (push-usage, invoice, reconcile, schedule, journal) and `tally stripe ...`
-(sync-catalog, webhooks serve). Every job is one pass, resumable and safe to run twice;
-exit 0 when it did everything, 1 when something failed (the journal says what), 2 on a
-setup error."""
+"""`tally jobs ...` (push-usage, invoice, reconcile, schedule, journal), `tally invoices show`
+and `tally stripe ...` (sync-catalog, webhooks serve). Every job is one pass, resumable and
+safe to run twice; exit 0 when it did everything, 1 when something failed (the journal says
+what), 2 on a setup error."""
 
 from __future__ import annotations
 
@@ -56,13 +56,30 @@ def _journal(args: argparse.Namespace) -> int:
     from billing_jobs.journal import entries
     from runtime.postgres import connect
 
-    statuses = ["failed", "pending"] if not args.all else ["failed", "pending", "succeeded"]
+    statuses = ["failed", "pending"] if not args.all else [
+        "failed", "pending", "succeeded", "replaced"]
     with connect(settings().require_database()) as conn:
         rows = entries(conn, statuses, args.limit)
     for e in rows:
         print(f"{e.updated_at:%Y-%m-%d %H:%M:%S} {e.status:<9} {e.kind:<16} {e.tenant_id:<20}"
               f" {e.idempotency_key} (attempts {e.attempts}) {e.detail}")
     return 1 if any(e.status == "failed" for e in rows) else 0
+
+
+def _invoices_show(args: argparse.Namespace) -> int:
+    from billing_jobs.invoice_records import invoices
+    from runtime.postgres import connect
+
+    with connect(settings().require_database()) as conn:
+        rows = invoices(conn, tenant=args.tenant, invoice_id=args.invoice, limit=args.limit)
+    for i in rows:
+        print(f"{i.invoice_id} {i.status:<14} {i.total_cents / 100:>12.2f} {i.currency}"
+              f" {i.period_start:%Y-%m-%d}..{i.period_end:%Y-%m-%d}"
+              f" stripe={i.stripe_invoice_id or '-'} collection={i.collection_method or '-'}")
+        if i.hosted_invoice_url or i.invoice_pdf:
+            print(f"    hosted: {i.hosted_invoice_url or '-'}")
+            print(f"    pdf:    {i.invoice_pdf or '-'}")
+    return 0 if rows or not args.invoice else 1
 
 
 def _schedule(args: argparse.Namespace) -> int:
@@ -124,8 +141,9 @@ def register(sub: Subparsers) -> None:
     invoice.set_defaults(func=_invoice)
     reconcile.set_defaults(func=_reconcile)
 
-    journal = jobs.add_parser("journal", help="the Stripe calls that failed or are pending")
-    journal.add_argument("--all", action="store_true", help="succeeded calls too")
+    journal = jobs.add_parser("journal", help="the Stripe calls that failed or are pending"
+                              " (meter events Stripe rejected later included)")
+    journal.add_argument("--all", action="store_true", help="succeeded and replaced calls too")
     journal.add_argument("--limit", type=int, default=50)
     journal.set_defaults(func=_journal)
 
@@ -138,6 +156,15 @@ def register(sub: Subparsers) -> None:
     schedule.add_argument("--high-volume", action="store_true")
     schedule.add_argument("--once", action="store_true", help="run each job once, then exit")
     schedule.set_defaults(func=_schedule)
+
+    invoices_group = add_group(sub, "invoices", "invoices Tally sent to Stripe")
+    show = invoices_group.add_parser(
+        "show", help="invoices with their Stripe status and the customer's copy (hosted"
+        " page, PDF)")
+    show.add_argument("invoice", nargs="?", help="one invoice id (tenant:period start)")
+    show.add_argument("--tenant", help="only this tenant's invoices")
+    show.add_argument("--limit", type=int, default=50)
+    show.set_defaults(func=_invoices_show)
 
     stripe_group = add_group(sub, "stripe", "Stripe catalog and webhooks")
     stripe_group.add_parser("sync-catalog", help="create Stripe meters and prices for the "

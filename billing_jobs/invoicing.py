@@ -10,12 +10,20 @@ The protocol, each step resumable, so a crash anywhere is finished by the next r
    from earlier invoices (`invoice_adjustments`). Unique on (tenant, period_start): a
    period is rated once, and the stored lines are what every later step sends, so a
    resumed run sends exactly the same parameters under the same idempotency keys.
-2. Create the Stripe invoice (key `tally-invoice-<invoice id>`), its id stored.
-3. One invoice item per line (key `tally-invoiceitem-<invoice id>-<line no>`).
-4. Finalize (key `tally-finalize-<invoice id>`); store Stripe's status. From here the
-   invoice is never changed: this job only touches `draft` invoices.
-Every call goes through the journal (`journal.py`). Stripe forgets idempotency keys after
-24 hours, so a crashed run must be resumed within a day (the scheduler runs hourly).
+2. Create the Stripe invoice (key `tally-invoice-<invoice id>`), its id stored. How
+   Stripe collects it is decided once and stored (`tally.invoices.collection_method`):
+   `charge_automatically` when the customer has a default payment method, else
+   `send_invoice`, due `stripe_days_until_due` (a setting) after finalization.
+3. One invoice item per line (key `tally-invoiceitem-<invoice id>-<line no>`); its
+   `period` is the invoice's [start, end) sent as Stripe's inclusive [start, end - 1s].
+4. Finalize (key `tally-finalize-<invoice id>`); store Stripe's status and the customer's
+   copy (`hosted_invoice_url`, `invoice_pdf`). From here the invoice is never changed:
+   this job only touches `draft` invoices.
+Every call goes through the journal (`journal.py`), with its lookup for a resume after any
+delay: a call unfinished for over a day (Stripe may have forgotten its key) or whose key
+holds a stored error is first looked up — the invoice among the customer's by its
+`tally_invoice_id` metadata, an item among the invoice's by `tally_line_no`, a finalize by
+the invoice's status — and only sent again, under a new key, when Stripe lacks it.
 
 Corrections never change a finalized invoice:
 - Adjustment events (the worker counts an event that missed its period's lateness window
@@ -39,7 +47,7 @@ from typing import Any
 
 import stripe
 
-from billing_jobs import journal, metrics, stripe_api, stripe_catalog
+from billing_jobs import invoice_records, journal, metrics, stripe_api, stripe_catalog
 from billing_jobs.errors import BillingError
 from billing_jobs.push_usage import load_catalog
 from domain.periods import months_between
@@ -77,6 +85,12 @@ class InvoiceResult:
         return "\n".join(lines + [f"FAILED: {f}" for f in self.failed])
 
 
+def stripe_period(start: datetime, end: datetime) -> tuple[int, int]:
+    """An invoice's [start, end) as unix seconds (Stripe's inclusive end is made from it
+    by `stripe_api.invoice_item_params`)."""
+    return int(start.timestamp()), int(end.timestamp())
+
+
 def invoice_id(tenant: str, period_start: datetime) -> str:
     return f"{tenant}:{period_start.astimezone(UTC):%Y%m%dT%H%M%SZ}"
 
@@ -102,10 +116,13 @@ class Invoicer:
         self.client = stripe_api.client(settings, policy.timeout)
         self.database_url = settings.require_database()
         self.create_missing = create_missing
+        self.days_until_due = settings.stripe_days_until_due
         lateness = max((m.lateness for m in catalog.meters.values()), default=timedelta(0))
         self.closed_after = lateness + settle
+        self.now = datetime.now(UTC)
 
     def run(self, now: datetime) -> InvoiceResult:
+        self.now = now  # the journal's clock: Stripe's 24 hours are counted on it
         result = InvoiceResult()
         migrate(self.database_url)
         with connect(self.database_url, autocommit=True) as conn:
@@ -247,40 +264,73 @@ class Invoicer:
         prices = self._prices(conn, inv, tenant, plan_id, interval, lines)
         customer_id = stripe_catalog.ensure_customer(conn, self.client, tenant, customer,
                                                      self.policy, create=self.create_missing)
+        collection = self._collection(conn, inv, customer_id)
         meta = {"tally_invoice_id": inv, "tally_tenant_id": tenant}
         stripe_invoice = journal.call(
             conn, key=f"tally-invoice-{inv}", kind="invoice", tenant_id=tenant,
-            summary={"invoice": inv, "total_cents": total},
+            summary={"invoice": inv, "total_cents": total, "collection_method": collection},
             request=lambda k: stripe_api.create_invoice(
                 self.client, customer_id, currency, meta,
-                f"Tally usage {start:%Y-%m-%d} to {end:%Y-%m-%d}", k),
-            policy=self.policy)
+                f"Tally usage {start:%Y-%m-%d} to {end:%Y-%m-%d}", k,
+                collection=collection, days_until_due=self.days_until_due),
+            lookup=lambda: stripe_api.find_invoice(self.client, customer_id, inv),
+            policy=self.policy, now=self.now)
         conn.execute("UPDATE tally.invoices SET stripe_invoice_id = %s, updated_at = now()"
                      " WHERE invoice_id = %s", (stripe_invoice, inv))
-        period = (int(start.timestamp()), int(end.timestamp()))
         for line_no, _meter, description, amount in lines:
             params = stripe_api.invoice_item_params(
                 customer_id=customer_id, invoice_id=stripe_invoice, amount_cents=amount,
-                currency=currency, description=description, period=period,
+                currency=currency, description=description, period=stripe_period(start, end),
                 metadata={**meta, "tally_line_no": str(line_no),
                           "stripe_price_id": prices[line_no]})
             journal.call(
                 conn, key=f"tally-invoiceitem-{inv}-{line_no}", kind="invoice_item",
                 tenant_id=tenant, summary={"invoice": inv, "line_no": line_no, "amount": amount},
                 request=functools.partial(stripe_api.create_invoice_item, self.client, params),
-                policy=self.policy)
+                lookup=functools.partial(stripe_api.find_invoice_item, self.client,
+                                         stripe_invoice, line_no),
+                policy=self.policy, now=self.now)
         journal.call(
             conn, key=f"tally-finalize-{inv}", kind="invoice_finalize", tenant_id=tenant,
             summary={"invoice": inv},
             request=lambda k: stripe_api.finalize_invoice(self.client, stripe_invoice, k),
-            policy=self.policy)
-        status = journal.read(
+            lookup=lambda: self._finalized(stripe_invoice), policy=self.policy, now=self.now)
+        self._record_outcome(conn, inv, stripe_invoice)
+        return int(total)
+
+    # -- the Stripe-call side, kept apart from what is billed ------------------------------
+
+    def _collection(self, conn: Connection, inv: str,
+                    customer_id: str) -> stripe_api.CollectionMethod:
+        """How Stripe collects the invoice, decided once (see the module docstring)."""
+        decided = invoice_records.decided_collection(conn, inv)
+        if decided is None:
+            customer = journal.read(
+                functools.partial(stripe_api.retrieve_customer, self.client, customer_id),
+                self.policy)
+            decided = invoice_records.record_collection(
+                conn, inv, "charge_automatically"
+                if stripe_api.has_default_payment_method(customer) else "send_invoice")
+        return "charge_automatically" if decided == "charge_automatically" else "send_invoice"
+
+    def _finalized(self, stripe_invoice: str) -> str | None:
+        """The lookup of a finalize: Stripe has it when the invoice is no longer a draft."""
+        invoice = journal.read(
             functools.partial(stripe_api.retrieve_invoice, self.client, stripe_invoice),
-            self.policy).status or "open"
+            self.policy)
+        return None if invoice.status == "draft" else stripe_invoice
+
+    def _record_outcome(self, conn: Connection, inv: str, stripe_invoice: str) -> None:
+        """Stripe's status of the finalized invoice and the customer's copy of it."""
+        invoice = journal.read(
+            functools.partial(stripe_api.retrieve_invoice, self.client, stripe_invoice),
+            self.policy)
+        invoice_records.record_links(conn, stripe_invoice, invoice.hosted_invoice_url,
+                                     invoice.invoice_pdf)
         # The webhook may have recorded a later status (paid) already: never move back.
         conn.execute("UPDATE tally.invoices SET status = %s, updated_at = now()"
-                     " WHERE invoice_id = %s AND status = 'draft'", (status, inv))
-        return int(total)
+                     " WHERE invoice_id = %s AND status = 'draft'",
+                     (invoice.status or "open", inv))
 
     def _prices(self, conn: Connection, inv: str, tenant: str, plan_id: str, interval: str,
                 lines: list[Any]) -> dict[int, str]:

@@ -15,3 +15,7 @@ JOB_LAST_SUCCESS = Gauge("tally_billing_job_last_success_timestamp_seconds",
                          "When each job last finished without failures", ["job"])
 WEBHOOKS = Counter("tally_billing_webhooks_total", "Stripe webhook deliveries by outcome",
                    ["type", "outcome"])
+METER_EVENT_REJECTIONS = Counter(
+    "tally_billing_meter_event_rejections_total",
+    "Meter events Stripe accepted, then rejected (meter error reports), by error code",
+    ["code"])

@@ -1,11 +1,17 @@
 """The Stripe adapter: a configured client and the calls Tally makes, typed by the SDK.
 
 With `STRIPE_API_KEY` alone, calls go to real Stripe (use a test-mode key). With
-`STRIPE_API_BASE` too, they go to that address (the Stripe double in dev and tests).
+`STRIPE_API_BASE` too, they go to that address (the Stripe double in dev and tests, or a
+recording proxy in front of Stripe in `make test-stripe`).
 The SDK's own retries are off: the journal retries, with the same idempotency key.
 
-Every parameter dict below is checked by mypy against the SDK's generated `*Params`
-TypedDicts, and at run time the double checks it against the same types.
+The API version is pinned (`API_VERSION`, sent as `Stripe-Version` on every request):
+the stripe SDK's own, the one its types describe. Every parameter dict below is checked
+by mypy against the SDK's generated `*Params` TypedDicts, and at run time the double
+checks every request against Stripe's OpenAPI document, nested names included.
+
+The lookups at the end (`find_*`) are what the journal asks before sending a call again
+under a new key: what Stripe already has for it, found by Tally's metadata.
 """
 
 from __future__ import annotations
@@ -13,15 +19,25 @@ from __future__ import annotations
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Literal
+from typing import Any, Literal
 
 import stripe
-from stripe.params import InvoiceItemCreateParams, PriceCreateParams, PriceCreateParamsTier
+from stripe.params import (
+    InvoiceCreateParams,
+    InvoiceItemCreateParams,
+    PriceCreateParams,
+    PriceCreateParamsTier,
+)
 from stripe.params.v2.billing import MeterEventStreamCreateParams
 
+from billing_jobs import stripe_ids
 from billing_jobs.errors import BillingError
 from domain.meters import KINDS
 from runtime.settings import Settings
+
+# The Stripe API version Tally speaks: the SDK's pinned version (its types are generated
+# from that version's OpenAPI document). Changing it is an upgrade, with a contract run.
+API_VERSION = "2026-10-28.endive"
 
 # Stripe's v2 stream takes at most this many events per request.
 STREAM_BATCH = 100
@@ -35,7 +51,8 @@ def client(settings: Settings, timeout: float = 30.0) -> stripe.StripeClient:
         bases = {"api": settings.stripe_api_base, "meter_events": settings.stripe_api_base}
     return stripe.StripeClient(
         settings.stripe_api_key, base_addresses=bases,  # type: ignore[arg-type]
-        max_network_retries=0, http_client=stripe.RequestsClient(timeout=timeout),
+        stripe_version=API_VERSION, max_network_retries=0,
+        http_client=stripe.RequestsClient(timeout=timeout),
     )
 
 
@@ -48,7 +65,7 @@ def meter_event_name(meter: str) -> str:
 
 def create_customer(c: stripe.StripeClient, tenant_id: str, key: str) -> stripe.Customer:
     return c.v1.customers.create(
-        {"name": tenant_id, "metadata": {"tally_tenant_id": tenant_id}},
+        {"name": tenant_id, "metadata": stripe_ids.metadata({"tally_tenant_id": tenant_id})},
         {"idempotency_key": key},
     )
 
@@ -57,6 +74,16 @@ def meter_formula(aggregation: str) -> Literal["sum", "last"]:
     """Stripe's meter aggregation for a Tally kind: a gauge is sent as its current reading
     and keeps the last; any other kind is sent as deltas that add up."""
     return "last" if KINDS[aggregation].gauge else "sum"
+
+
+def retrieve_customer(c: stripe.StripeClient, customer_id: str) -> stripe.Customer:
+    return c.v1.customers.retrieve(customer_id)
+
+
+def has_default_payment_method(customer: stripe.Customer) -> bool:
+    """Can Stripe charge this customer without asking (`charge_automatically`)?"""
+    settings = customer.invoice_settings
+    return bool((settings and settings.default_payment_method) or customer.default_source)
 
 
 def create_meter(c: stripe.StripeClient, meter: str, aggregation: str,
@@ -96,6 +123,8 @@ def send_meter_event(
     c: stripe.StripeClient, meter: str, customer_id: str, value: int, timestamp: int,
     identifier: str,
 ) -> stripe.billing.MeterEvent:
+    """One meter event; its identifier is also its idempotency key. Stripe checks most of
+    it later: a rejection arrives as a meter error report (`webhooks.py`)."""
     return c.v1.billing.meter_events.create(
         {
             "event_name": meter_event_name(meter),
@@ -143,7 +172,8 @@ class MeterEventStream:
 
 def meter_total(c: stripe.StripeClient, meter_id: str, customer_id: str, start: int,
                 end: int) -> Decimal:
-    """Stripe's aggregate of a meter for one customer over [start, end) (minute aligned)."""
+    """Stripe's aggregate of a meter for one customer over [start, end) (minute aligned):
+    the sum for summed meters, the last reading for gauges."""
     page = c.v1.billing.meters.event_summaries.list(
         meter_id, {"customer": customer_id, "start_time": start, "end_time": end},
     )
@@ -153,35 +183,42 @@ def meter_total(c: stripe.StripeClient, meter_id: str, customer_id: str, start: 
 # --- invoices ------------------------------------------------------------------------------
 
 
+CollectionMethod = Literal["charge_automatically", "send_invoice"]
+
+
 def create_invoice(c: stripe.StripeClient, customer_id: str, currency: str,
-                   metadata: dict[str, str], description: str, key: str) -> stripe.Invoice:
-    return c.v1.invoices.create(
-        {
-            "customer": customer_id,
-            "currency": currency,
-            # Only the items Tally adds to this invoice, never other pending ones.
-            "pending_invoice_items_behavior": "exclude",
-            "collection_method": "charge_automatically",
-            "auto_advance": False,  # Tally finalizes it once every item is on it
-            "description": description,
-            "metadata": metadata,
-        },
-        {"idempotency_key": key},
-    )
+                   metadata: dict[str, str], description: str, key: str, *,
+                   collection: CollectionMethod = "charge_automatically",
+                   days_until_due: int = 30) -> stripe.Invoice:
+    params: InvoiceCreateParams = {
+        "customer": customer_id,
+        "currency": currency,
+        # Only the items Tally adds to this invoice, never other pending ones.
+        "pending_invoice_items_behavior": "exclude",
+        "collection_method": collection,
+        "auto_advance": False,  # Tally finalizes it once every item is on it
+        "description": description,
+        "metadata": stripe_ids.metadata(metadata),
+    }
+    if collection == "send_invoice":
+        params["days_until_due"] = days_until_due  # Stripe emails it; due this many days on
+    return c.v1.invoices.create(params, {"idempotency_key": key})
 
 
 def invoice_item_params(
     *, customer_id: str, invoice_id: str, amount_cents: int, currency: str, description: str,
     period: tuple[int, int], metadata: dict[str, str],
 ) -> InvoiceItemCreateParams:
+    """`period` is Tally's [start, end); Stripe's `period[end]` is inclusive, so it is
+    sent one second before Tally's end."""
     return {
         "customer": customer_id,
         "invoice": invoice_id,
         "amount": amount_cents,
         "currency": currency,
         "description": description,
-        "period": {"start": period[0], "end": period[1]},
-        "metadata": metadata,
+        "period": {"start": period[0], "end": max(period[0], period[1] - 1)},
+        "metadata": stripe_ids.metadata(metadata),
     }
 
 
@@ -191,7 +228,8 @@ def create_invoice_item(c: stripe.StripeClient, params: InvoiceItemCreateParams,
 
 
 def finalize_invoice(c: stripe.StripeClient, invoice_id: str, key: str) -> stripe.Invoice:
-    # auto_advance: from here Stripe collects payment (and retries failed payments).
+    # auto_advance: from here Stripe collects payment (and retries failed payments), or,
+    # for `send_invoice`, emails the invoice.
     return c.v1.invoices.finalize_invoice(invoice_id, {"auto_advance": True},
                                           {"idempotency_key": key})
 
@@ -202,3 +240,55 @@ def retrieve_invoice(c: stripe.StripeClient, invoice_id: str) -> stripe.Invoice:
 
 def invoices_of(c: stripe.StripeClient, customer_id: str) -> Iterator[stripe.Invoice]:
     yield from c.v1.invoices.list({"customer": customer_id, "limit": 100}).auto_paging_iter()
+
+
+# --- lookups: what Stripe already has, by Tally's metadata -----------------------------
+
+
+def _tagged(obj: Any, metadata: dict[str, str]) -> bool:
+    theirs = obj.metadata.to_dict() if obj.metadata is not None else {}
+    return all(theirs.get(k) == v for k, v in stripe_ids.metadata(metadata).items())
+
+
+def find_customer(c: stripe.StripeClient, tenant_id: str) -> str | None:
+    """The customer Tally created for a tenant, by its `tally_tenant_id` metadata.
+    (Customer search is eventually consistent: a customer created within the last
+    minute may not be found yet; the journal looks only after a day or a stored error.)"""
+    tag = stripe_ids.metadata({"tally_tenant_id": tenant_id})["tally_tenant_id"]
+    query = f"metadata['tally_tenant_id']:'{tag}'"
+    found = c.v1.customers.search({"query": query, "limit": 10}).data
+    return found[0].id if found else None
+
+
+def find_meter(c: stripe.StripeClient, meter: str) -> str | None:
+    """The active meter with Tally's event name for `meter` (event names are unique among
+    active meters)."""
+    for m in c.v1.billing.meters.list({"status": "active", "limit": 100}).auto_paging_iter():
+        if m.event_name == meter_event_name(meter):
+            return m.id
+    return None
+
+
+def find_price(c: stripe.StripeClient, lookup_key: str, key: str) -> str | None:
+    """The price created under journal key `key`, by its lookup key and metadata."""
+    for price in c.v1.prices.list({"lookup_keys": [lookup_key], "limit": 100}).data:
+        if _tagged(price, {"tally_price_key": key}):
+            return price.id
+    return None
+
+
+def find_invoice(c: stripe.StripeClient, customer_id: str, tally_invoice_id: str) -> str | None:
+    """The customer's Stripe invoice for a Tally invoice (`tally_invoice_id` metadata)."""
+    for invoice in invoices_of(c, customer_id):
+        if invoice.id and _tagged(invoice, {"tally_invoice_id": tally_invoice_id}):
+            return invoice.id
+    return None
+
+
+def find_invoice_item(c: stripe.StripeClient, invoice_id: str, line_no: int) -> str | None:
+    """The item for one Tally invoice line on a Stripe invoice (`tally_line_no` metadata)."""
+    items = c.v1.invoice_items.list({"invoice": invoice_id, "limit": 100}).auto_paging_iter()
+    for item in items:
+        if _tagged(item, {"tally_line_no": str(line_no)}):
+            return item.id
+    return None

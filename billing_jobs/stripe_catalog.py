@@ -11,6 +11,10 @@ key, so the job is safe to run twice and a crashed run is finished by the next o
   new price; the lookup key (`tally_<plan>_<item>`) moves to it;
 - customer: `tally-customer-<tenant>`.
 
+A call unfinished for over a day (Stripe may have forgotten its key) is looked up before
+it is sent again: the meter by its event name, the price by its lookup key and
+`tally_price_key` metadata, the customer by its `tally_tenant_id` metadata.
+
 What the prices are for: Stripe-side flows (Checkout, the customer portal, Stripe
 subscriptions) reference them. Tally's invoices do not let Stripe recompute amounts:
 rating (included units, tiers over the overage, minimums, coupons) has one implementation,
@@ -197,7 +201,7 @@ def ensure_meter(conn: Connection, client: stripe.StripeClient, catalog: Catalog
         conn, key=key, kind="meter", tenant_id="*",
         summary={**summary, "aggregation": spec.aggregation},
         request=lambda k: stripe_api.create_meter(client, meter, spec.aggregation, k),
-        policy=policy,
+        lookup=lambda: stripe_api.find_meter(client, meter), policy=policy,
     )
 
 
@@ -217,7 +221,8 @@ def ensure_customer(conn: Connection, client: stripe.StripeClient, tenant: str,
                  "no_customer")
     return journal.call(
         conn, key=key, kind="customer", tenant_id=tenant, summary={"tenant": tenant},
-        request=lambda k: stripe_api.create_customer(client, tenant, k), policy=policy,
+        request=lambda k: stripe_api.create_customer(client, tenant, k),
+        lookup=lambda: stripe_api.find_customer(client, tenant), policy=policy,
     )
 
 
@@ -262,8 +267,11 @@ def _ensure_price(conn: Connection, client: stripe.StripeClient, spec: PriceSpec
         if meter_id is None:
             raise BillingError(f"meter {spec.item!r} has no Stripe meter")
     params = _typed(spec.params, meter_id)
+    params["metadata"] = {**spec.params["metadata"], "tally_price_key": spec.key()}
     return journal.call(
         conn, key=spec.key(), kind="price", tenant_id="*",
         summary={"plan": spec.plan_id, "item": spec.item, **spec.params},
-        request=lambda k: stripe_api.create_price(client, params, k), policy=policy,
+        request=lambda k: stripe_api.create_price(client, params, k),
+        lookup=lambda: stripe_api.find_price(client, spec.params["lookup_key"], spec.key()),
+        policy=policy,
     )

@@ -14,8 +14,16 @@
    - `invoice.finalized/paid/payment_succeeded/payment_failed/voided/marked_uncollectible`
      update `tally.invoices.status`. Stripe does not order deliveries, so a status only
      moves forward (a late `finalized` never turns `paid` back into `open`).
+     `invoice.finalized` and `invoice.paid` also carry the customer's copy
+     (`hosted_invoice_url`, `invoice_pdf`), stored on `tally.invoices`.
    - anything else is acknowledged and recorded as ignored.
 4. Record the event id (step 2's table), in the same transaction as the status update.
+
+`POST /stripe/events` is the event destination for Stripe's thin (v2) events: the meter
+error reports (`meter_errors.py`). Same steps: the signature is verified (secret
+`STRIPE_EVENTS_SECRET`, else `STRIPE_WEBHOOK_SECRET`), a redelivered event id is
+acknowledged and not applied again, and the report's data is fetched from Stripe (a thin
+event carries none) and journaled, in one transaction with the event id.
 """
 
 from __future__ import annotations
@@ -31,10 +39,10 @@ import stripe
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from billing_jobs import metrics
+from billing_jobs import invoice_records, meter_errors, metrics, stripe_api
 from billing_jobs.errors import BillingError
 from producers import ProducerOptions, SubscriptionKind, UsageProducer
-from runtime.postgres import AsyncConnection, connect_async, migrate
+from runtime.postgres import AsyncConnection, connect, connect_async, migrate
 from runtime.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -60,9 +68,12 @@ def webhook_secret() -> str:
 class WebhookReceiver:
     """The aiohttp application behind `POST /stripe/webhook` (plus /healthz, /metrics)."""
 
-    def __init__(self, settings: Settings, secret: str, tolerance: int = TOLERANCE) -> None:
+    def __init__(self, settings: Settings, secret: str, tolerance: int = TOLERANCE,
+                 thin_secret: str | None = None) -> None:
         self.settings = settings
         self.secret = secret
+        self.thin_secret = thin_secret or os.environ.get("STRIPE_EVENTS_SECRET") or secret
+        self.stripe_client: stripe.StripeClient | None = None  # fetches thin events' data
         self.tolerance = tolerance
         self.database_url = settings.require_database()
         self.producer: UsageProducer | None = None
@@ -72,6 +83,7 @@ class WebhookReceiver:
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_post("/stripe/webhook", self.handle)
+        app.router.add_post("/stripe/events", self.handle_thin)
         app.router.add_get("/healthz", self.health)
         app.router.add_get("/metrics", self.metrics)
         app.on_startup.append(self._start)
@@ -134,6 +146,7 @@ class WebhookReceiver:
     async def _apply(self, event: stripe.Event, data: dict[str, Any]) -> str:
         assert self.conn is not None
         if event.type in _INVOICE_STATUS:
+            await self._invoice_links(event.type, data)
             status = _INVOICE_STATUS[event.type]
             rank_case = " ".join(f"WHEN '{s}' THEN {r}" for s, r in _RANK.items())
             updated = await self.conn.execute(
@@ -144,6 +157,73 @@ class WebhookReceiver:
         if event.type in _SUBSCRIPTION_EVENTS:
             return await self._subscription(event, data)
         return "ignored"
+
+    async def _invoice_links(self, event_type: str, data: dict[str, Any]) -> None:
+        """The customer's copy of a finalized or paid invoice, kept on `tally.invoices`."""
+        assert self.conn is not None
+        if event_type in ("invoice.finalized", "invoice.paid") and data.get("id"):
+            await self.conn.execute(invoice_records.RECORD_LINKS, (
+                data.get("hosted_invoice_url"), data.get("invoice_pdf"), data["id"]))
+
+    # -- thin events (meter error reports) -------------------------------------------------
+
+    async def handle_thin(self, request: web.Request) -> web.Response:
+        payload = await request.text()
+        try:
+            stripe.WebhookSignature.verify_header(
+                payload, request.headers.get("Stripe-Signature") or "", self.thin_secret,
+                self.tolerance)
+            client = self._stripe()
+            notification = client.parse_event_notification_without_verification(payload)
+        except (ValueError, stripe.SignatureVerificationError) as e:
+            metrics.WEBHOOKS.labels("unknown", "rejected").inc()
+            return web.json_response({"error": f"invalid event notification: {e}"},
+                                     status=400)
+        except BillingError as e:  # no Stripe key to fetch the event with: Stripe retries
+            return web.json_response({"error": str(e)}, status=503)
+        if notification.type not in meter_errors.EVENT_TYPES:
+            outcome = "ignored"
+            async with self.lock:
+                await self._record_event(notification.id, notification.type, outcome)
+        else:
+            try:
+                async with self.lock:  # one report at a time: a redelivery sees the first
+                    outcome = await asyncio.to_thread(self._meter_errors, notification)
+            except stripe.StripeError as e:
+                # Stripe redelivers a notification that was not acknowledged: try again then.
+                metrics.WEBHOOKS.labels(notification.type, "retry").inc()
+                return web.json_response({"error": f"cannot fetch the event: {e}"},
+                                         status=503)
+        metrics.WEBHOOKS.labels(notification.type, outcome.split(":")[0]).inc()
+        return web.json_response({"received": True, "outcome": outcome})
+
+    def _stripe(self) -> stripe.StripeClient:
+        if self.stripe_client is None:
+            self.stripe_client = stripe_api.client(self.settings)
+        return self.stripe_client
+
+    def _meter_errors(self, notification: Any) -> str:
+        """Fetch a meter error report and journal it, once per event id (in a thread: the
+        SDK and the journal are synchronous)."""
+        with connect(self.database_url, autocommit=True) as conn:
+            seen = conn.execute("SELECT outcome FROM tally.stripe_webhook_events"
+                                " WHERE event_id = %s", (notification.id,)).fetchone()
+            if seen is not None:
+                return "duplicate"
+            event = notification.fetch_event().to_dict()
+            with conn.transaction():
+                outcome = meter_errors.record_report(conn, notification.id, event).outcome()
+                conn.execute(
+                    "INSERT INTO tally.stripe_webhook_events (event_id, type, outcome)"
+                    " VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
+                    (notification.id, notification.type, outcome))
+        return outcome
+
+    async def _record_event(self, event_id: str, event_type: str, outcome: str) -> None:
+        assert self.conn is not None
+        await self.conn.execute(
+            "INSERT INTO tally.stripe_webhook_events (event_id, type, outcome)"
+            " VALUES (%s, %s, %s) ON CONFLICT DO NOTHING", (event_id, event_type, outcome))
 
     async def _subscription(self, event: stripe.Event, data: dict[str, Any]) -> str:
         assert self.conn is not None and self.producer is not None

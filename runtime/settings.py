@@ -82,6 +82,9 @@ class Settings(BaseModel):
     smtp_password: str | None = None
     smtp_from: str = "Tally <tally@localhost>"  # the From header and envelope sender
     smtp_starttls: bool = True  # upgrade the connection with STARTTLS before anything else
+    # Invoices of customers without a default payment method are sent (`send_invoice`) and
+    # due this many days after finalization; with one, Stripe charges it.
+    stripe_days_until_due: int = Field(default=30, ge=0, le=730)
 
     @property
     def topics(self) -> Topics:

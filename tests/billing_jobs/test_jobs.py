@@ -247,7 +247,7 @@ def test_faults_on_a_third_of_calls_still_end_with_everything_pushed_and_invoice
     assert len(snapshot.prices) == len(price_specs(CATALOG))
     assert len(snapshot.invoices) == 4 and set(items_per_line(snapshot).values()) == {1}
     assert all(i["status"] == "open" for i in snapshot.invoices)
-    assert not snapshot.dropped_stream_events
+    assert not snapshot.rejected_meter_events
 
 
 # --- reconcile -----------------------------------------------------------------------------

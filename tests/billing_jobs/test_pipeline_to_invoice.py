@@ -30,6 +30,7 @@ pytestmark = pytest.mark.e2e
 def live_double() -> Iterator[StripeDouble]:
     with StripeDouble() as double:  # the real clock: events are timestamped now
         yield double
+        assert double.inspect().invalid_requests == ()  # Stripe's OpenAPI document holds
 
 
 def test_a_period_of_events_ends_as_one_finalized_invoice_with_the_expected_amounts(

@@ -29,6 +29,7 @@ FAST_RETRIES = RetryPolicy(attempts=8, base_delay=0.01, max_delay=0.05)
 def stripe_double() -> Iterator[StripeDouble]:
     with StripeDouble() as double:
         yield double
+        assert double.inspect().invalid_requests == ()  # Stripe's OpenAPI document holds
 
 
 def query(url: str, sql: str) -> list[tuple[object, ...]]:

@@ -220,14 +220,20 @@ def test_meter_event_retried_with_its_idempotency_key_is_replayed_not_rejected(
         (5 * 60 + 60, "timestamp_in_future"),
     ],
 )
-def test_meter_event_outside_the_accepted_time_range_is_rejected(
-    send_usage: Callable[..., Any], double: StripeDouble, offset: int, code: str
+def test_meter_event_outside_the_accepted_time_range_is_accepted_then_dropped_and_reported(
+    send_usage: Callable[..., Any], double: StripeDouble, meter_id: str, offset: int, code: str
 ) -> None:
-    with pytest.raises(stripe.InvalidRequestError) as raised:
-        send_usage(1, identifier="late", timestamp=int(time.time()) + offset)
+    send_usage(1, identifier="late", timestamp=int(time.time()) + offset)  # no error: async
 
-    assert (raised.value.http_status, raised.value.code) == (400, code)
-    assert double.inspect().meter_events == ()
+    snapshot = double.inspect()
+    assert snapshot.meter_events == ()
+    assert [r["code"] for r in snapshot.rejected_meter_events] == [code]
+    [report] = snapshot.events
+    assert report["type"] == "v1.billing.meter.error_report_triggered"
+    assert report["related_object"]["id"] == meter_id
+    [error_type] = report["data"]["reason"]["error_types"]
+    assert error_type["code"] == code
+    assert [s["request"]["identifier"] for s in error_type["sample_errors"]] == ["late"]
 
 
 def test_meter_event_within_35_days_is_accepted(
@@ -238,29 +244,32 @@ def test_meter_event_within_35_days_is_accepted(
     assert len(double.inspect().meter_events) == 1
 
 
-def test_meter_event_for_an_event_name_without_meter_is_rejected(
-    client: stripe.StripeClient, customer_id: str, meter_id: str
+def test_meter_event_for_an_event_name_without_meter_is_reported_as_no_meter_found(
+    client: stripe.StripeClient, customer_id: str, meter_id: str, double: StripeDouble
 ) -> None:
-    with pytest.raises(stripe.InvalidRequestError) as raised:
-        client.v1.billing.meter_events.create(
-            {"event_name": "api_cals", "payload": {"stripe_customer_id": customer_id}}
-        )
+    client.v1.billing.meter_events.create(
+        {"event_name": "api_cals", "payload": {"stripe_customer_id": customer_id}}
+    )
 
-    assert raised.value.code == "no_meter"
+    snapshot = double.inspect()
+    assert [r["code"] for r in snapshot.rejected_meter_events] == ["no_meter"]
+    assert [e["type"] for e in snapshot.events] == ["v1.billing.meter.no_meter_found"]
 
 
 def test_meter_event_value_must_be_a_whole_number(
-    client: stripe.StripeClient, customer_id: str, meter_id: str
+    client: stripe.StripeClient, customer_id: str, meter_id: str, double: StripeDouble
 ) -> None:
-    with pytest.raises(stripe.InvalidRequestError) as raised:
-        client.v1.billing.meter_events.create(
-            {
-                "event_name": "api_calls",
-                "payload": {"stripe_customer_id": customer_id, "value": "1.5"},
-            }
-        )
+    client.v1.billing.meter_events.create(
+        {
+            "event_name": "api_calls",
+            "payload": {"stripe_customer_id": customer_id, "value": "1.5"},
+        }
+    )
 
-    assert raised.value.code == "meter_event_invalid_value"
+    assert [r["code"] for r in double.inspect().rejected_meter_events] == [
+        "meter_event_invalid_value"
+    ]
+    assert usage_total(client, meter_id, customer_id) == 0
 
 
 def test_concurrent_meter_events_are_all_recorded(
@@ -299,7 +308,7 @@ def test_v2_stream_records_valid_events_and_drops_invalid_ones_as_stripe_does_as
     )
 
     assert usage_total(client, meter_id, customer_id) == 6
-    assert [d["code"] for d in double.inspect().dropped_stream_events] == ["no_meter"]
+    assert [d["code"] for d in double.inspect().rejected_meter_events] == ["no_meter"]
 
 
 def test_v2_stream_refuses_a_secret_key_in_place_of_a_session_token(
@@ -643,3 +652,196 @@ def test_timeout_fault_applies_the_request_then_loses_the_response(
     again = slow.v1.customers.create({"email": "a@b.test"}, {"idempotency_key": "k1"})
     [customer] = double.inspect().customers
     assert again.id == customer["id"]  # the retry learned the first outcome
+
+
+# ------------------------------------------------------ memory: 24 hours on its clock
+
+
+def test_idempotency_keys_are_forgotten_24_hours_after_first_use(
+    client: stripe.StripeClient, double: StripeDouble
+) -> None:
+    first = client.v1.customers.create({"name": "k"}, {"idempotency_key": "cus-24h"})
+    double.advance(23 * HOUR)
+    within = client.v1.customers.create({"name": "k"}, {"idempotency_key": "cus-24h"})
+    double.advance(HOUR)
+    after = client.v1.customers.create({"name": "k"}, {"idempotency_key": "cus-24h"})
+
+    assert within.id == first.id
+    assert after.id != first.id  # a new customer: Stripe no longer knew the key
+    assert len(double.inspect().customers) == 2
+
+
+def test_meter_event_identifiers_are_unique_only_within_24_hours(
+    send_usage: Callable[..., Any], double: StripeDouble
+) -> None:
+    send_usage(1, identifier="daily")
+    double.advance(24 * HOUR)
+    send_usage(1, identifier="daily", timestamp=double.now())
+
+    assert [e["identifier"] for e in double.inspect().meter_events] == ["daily", "daily"]
+
+
+def test_a_longer_memory_keeps_keys_and_identifiers_past_a_day() -> None:
+    with StripeDouble(memory=72 * HOUR) as double:
+        client = make_client(double)
+        first = client.v1.customers.create({"name": "k"}, {"idempotency_key": "cus-72h"})
+        double.advance(48 * HOUR)
+        again = client.v1.customers.create({"name": "k"}, {"idempotency_key": "cus-72h"})
+
+    assert again.id == first.id
+
+
+def test_control_endpoint_moves_the_clock(double: StripeDouble) -> None:
+    before = double.now()
+
+    answer = control(double, "POST", "/_double/clock", {"advance": 48 * HOUR})
+
+    assert answer["now"] - before >= 48 * HOUR
+    assert control(double, "GET", "/_double/state")["now"] == answer["now"]
+
+
+# ------------------------------------------------------------------ stored 500s
+
+
+def test_a_stored_500_is_replayed_under_its_key_and_the_request_had_no_effect(
+    client: stripe.StripeClient, double: StripeDouble
+) -> None:
+    double.faults(rate=1.0, kinds=("stored_500",))
+    with pytest.raises(stripe.APIError):
+        client.v1.customers.create({"name": "s"}, {"idempotency_key": "cus-500"})
+    double.faults()
+
+    with pytest.raises(stripe.APIError) as replayed:
+        client.v1.customers.create({"name": "s"}, {"idempotency_key": "cus-500"})
+    fresh = client.v1.customers.create({"name": "s"}, {"idempotency_key": "cus-500-new"})
+
+    assert replayed.value.headers is not None
+    assert replayed.value.headers["Idempotent-Replayed"] == "true"
+    assert [c["id"] for c in double.inspect().customers] == [fresh.id]
+
+
+def test_a_stored_500_after_the_effect_leaves_the_object_behind_it(
+    client: stripe.StripeClient, double: StripeDouble
+) -> None:
+    double.faults(rate=1.0, kinds=("stored_500_applied",))
+    with pytest.raises(stripe.APIError):
+        client.v1.customers.create({"name": "a"}, {"idempotency_key": "cus-500a"})
+    double.faults()
+
+    with pytest.raises(stripe.APIError):
+        client.v1.customers.create({"name": "a"}, {"idempotency_key": "cus-500a"})
+
+    assert [c["name"] for c in double.inspect().customers] == ["a"]
+
+
+# --------------------------------------------------- versions, limits, invalid requests
+
+
+def test_a_stripe_version_of_another_release_is_refused(double: StripeDouble) -> None:
+    old = stripe.StripeClient("sk_test_old", base_addresses={"api": double.url},
+                              stripe_version="2024-04-10", max_network_retries=0)
+
+    with pytest.raises(stripe.InvalidRequestError, match="Invalid Stripe API version"):
+        old.v1.customers.list()
+
+    assert double.inspect().invalid_requests[0]["request"] == "GET /v1/customers"
+
+
+def test_a_misspelled_nested_parameter_is_refused_and_recorded(
+    client: stripe.StripeClient, double: StripeDouble
+) -> None:
+    typo: Any = {"display_name": "x", "event_name": "e", "default_aggregation": {"formula": "sum"},
+                 "customer_mapping": {"event_payload_key": "k", "type": "by_id", "typo": "x"}}
+
+    with pytest.raises(stripe.InvalidRequestError) as raised:
+        client.v1.billing.meters.create(typo)
+
+    assert (raised.value.code, raised.value.param) == ("parameter_unknown",
+                                                       "customer_mapping[typo]")
+    [invalid] = double.inspect().invalid_requests
+    assert invalid["problems"][0]["param"] == "customer_mapping[typo]"
+    assert double.inspect().meters == ()
+
+
+# ------------------------------------------------ meter error reports as thin events
+
+
+class Receiver:
+    """A webhook endpoint for the double's thin events: what arrived, verified."""
+
+    def __init__(self, secret: str) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        received = self.received = []  # type: list[tuple[str, str]]
+        self.secret = secret
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"])).decode()
+                received.append((body, self.headers["Stripe-Signature"]))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/events"
+
+
+def test_a_rejected_meter_event_is_reported_by_a_signed_thin_event_the_sdk_can_fetch(
+    client: stripe.StripeClient, double: StripeDouble, meter_id: str
+) -> None:
+    receiver = Receiver("whsec_double_test")
+    double.webhooks(receiver.url, receiver.secret)
+    try:
+        client.v1.billing.meter_events.create({
+            "event_name": "api_calls", "identifier": "for-nobody",
+            "payload": {"stripe_customer_id": "cus_nobody", "value": "3"}})
+        [(body, signature)] = wait_until(lambda: receiver.received)
+
+        notification = client.parse_event_notification(body, signature, receiver.secret)
+        event = notification.fetch_event().to_dict()
+    finally:
+        receiver.server.shutdown()
+
+    assert notification.type == "v1.billing.meter.error_report_triggered"
+    [error] = event["data"]["reason"]["error_types"]
+    assert error["code"] == "meter_event_customer_not_found"
+    assert error["sample_errors"][0]["request"]["identifier"] == "for-nobody"
+    assert event["related_object"]["id"] == meter_id
+    assert double.inspect().webhook_deliveries[0]["status"] == 200
+
+
+def wait_until(probe: Callable[[], Any], timeout: float = 10) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (value := probe()):
+        assert time.monotonic() < deadline, "nothing arrived"
+        time.sleep(0.05)
+    return value
+
+
+# -------------------------------------------------------------- invoice collection
+
+
+@pytest.mark.parametrize(("payment_method", "status"), [(None, "open"), ("pm_card_visa", "paid")])
+def test_charge_automatically_collects_only_from_a_default_payment_method(
+    client: stripe.StripeClient, payment_method: str | None, status: str
+) -> None:
+    params: Any = {"name": "c"}
+    if payment_method:
+        params |= {"payment_method": payment_method,
+                   "invoice_settings": {"default_payment_method": payment_method}}
+    customer = client.v1.customers.create(params)
+    invoice = client.v1.invoices.create({"customer": customer.id, "currency": "usd",
+                                         "auto_advance": False})
+    client.v1.invoice_items.create({"customer": customer.id, "invoice": invoice.id,
+                                    "amount": 500, "currency": "usd"})
+
+    final = client.v1.invoices.finalize_invoice(invoice.id, {"auto_advance": True})
+
+    assert (final.status, final.attempted) == (status, True)
+    assert final.hosted_invoice_url and final.invoice_pdf
+    assert (final.last_payment_error is None) == (payment_method is not None)

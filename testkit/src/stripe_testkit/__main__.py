@@ -27,6 +27,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=12111, help="0 picks a free port")
+    parser.add_argument("--webhook-url", help="deliver thin events (meter error reports) here")
+    parser.add_argument("--webhook-secret", default="whsec_stripe_double",
+                        help="sign them with this endpoint secret")
+    parser.add_argument("--memory-hours", type=float, default=24.0,
+                        help="how long idempotency keys and meter event identifiers are "
+                        "remembered (Stripe: at least 24)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     stop = threading.Event()
@@ -38,7 +44,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     # Serve from a worker thread: shutdown() called from the serving thread deadlocks.
-    with StripeDouble(host=args.host, port=args.port) as double:
+    with StripeDouble(host=args.host, port=args.port, memory=int(args.memory_hours * 3600),
+                      webhook_url=args.webhook_url,
+                      webhook_secret=args.webhook_secret) as double:
         print(f"stripe double listening on {double.url}", flush=True)
         while not stop.wait(0.5):
             pass

@@ -31,7 +31,14 @@ __all__ = [
 
 def create_customer(state: State, call: Call) -> JSON:
     params = call.params
-    reject(params, "source", "payment_method", "tax_id_data", "test_clock", "cash_balance")
+    reject(params, "source", "tax_id_data", "test_clock", "cash_balance")
+    # Payment methods are not modelled beyond their ids: `payment_method` attaches one
+    # (test tokens such as pm_card_visa), and only an attached one can be the default.
+    attached = [pm] if (pm := get_str(params, "payment_method")) else []
+    settings = get_dict(params, "invoice_settings") or {}
+    default = get_str(settings, "default_payment_method")
+    if default is not None and default not in attached:
+        raise no_such("PaymentMethod", default, "invoice_settings[default_payment_method]")
     customer: JSON = {
         "id": new_id("cus"),
         "object": "customer",
@@ -49,7 +56,7 @@ def create_customer(state: State, call: Call) -> JSON:
         or "".join(secrets.choice(string.ascii_uppercase) for _ in range(8)),
         "invoice_settings": {
             "custom_fields": None,
-            "default_payment_method": None,
+            "default_payment_method": default,
             "footer": None,
             "rendering_options": None,
         },

@@ -3,9 +3,12 @@
 A POST whose ``Idempotency-Key`` was seen before with the same method, path and
 parameters replays the stored response with ``Idempotent-Replayed: true``; different
 parameters give 400 ``idempotency_error``. Like Stripe, only requests that reached the
-API method are stored (their 200s and their business 400s); requests refused earlier
-(authentication, unknown or missing parameters, injected faults) are not, so the key
-stays usable for a retry.
+API method are stored — their 200s, their business 400s, and their 500s (a stored 500 is
+replayed for as long as the key is remembered, so retrying with the same key cannot get
+past it); requests refused earlier (authentication, unknown or missing parameters,
+injected faults other than the stored ``stored_500`` kinds) are not, so the key stays
+usable for a retry. A key is forgotten ``memory`` seconds (24 hours, as at Stripe) after
+its first use, on the double's clock: the same key then runs the request again.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from stripe_testkit.errors import JSON, ApiError, Response
+from stripe_testkit.state import DAY
 
 __all__ = ["ReplayStore", "fingerprint"]
 
@@ -32,6 +36,7 @@ def fingerprint(method: str, path: str, params: JSON) -> str:
 class _Replay:
     fingerprint: str
     response: Response
+    stored_at: int
 
 
 class ReplayStore:
@@ -42,16 +47,21 @@ class ReplayStore:
     run the handler.
     """
 
-    def __init__(self, capacity: int = _MAX_REMEMBERED_KEYS) -> None:
+    def __init__(self, capacity: int = _MAX_REMEMBERED_KEYS, memory: int = DAY) -> None:
         self._capacity = capacity
+        self._memory = memory
         self._replays: dict[str, _Replay] = {}
 
-    def replay(self, key: str, fingerprint: str) -> Response | None:
-        """The stored response for ``key``, marked replayed; None if the key is new.
+    def replay(self, key: str, fingerprint: str, now: int) -> Response | None:
+        """The stored response for ``key``, marked replayed; None if the key is new or
+        forgotten (first used ``memory`` seconds or more before ``now``).
 
         Raises the ``idempotency_error`` if the key was first used with other parameters.
         """
         replay = self._replays.get(key)
+        if replay is not None and now - replay.stored_at >= self._memory:
+            del self._replays[key]
+            replay = None
         if replay is None:
             return None
         if replay.fingerprint != fingerprint:
@@ -69,9 +79,10 @@ class ReplayStore:
             {**stored.headers, "Idempotent-Replayed": "true", "Idempotency-Key": key},
         )
 
-    def store(self, key: str, fingerprint: str, response: Response) -> None:
+    def store(self, key: str, fingerprint: str, response: Response, now: int) -> None:
         """Remember ``response`` (a snapshot the caller no longer changes) under ``key``."""
-        self._replays[key] = _Replay(fingerprint, response)
+        self._replays.pop(key, None)  # a forgotten key used again is the newest
+        self._replays[key] = _Replay(fingerprint, response, now)
         if len(self._replays) > self._capacity:
             del self._replays[next(iter(self._replays))]  # dicts keep insertion order
 

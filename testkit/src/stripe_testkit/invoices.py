@@ -1,8 +1,13 @@
 """Invoice items and invoices (``/v1/invoiceitems``, ``/v1/invoices``).
 
 An invoice's totals are computed from its items whenever it is rendered; finalizing
-numbers it from its customer's sequence, and a zero-amount invoice is paid on
-finalization, as in Stripe. Payments always succeed.
+numbers it from its customer's sequence, gives it a ``hosted_invoice_url`` and an
+``invoice_pdf``, and a zero-amount invoice is paid on finalization, as in Stripe. A
+``charge_automatically`` invoice finalized with ``auto_advance`` is charged to the
+customer's default payment method — which always succeeds — and, for a customer without
+one, the attempt fails and the invoice stays open and unpaid (``attempted``,
+``last_payment_error``), as at Stripe. ``send_invoice`` needs ``days_until_due`` or
+``due_date``. An invoice item's ``period`` is inclusive at both ends.
 """
 
 from __future__ import annotations
@@ -113,6 +118,11 @@ def create_invoice_item(state: State, call: Call) -> JSON:
                 param="currency",
             )
     period = get_dict(params, "period") or {}
+    start, end = get_int(period, "start"), get_int(period, "end")
+    if start is not None and end is not None and end < start:
+        # Stripe's period is inclusive at both ends: end may equal start, not precede it.
+        raise ApiError(400, "period[end] must be greater than or equal to period[start].",
+                       param="period[end]")
     item: JSON = {
         "id": new_id("ii"),
         "object": "invoiceitem",
@@ -129,8 +139,8 @@ def create_invoice_item(state: State, call: Call) -> JSON:
         "net_amount": amount,
         "parent": None,
         "period": {
-            "start": get_int(period, "start") or call.now,
-            "end": get_int(period, "end") or call.now,
+            "start": call.now if start is None else start,
+            "end": call.now if end is None else end,
         },
         "pricing": None
         if unit_amount is None
@@ -237,6 +247,8 @@ def create_invoice(state: State, call: Call) -> JSON:
             "voided_at": None,
         },
         "amount_paid": 0,
+        "attempt_count": 0,
+        "last_payment_error": None,
     }
     state.invoices[invoice["id"]] = invoice
     if behavior == "include":
@@ -279,9 +291,9 @@ def finalize_invoice(state: State, call: Call) -> JSON:
     invoice = _find_invoice(state, call.path["id"], param="id", status=404)
     _require_draft(invoice, "finalize")
     auto_advance = get_bool(call.params, "auto_advance")
-    _finalize(state, invoice, call.now)
     if auto_advance is not None:
         invoice["auto_advance"] = auto_advance
+    _finalize(state, invoice, call.now)
     return render_invoice(state, invoice)
 
 
@@ -338,10 +350,32 @@ def _finalize(state: State, invoice: JSON, now: int) -> None:
     invoice["status"] = "open"
     invoice["effective_at"] = now
     invoice["status_transitions"]["finalized_at"] = now
+    # Stripe gives a finalized invoice its customer-facing page and PDF.
+    invoice["hosted_invoice_url"] = f"https://invoice.stripe.test/i/{invoice['id']}"
+    invoice["invoice_pdf"] = f"https://pay.stripe.test/invoice/{invoice['id']}/pdf"
     if invoice["collection_method"] == "send_invoice" and invoice["days_until_due"]:
         invoice["due_date"] = now + invoice["days_until_due"] * DAY
     if _totals(state, invoice)["amount_due"] == 0:
         _mark_paid(state, invoice, now)  # Stripe marks a zero-amount invoice paid
+    elif invoice["collection_method"] == "charge_automatically" and invoice["auto_advance"]:
+        _charge(state, invoice, customer, now)
+
+
+def _charge(state: State, invoice: JSON, customer: JSON, now: int) -> None:
+    """Stripe's automatic collection: the customer's default payment method is charged
+    (always successfully here); without one, the attempt fails and the invoice stays
+    open, unpaid, as at Stripe."""
+    invoice["attempted"] = True
+    invoice["attempt_count"] = invoice.get("attempt_count", 0) + 1
+    default = customer["invoice_settings"]["default_payment_method"] or customer["default_source"]
+    if default is None:
+        invoice["last_payment_error"] = {
+            "type": "invalid_request_error",
+            "code": "invoice_no_customer_payment_method",
+            "message": "The customer has no default payment method to charge.",
+        }
+        return
+    _mark_paid(state, invoice, now)
 
 
 def _mark_paid(state: State, invoice: JSON, now: int) -> None:

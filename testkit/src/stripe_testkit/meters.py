@@ -1,27 +1,31 @@
 """Meters, meter events and their summaries (``/v1/billing/meters``,
 ``/v1/billing/meter_events``), and the v2 meter event session and stream.
 
-A meter event identifier is unique for the life of the double (Stripe: a rolling
-window of at least 24 hours); a repeat is refused and not stored, so summaries never
-double count.
+A meter event identifier is unique within the double's memory window (Stripe: a
+rolling window of at least 24 hours; the double forgets it after exactly ``memory``
+seconds on its clock, 24 hours by default); a repeat within it is refused and not
+stored, so summaries never double count. Everything else about a meter event — meter,
+customer, value, timestamp — is checked asynchronously, as at Stripe: the request
+succeeds and an invalid event is dropped and reported by a thin event
+(:mod:`stripe_testkit.events`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal
 from typing import Any, Final
 
-import stripe.params.v2.billing as v2_billing_params
-
 from stripe_testkit.customers import find_customer
 from stripe_testkit.errors import JSON, ApiError, missing, no_such
-from stripe_testkit.params import ParamSpec, get_dict, get_enum, get_int, get_str, page
+from stripe_testkit.events import Rejection, report_rejections, rfc3339
+from stripe_testkit.params import get_dict, get_enum, get_int, get_str, page
 from stripe_testkit.state import DAY, Call, State, new_id
 
 __all__ = [
+    "accept_meter_event",
     "create_meter",
     "create_meter_event",
     "create_meter_event_session",
@@ -29,7 +33,6 @@ __all__ = [
     "find_meter",
     "list_event_summaries",
     "list_meters",
-    "record_meter_event",
     "retrieve_meter",
 ]
 
@@ -37,7 +40,6 @@ _METER_EVENT_MAX_AGE: Final = 35 * DAY
 _METER_EVENT_MAX_SKEW: Final = 5 * 60
 _SESSION_LIFETIME: Final = 15 * 60
 _STREAM_MAX_EVENTS: Final = 100
-_STREAM_EVENT_SPEC: Final = ParamSpec.of(v2_billing_params.MeterEventStreamCreateParamsEvent)
 
 
 # ------------------------------------------------------------ meters and meter events
@@ -107,7 +109,7 @@ def find_meter(state: State, meter_id: str) -> JSON:
 def create_meter_event(state: State, call: Call) -> JSON:
     params = call.params
     timestamp = get_int(params, "timestamp")
-    return record_meter_event(
+    event, rejection = accept_meter_event(
         state,
         event_name=get_str(params, "event_name", required=True) or "",
         payload=get_dict(params, "payload") or {},
@@ -115,9 +117,12 @@ def create_meter_event(state: State, call: Call) -> JSON:
         timestamp=call.now if timestamp is None else timestamp,
         now=call.now,
     )
+    if rejection is not None:
+        report_rejections(state, [rejection], call.now)
+    return event
 
 
-def record_meter_event(
+def accept_meter_event(
     state: State,
     *,
     event_name: str,
@@ -125,73 +130,16 @@ def record_meter_event(
     identifier: str | None,
     timestamp: int,
     now: int,
-) -> JSON:
-    """Validate and store one meter event; shared by the v1 endpoint and v2 stream."""
-    meter = next(
-        (
-            m
-            for m in state.meters.values()
-            if m["event_name"] == event_name and m["status"] == "active"
-        ),
-        None,
-    )
-    if meter is None:
-        raise ApiError(
-            400,
-            f"No active meter was found with event_name '{event_name}'.",
-            code="no_meter",
-            param="event_name",
-        )
-    if timestamp < now - _METER_EVENT_MAX_AGE:
-        raise ApiError(
-            400,
-            "Timestamp must be within the past 35 calendar days.",
-            code="timestamp_too_far_in_past",
-            param="timestamp",
-        )
-    if timestamp > now + _METER_EVENT_MAX_SKEW:
-        raise ApiError(
-            400,
-            "Timestamp must not be more than 5 minutes in the future.",
-            code="timestamp_in_future",
-            param="timestamp",
-        )
-    customer_key = meter["customer_mapping"]["event_payload_key"]
-    customer_id = payload.get(customer_key)
-    if not isinstance(customer_id, str) or not customer_id:
-        raise ApiError(
-            400,
-            f"The payload must contain `{customer_key}`.",
-            code="meter_event_no_customer_defined",
-            param=f"payload[{customer_key}]",
-        )
-    if customer_id not in state.customers:
-        raise ApiError(
-            400,
-            f"No such customer: '{customer_id}'",
-            code="meter_event_customer_not_found",
-            param=f"payload[{customer_key}]",
-        )
-    value_key = meter["value_settings"]["event_payload_key"]
-    raw_value = payload.get(value_key)
-    if raw_value is None and meter["default_aggregation"]["formula"] != "count":
-        raise ApiError(
-            400,
-            f"The payload must contain `{value_key}`.",
-            code="meter_event_value_not_found",
-            param=f"payload[{value_key}]",
-        )
-    if raw_value is not None and not re.fullmatch(r"-?\d+", str(raw_value)):
-        # Stripe's docs: "The numerical usage value in the payload only accepts whole
-        # number values."
-        raise ApiError(
-            400,
-            f"Invalid value '{raw_value}': must be a whole number.",
-            code="meter_event_invalid_value",
-            param=f"payload[{value_key}]",
-        )
+) -> tuple[JSON, Rejection | None]:
+    """Take one meter event, as the v1 endpoint and the v2 stream do.
+
+    Synchronously, only a repeated identifier is refused (400). Everything else Stripe
+    checks asynchronously: an invalid event is accepted, then dropped — kept in
+    :attr:`State.rejected_meter_events` — and returned as a rejection for the caller to
+    report (:func:`~stripe_testkit.events.report_rejections`).
+    """
     identifier = identifier or new_id("evt_ident")
-    if identifier in state.identifiers:
+    if state.identifier_seen(identifier, now):
         raise ApiError(
             400,
             f"An event already exists with identifier {identifier}.",
@@ -208,9 +156,49 @@ def record_meter_event(
         "payload": {key: str(value) for key, value in payload.items()},
         "timestamp": timestamp,
     }
-    state.identifiers.add(identifier)
+    meter = next(
+        (
+            m
+            for m in state.meters.values()
+            if m["event_name"] == event_name and m["status"] == "active"
+        ),
+        None,
+    )
+    invalid = _invalid(state, meter, event_name, payload, timestamp, now)
+    if invalid is not None:
+        code, message = invalid
+        state.rejected_meter_events.append({"event": event, "code": code, "message": message})
+        return event, (meter["id"] if meter else None, code, message, identifier)
+    state.identifiers[identifier] = now
     state.meter_events.append(event)
-    return event
+    return event, None
+
+
+def _invalid(
+    state: State, meter: JSON | None, event_name: str, payload: JSON, timestamp: int, now: int
+) -> tuple[str, str] | None:
+    """Stripe's asynchronous checks of one meter event: (error-report code, message)."""
+    if meter is None:
+        return "no_meter", f"No active meter was found with event_name '{event_name}'."
+    if timestamp < now - _METER_EVENT_MAX_AGE:
+        return "timestamp_too_far_in_past", "Timestamp must be within the past 35 calendar days."
+    if timestamp > now + _METER_EVENT_MAX_SKEW:
+        return "timestamp_in_future", "Timestamp must not be more than 5 minutes in the future."
+    customer_key = meter["customer_mapping"]["event_payload_key"]
+    customer_id = payload.get(customer_key)
+    if not isinstance(customer_id, str) or not customer_id:
+        return "meter_event_no_customer_defined", f"The payload must contain `{customer_key}`."
+    if customer_id not in state.customers:
+        return "meter_event_customer_not_found", f"No such customer: '{customer_id}'"
+    value_key = meter["value_settings"]["event_payload_key"]
+    raw_value = payload.get(value_key)
+    if raw_value is None and meter["default_aggregation"]["formula"] != "count":
+        return "meter_event_invalid_value", f"The payload must contain `{value_key}`."
+    if raw_value is not None and not re.fullmatch(r"-?\d+", str(raw_value)):
+        # Stripe's docs: "The numerical usage value in the payload only accepts whole
+        # number values."
+        return "meter_event_invalid_value", f"Invalid value '{raw_value}': must be a whole number."
+    return None
 
 
 def list_event_summaries(state: State, call: Call) -> JSON:
@@ -290,8 +278,8 @@ def create_meter_event_session(state: State, call: Call) -> JSON:
         "id": new_id("mes_test"),
         "object": "v2.billing.meter_event_session",
         "authentication_token": token,
-        "created": _rfc3339(call.now),
-        "expires_at": _rfc3339(expires_at),
+        "created": rfc3339(call.now),
+        "expires_at": rfc3339(expires_at),
         "livemode": False,
     }
 
@@ -302,19 +290,16 @@ def create_meter_event_stream(state: State, call: Call) -> JSON:
         raise ApiError(
             400, f"events must be a list of 1 to {_STREAM_MAX_EVENTS} events.", param="events"
         )
-    parsed = []
-    for index, event in enumerate(events):
-        if not isinstance(event, dict):
-            raise ApiError(400, f"Invalid object: events[{index}]", param="events")
-        _STREAM_EVENT_SPEC.check(event, prefix=f"events[{index}].")
-        if not isinstance(event["payload"], dict):
-            raise ApiError(400, "Invalid object", param=f"events[{index}].payload")
-        parsed.append((event, _parse_rfc3339(event.get("timestamp"), index, call.now)))
-    # Stripe validates stream events asynchronously: the request succeeds and an
-    # invalid event is dropped (reported later by webhook). Keep them for inspection.
+    parsed = [
+        (event, _parse_rfc3339(event.get("timestamp"), index, call.now))
+        for index, event in enumerate(events)
+    ]
+    # Stripe validates stream events asynchronously: the request succeeds, an invalid
+    # event is dropped and reported by webhook, and a repeated identifier is dropped.
+    rejections: list[Rejection] = []
     for event, timestamp in parsed:
         try:
-            record_meter_event(
+            _, rejection = accept_meter_event(
                 state,
                 event_name=str(event["event_name"]),
                 payload=event["payload"],
@@ -322,16 +307,13 @@ def create_meter_event_stream(state: State, call: Call) -> JSON:
                 timestamp=timestamp,
                 now=call.now,
             )
-        except ApiError as error:
-            state.dropped_stream_events.append(
-                {"event": event, "code": error.code, "message": error.message}
-            )
+        except ApiError:
+            continue  # already there: the stream drops repeats silently
+        if rejection is not None:
+            rejections.append(rejection)
+    if rejections:
+        report_rejections(state, rejections, call.now)
     return {}
-
-
-def _rfc3339(epoch: float) -> str:
-    stamp = datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds")
-    return stamp.replace("+00:00", "Z")
 
 
 def _number(value: Decimal) -> int | float:

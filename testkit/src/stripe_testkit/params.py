@@ -1,27 +1,22 @@
 """Reading request parameters the way Stripe reads them.
 
 Form bodies (``a[b][0][c]=x``) become nested dicts and lists with string leaves; the
-``get_*`` readers convert a leaf and refuse a bad one with Stripe's error; a
-:class:`ParamSpec` holds the parameters an endpoint accepts, read from the SDK's
-generated ``*Params`` TypedDict.
+``get_*`` readers convert a leaf and refuse a bad one with Stripe's error. Which
+parameters an endpoint accepts is Stripe's OpenAPI document's to say
+(:mod:`stripe_testkit.openapi`), checked before a handler runs.
 """
 
 from __future__ import annotations
 
-import difflib
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any, Final
 from urllib.parse import parse_qsl
 
-from stripe import RequestOptions
-
 from stripe_testkit.errors import JSON, ApiError, missing, no_such, unsupported
 
 __all__ = [
-    "ParamSpec",
     "created_filter",
     "get_bool",
     "get_decimal",
@@ -36,11 +31,6 @@ __all__ = [
 ]
 
 _MAX_METADATA_KEYS: Final = 50
-
-# The SDK's per-request options (api_key, idempotency_key, ...) are mixed into some of
-# its *Params TypedDicts for the legacy resource API; they travel as headers, never as
-# body parameters, so they are not parameters of any endpoint.
-_REQUEST_OPTION_KEYS: Final = frozenset(RequestOptions.__annotations__)
 
 
 def parse_form(body: str) -> JSON:
@@ -235,35 +225,3 @@ def page(items: Sequence[JSON], params: JSON, url: str) -> JSON:
     else:
         data, has_more = items[:limit], len(items) > limit
     return {"object": "list", "data": list(data), "has_more": has_more, "url": url}
-
-
-# ------------------------------------------------------------------ parameter specs
-
-
-@dataclass(frozen=True)
-class ParamSpec:
-    """The top-level parameters an endpoint accepts, taken from the SDK's TypedDict."""
-
-    allowed: frozenset[str]
-    required: frozenset[str]
-
-    @classmethod
-    def of(cls, typed_dict: Any) -> ParamSpec:
-        """Build from a generated ``*Params`` TypedDict (annotations include bases)."""
-        annotations = frozenset(typed_dict.__annotations__)
-        required = frozenset(typed_dict.__required_keys__)
-        return cls(annotations - _REQUEST_OPTION_KEYS, required - _REQUEST_OPTION_KEYS)
-
-    def check(self, params: JSON, prefix: str = "") -> None:
-        """Refuse unknown parameters first (a typo also looks like a missing one)."""
-        for key in params:
-            if key not in self.allowed:
-                message = f"Received unknown parameter: {prefix}{key}"
-                close = difflib.get_close_matches(key, sorted(self.allowed), n=1)
-                if close:
-                    message += f". Did you mean {close[0]}?"
-                raise ApiError(400, message, code="parameter_unknown", param=prefix + key)
-        for key in sorted(self.required):
-            if params.get(key) in (None, ""):
-                raise missing(prefix + key)
-

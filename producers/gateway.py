@@ -6,10 +6,25 @@ API
     GET  /metrics       Prometheus text format
 
 Decisions
-- **Auth.** `Authorization: Bearer <token>`; `tokens` maps each token to a service name.
-  The service name is the allowed `source` prefix: an event's `source` must be the
-  service name or start with "<service>/", so one service cannot publish as another.
-  An event without `source` gets the service name. Missing or unknown token: 401.
+- **Auth.** `Authorization: Bearer <token>`, looked up in the tokens file
+  (runtime/credentials.py: a token names its service, its tenants and its scopes). Missing
+  or unknown token: 401. The service name is the allowed `source` prefix: an event's
+  `source` must be the service name or start with "<service>/", so one service cannot
+  publish as another. An event without `source` gets the service name.
+- **Tenants and scopes: all or nothing.** Every event must be for one of the token's
+  tenants (`subject`) and of a kind its scopes allow (`usage` for tally.usage.v1,
+  `subscriptions` for tally.subscription.*.v1). One event outside them and the whole
+  request is refused with 403, nothing published, every offending event listed by index
+  with the rules it breaks (`tenant_not_allowed`, `scope_missing`)::
+
+      {"error": "forbidden: ...", "accepted": 0, "rejected": 3, "forbidden": 1,
+       "errors": [{"index": 1, "id": "...", "problems": [{"field": "subject",
+                   "rule": "tenant_not_allowed", "message": "tenant not allowed: ..."}]}],
+       "errors_omitted": 0}
+
+  Unlike invalid events (below), a forbidden one is not a slip to fix and resend alone: it
+  means the client holds the wrong token or is not what it claims, and publishing the
+  rest of its request would act on a request Tally refuses.
 - **Content types.** `application/cloudevents+json` (one event object),
   `application/cloudevents-batch+json` (an array), or `application/json`, told apart by
   the first non-blank byte (`{` or `[`). Anything else: 415. A body of the wrong shape
@@ -20,7 +35,8 @@ Decisions
 
       {"accepted": 2, "rejected": 1,
        "errors": [{"index": 1, "id": "...", "problems": [{"field": "data.quantity",
-                                                          "message": "..."}]}]}
+                                                          "message": "..."}]}],
+       "errors_omitted": 0}
 
   A client fixes and resends only the rejected events; resending the whole batch is
   also safe, because consumers dedup by (tenant, event id).
@@ -33,16 +49,22 @@ Decisions
   once).
 - **Size limit.** A body over `max_body_bytes` is refused with 413 (from Content-Length
   before reading, or while reading when there is none).
+- **Bounded answers.** An error body lists the first MAX_REPORTED_EVENTS events at fault
+  (`errors_omitted` counts the rest), at most MAX_PROBLEMS_PER_EVENT problems each, and
+  clips every echoed text to MAX_ECHO_CHARS: a body of half a million bad items gets a
+  few kilobytes back, not fifty megabytes.
+- **Metrics.** `tally_gateway_requests_total` is labelled by route (`/v1/events`,
+  `/healthz`, `/metrics`, or `other` for any path the gateway does not serve) and status,
+  so random paths cannot create new series.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -54,6 +76,7 @@ from producers.encoding import TallyEvent
 from producers.errors import ProducerError
 from producers.options import ProducerOptions
 from producers.producer import UsageProducer
+from runtime.credentials import Credential, Tokens, authorize, scope_to_publish
 from runtime.settings import Settings, state_dir
 from schemas import codec
 from schemas.events import SUBSCRIPTION_TYPES, USAGE_TYPE, SubscriptionEvent, UsageEvent
@@ -66,9 +89,14 @@ JSON_CONTENT_TYPE = "application/json"
 # longest wait between the producer's reconnection attempts.
 RETRY_AFTER_SECONDS = "5"
 _ACCEPTED_TYPES = (codec.SINGLE_CONTENT_TYPE, codec.BATCH_CONTENT_TYPE, JSON_CONTENT_TYPE)
+# Bounds of an error body (see "Bounded answers" above).
+MAX_REPORTED_EVENTS = 20
+MAX_PROBLEMS_PER_EVENT = 10
+MAX_ECHO_CHARS = 200
+OTHER_ROUTE = "other"
 
 _PRODUCER_KEY = web.AppKey("producer", UsageProducer)
-_TOKENS_KEY = web.AppKey("tokens", dict)
+_TOKENS_KEY = web.AppKey("tokens", Tokens)
 _MAX_BODY_KEY = web.AppKey("max_body_bytes", int)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -84,24 +112,31 @@ def _error(status: int, message: str, **headers: str) -> web.Response:
     return response
 
 
-def _service_for(request: web.Request) -> str | None:
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        return None
-    token = token.strip()
-    service = None
-    # Compare against every token in constant time: no timing hint of a near miss.
-    for known, name in request.app[_TOKENS_KEY].items():
-        if hmac.compare_digest(known.encode(), token.encode()):
-            service = name
-    return service
+def _clip(text: str) -> str:
+    return text if len(text) <= MAX_ECHO_CHARS else text[:MAX_ECHO_CHARS] + "..."
+
+
+def _problem(field: str, message: str, **extra: str) -> dict[str, str]:
+    return {"field": _clip(field), **extra, "message": _clip(message)}
+
+
+def _event_id(raw: Any) -> str | None:
+    event_id = raw.get("id") if isinstance(raw, dict) else None
+    return _clip(event_id) if isinstance(event_id, str) else None
+
+
+def _report(index: int, raw: Any, problems: list[dict[str, str]]) -> dict[str, Any]:
+    """One event's entry in an error body, its problems bounded."""
+    shown = problems[:MAX_PROBLEMS_PER_EVENT]
+    if len(problems) > len(shown):
+        shown.append(_problem("", f"and {len(problems) - len(shown)} more problems"))
+    return {"index": index, "id": _event_id(raw), "problems": shown}
 
 
 def _parse_event(raw: Any, service: str) -> TallyEvent | list[dict[str, str]]:
     """The validated event, or its problems (every one the model finds)."""
     if not isinstance(raw, dict):
-        return [{"field": "", "message": "an event must be a JSON object"}]
+        return [_problem("", "an event must be a JSON object")]
     if "source" not in raw:
         raw = {**raw, "source": service}
     kind = raw.get("type")
@@ -112,23 +147,53 @@ def _parse_event(raw: Any, service: str) -> TallyEvent | list[dict[str, str]]:
         model = SubscriptionEvent
     else:
         allowed = ", ".join((USAGE_TYPE, *SUBSCRIPTION_TYPES))
-        return [{"field": "type", "message": f"unknown event type {kind!r}; one of: {allowed}"}]
+        shown = repr(kind) if isinstance(kind, str) else "missing or not a string"
+        return [_problem("type", f"unknown event type {shown}; one of: {allowed}")]
     try:
         event = model.model_validate(raw)
     except ValidationError as e:
-        return [
-            {"field": ".".join(str(p) for p in item["loc"]), "message": item["msg"]}
-            for item in e.errors()
-        ]
+        return [_problem(".".join(str(p) for p in item["loc"]), item["msg"])
+                for item in e.errors()]
     if event.source != service and not event.source.startswith(service + "/"):
-        return [{"field": "source",
-                 "message": f"source must be {service!r} or start with {service + '/'!r}"}]
+        return [_problem("source",
+                         f"source must be {service!r} or start with {service + '/'!r}")]
     return event
 
 
+def _forbidden(raw: Any, credential: Credential) -> list[dict[str, str]]:
+    """The rules publishing `raw` breaks. Judged on the raw fields, before validation, so
+    an event for a tenant the token lacks is refused whatever else is wrong with it."""
+    if not isinstance(raw, dict):
+        return []
+    subject, kind = raw.get("subject"), raw.get("type")
+    scope = scope_to_publish(kind) if isinstance(kind, str) else None
+    if not isinstance(subject, str) or scope is None:
+        return []  # not an event Tally could publish: validation reports it
+    return [_problem("subject" if d.rule == "tenant_not_allowed" else "type", d.message,
+                     rule=d.rule)
+            for d in authorize(credential, subject, scope)]
+
+
+class _Faults:
+    """Events at fault in a request: the first MAX_REPORTED_EVENTS reported in full, the
+    rest only counted, so neither the answer nor the memory behind it grows with them."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.reports: list[dict[str, Any]] = []
+
+    def add(self, index: int, raw: Any, problems: list[dict[str, str]]) -> None:
+        self.count += 1
+        if len(self.reports) < MAX_REPORTED_EVENTS:
+            self.reports.append(_report(index, raw, problems))
+
+    def body(self) -> dict[str, Any]:
+        return {"errors": self.reports, "errors_omitted": self.count - len(self.reports)}
+
+
 async def _post_events(request: web.Request) -> web.Response:
-    service = _service_for(request)
-    if service is None:
+    credential = request.app[_TOKENS_KEY].authenticate(request.headers.get("Authorization"))
+    if credential is None:
         return _error(401, "missing or unknown bearer token",
                       **{"WWW-Authenticate": 'Bearer realm="tally"'})
     content_type = request.content_type
@@ -145,7 +210,7 @@ async def _post_events(request: web.Request) -> web.Response:
     try:
         parsed = codec.loads(body)
     except ValueError as e:
-        return _error(400, f"malformed JSON: {e}")
+        return _error(400, f"malformed JSON: {_clip(str(e))}")
     if content_type == codec.SINGLE_CONTENT_TYPE and head != b"{":
         return _error(400, f"{codec.SINGLE_CONTENT_TYPE} needs one event object")
     if content_type == codec.BATCH_CONTENT_TYPE and head != b"[":
@@ -157,17 +222,29 @@ async def _post_events(request: web.Request) -> web.Response:
     else:
         return _error(400, "body must be an event object or a non-empty array of events")
 
-    accepted: list[TallyEvent] = []
-    errors = []
+    forbidden = _Faults()
     for index, raw in enumerate(raws):
-        result = _parse_event(raw, service)
+        if denials := _forbidden(raw, credential):
+            forbidden.add(index, raw, denials)
+    if forbidden.count:
+        metrics.GATEWAY_EVENTS.labels("forbidden").inc(len(raws))
+        log.warning("ingest: token of %s refused for %d of %d events (tenants or scopes)",
+                    credential.service, forbidden.count, len(raws))
+        return _json({"error": f"forbidden: {forbidden.count} of {len(raws)} events are "
+                               "outside this token's tenants or scopes; nothing was published",
+                      "accepted": 0, "rejected": len(raws), "forbidden": forbidden.count,
+                      **forbidden.body()}, 403)
+
+    accepted: list[TallyEvent] = []
+    invalid = _Faults()
+    for index, raw in enumerate(raws):
+        result = _parse_event(raw, credential.service)
         if isinstance(result, list):
-            event_id = raw.get("id") if isinstance(raw, dict) else None
-            errors.append({"index": index, "id": event_id, "problems": result})
+            invalid.add(index, raw, result)
         else:
             accepted.append(result)
     metrics.GATEWAY_EVENTS.labels("accepted").inc(len(accepted))
-    metrics.GATEWAY_EVENTS.labels("rejected").inc(len(errors))
+    metrics.GATEWAY_EVENTS.labels("rejected").inc(invalid.count)
     if accepted:
         try:
             # Returns once each batch is acknowledged by Kafka or in the spool (see above).
@@ -176,7 +253,7 @@ async def _post_events(request: web.Request) -> web.Response:
             log.error("ingest: %d events not stored: %s", len(accepted), e)
             return _error(503, f"events could not be stored, retry with the same ids: {e}",
                           **{"Retry-After": RETRY_AFTER_SECONDS})
-    body_out = {"accepted": len(accepted), "rejected": len(errors), "errors": errors}
+    body_out = {"accepted": len(accepted), "rejected": invalid.count, **invalid.body()}
     return _json(body_out, 202 if accepted else 400)
 
 
@@ -200,29 +277,35 @@ async def _metrics(request: web.Request) -> web.Response:
     return response
 
 
+def _route(request: web.Request) -> str:
+    """The metric label of a request: its route's path, from the fixed set the gateway
+    serves, or OTHER_ROUTE (never the path asked for: each would be a new series)."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else OTHER_ROUTE
+
+
 @web.middleware
 async def _count_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         response = await handler(request)
     except web.HTTPException as e:
-        metrics.GATEWAY_REQUESTS.labels(request.path, str(e.status)).inc()
+        metrics.GATEWAY_REQUESTS.labels(_route(request), str(e.status)).inc()
         raise
-    metrics.GATEWAY_REQUESTS.labels(request.path, str(response.status)).inc()
+    metrics.GATEWAY_REQUESTS.labels(_route(request), str(response.status)).inc()
     return response
 
 
 def create_gateway_app(
-    producer: UsageProducer, tokens: Mapping[str, str],
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    producer: UsageProducer, tokens: Tokens, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> web.Application:
     """The gateway's aiohttp application, publishing through a started `producer`.
 
-    `tokens` maps bearer token -> service name. The caller owns the producer's lifecycle.
+    `tokens`: the credentials it accepts. The caller owns the producer's lifecycle.
     """
     # aiohttp enforces the limit itself too, for bodies without a Content-Length.
     app = web.Application(client_max_size=max_body_bytes, middlewares=[_count_requests])
     app[_PRODUCER_KEY] = producer
-    app[_TOKENS_KEY] = dict(tokens)
+    app[_TOKENS_KEY] = tokens
     app[_MAX_BODY_KEY] = max_body_bytes
     app.router.add_post("/v1/events", _post_events)
     app.router.add_get("/healthz", _healthz)
@@ -238,15 +321,18 @@ def default_gateway_options() -> ProducerOptions:
 
 
 async def serve(
-    settings: Settings, host: str, port: int, tokens: dict[str, str], *,
+    settings: Settings, port: int, tokens: Tokens, *, host: str | None = None,
     options: ProducerOptions | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> None:
     """Run the gateway until cancelled or SIGTERM/SIGINT; then stop accepting and flush.
+
+    It listens on `host`, by default the setting `gateway_host` (loopback unless set).
 
     Shutdown order: flush the producer, so requests in flight (each waits for its events
     to be acknowledged or spooled) can answer; stop listening and let them finish; close
     the producer (flush again, fsync the spool).
     """
+    host = host or settings.gateway_host
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     handled: list[signal.Signals] = []
@@ -273,5 +359,6 @@ async def serve(
             loop.remove_signal_handler(sig)
 
 
-__all__ = ["DEFAULT_MAX_BODY_BYTES", "create_gateway_app", "default_gateway_options", "serve"]
+__all__ = ["DEFAULT_MAX_BODY_BYTES", "MAX_REPORTED_EVENTS", "create_gateway_app",
+           "default_gateway_options", "serve"]
 

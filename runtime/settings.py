@@ -67,9 +67,13 @@ class Settings(BaseModel):
     kafka_compression: KafkaCompression = "snappy"
     stripe_api_key: str | None = None
     stripe_api_base: str | None = None  # set to the Stripe double's address in dev/tests
-    # Where each stage's HTTP server (metrics, health) listens. Loopback by default: a
+    # The tokens file every server with an HTTP surface reads (runtime/credentials.py): each
+    # bearer token with its service, tenants and scopes.
+    tokens_file: Path | None = None
+    # Where each server listens. Loopback by default: a
     # server is reachable from elsewhere only when its setting says so (in a container,
     # 0.0.0.0 behind the pod's network, for Prometheus and the probes).
+    gateway_host: str = "127.0.0.1"  # `tally ingest serve`
     worker_web_host: str = "127.0.0.1"  # `tally worker`: /quota, /healthz, /metrics
     notifier_web_host: str = "127.0.0.1"  # `tally notify serve`: /healthz, /metrics
     projector_metrics_host: str = "127.0.0.1"  # `tally project`: /metrics

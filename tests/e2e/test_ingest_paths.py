@@ -14,6 +14,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from producers import ProducerOptions, UsageProducer
 from producers.gateway import create_gateway_app
+from runtime.credentials import Tokens
 from runtime.settings import Settings
 from schemas import codec
 from tests.conftest import WorkerProcess
@@ -41,7 +42,9 @@ async def through_sdk(settings: Settings, tenant: str) -> None:
 async def through_gateway(settings: Settings, tenant: str) -> None:
     producer = UsageProducer(settings, ProducerOptions(linger_ms=5))
     await producer.start()
-    app = create_gateway_app(producer, {"tok": "svc/api-gateway"})
+    tokens = Tokens.parse({"tok": {"service": "svc/api-gateway", "tenants": [tenant],
+                                   "scopes": ["usage"]}})
+    app = create_gateway_app(producer, tokens)
     headers = {"Authorization": "Bearer tok", "Content-Type": codec.BATCH_CONTENT_TYPE}
     try:
         async with TestClient(TestServer(app)) as client:

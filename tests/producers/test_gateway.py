@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -11,18 +12,29 @@ from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from producers import ProducerOptions, UsageProducer
-from producers.gateway import create_gateway_app, serve
+from producers import metrics as gateway_metrics
+from producers.gateway import MAX_REPORTED_EVENTS, create_gateway_app, serve
+from runtime.credentials import Tokens
 from runtime.settings import Settings
 from schemas import codec
 from schemas.events import SubscriptionEvent, UsageEvent
+from tally.cli import main
 from tests.helpers import subscription, usage
 from tests.producers import all_events, consume, run
 
 SettingsFactory = Callable[..., Settings]
-TOKENS = {"tok-api": "svc/api-gateway", "tok-billing": "svc/billing"}
+TOKENS = Tokens.parse({
+    "tok-api": {"service": "svc/api-gateway", "tenants": "*",
+                "scopes": ["usage", "subscriptions"]},
+    "tok-billing": {"service": "svc/billing", "tenants": "*", "scopes": ["subscriptions"]},
+    # Usage of tenant-a only: what a service acting for one customer should hold.
+    "tok-tenant-a": {"service": "svc/api-gateway", "tenants": ["tenant-a"],
+                     "scopes": ["usage", "quota"]},
+})
 AUTH = {"Authorization": "Bearer tok-api"}
 SINGLE = {"Content-Type": codec.SINGLE_CONTENT_TYPE, **AUTH}
 BATCH = {"Content-Type": codec.BATCH_CONTENT_TYPE, **AUTH}
@@ -81,7 +93,8 @@ def test_a_single_event_is_accepted_and_published(settings_factory: SettingsFact
         return status, body, await consume(settings, settings.topics.usage, 1)
 
     status, body, received = run(with_gateway(settings, scenario))
-    assert (status, body) == (202, {"accepted": 1, "rejected": 0, "errors": []})
+    assert (status, body) == (202, {"accepted": 1, "rejected": 0, "errors": [],
+                                    "errors_omitted": 0})
     (record,) = received
     assert record.key == "tenant-a"
     assert record.headers["content-type"] == codec.BATCH_CONTENT_TYPE.encode()
@@ -252,6 +265,160 @@ def test_an_oversized_body_is_refused_with_413_with_or_without_content_length() 
     assert run(with_gateway(OFFLINE, scenario, start=False, max_body_bytes=2048)) == [413, 413]
 
 
+def test_error_bodies_are_bounded_however_many_events_are_wrong() -> None:
+    # 1 MiB of items that are not event objects: half a million problems to report.
+    body = b"[" + b",".join([b"1"] * 500_000) + b"]"
+
+    async def scenario(client: TestClient[Any, Any]) -> tuple[int, bytes]:
+        response = await client.post("/v1/events", data=body, headers=BATCH)
+        return response.status, await response.read()
+
+    status, answer = run(with_gateway(OFFLINE, scenario, start=False))
+    assert status == 400
+    assert len(answer) < 10_000
+    report = orjson.loads(answer)
+    assert (report["accepted"], report["rejected"]) == (0, 500_000)
+    assert [e["index"] for e in report["errors"]] == list(range(MAX_REPORTED_EVENTS))
+    assert report["errors_omitted"] == 500_000 - MAX_REPORTED_EVENTS
+
+
+def test_echoed_text_and_problems_per_event_are_bounded() -> None:
+    huge_id = "x" * 100_000
+    many_problems = event(id=huge_id, dimensions=None)
+    many_problems["data"] = {"meter": "api_calls", "quantity": "1",
+                             "dimensions": {f"{'k' * 1000}{i}": 1 for i in range(200)}}
+
+    async def scenario(client: TestClient[Any, Any]) -> tuple[int, bytes]:
+        response = await client.post("/v1/events", data=orjson.dumps(many_problems),
+                                     headers=SINGLE)
+        return response.status, await response.read()
+
+    status, answer = run(with_gateway(OFFLINE, scenario, start=False))
+    assert status == 400
+    assert len(answer) < 10_000
+    (report,) = orjson.loads(answer)["errors"]
+    assert len(report["id"]) < 300
+    assert len(report["problems"]) == 11  # 10 shown, then how many more
+    assert "more problems" in report["problems"][-1]["message"]
+
+
+def test_metric_labels_come_from_the_routes_not_the_paths_asked_for() -> None:
+    paths = [f"/{uuid.uuid4().hex}/{i}" for i in range(300)]
+
+    async def scenario(client: TestClient[Any, Any]) -> list[int]:
+        statuses = []
+        for path in paths:
+            response = await client.get(path)
+            statuses.append(response.status)
+            response.release()
+        await (await client.get("/healthz")).read()
+        return statuses
+
+    assert set(run(with_gateway(OFFLINE, scenario, start=False))) == {404}
+    labels = {sample.labels["path"] for metric in gateway_metrics.GATEWAY_REQUESTS.collect()
+              for sample in metric.samples}
+    assert labels <= {"/v1/events", "/healthz", "/metrics", "other"}
+    assert {"other", "/healthz"} <= labels
+
+
+# -- tenants and scopes ---------------------------------------------------------------------
+
+
+def test_a_token_publishes_for_its_tenants_only_and_a_forbidden_event_stops_the_request(
+    settings_factory: SettingsFactory,
+) -> None:
+    settings = settings_factory()
+    batch = [event("tenant-a"), event("tenant-b"), event("tenant-a"), event("tenant-c")]
+    headers = {**BATCH, "Authorization": "Bearer tok-tenant-a"}
+
+    async def scenario(client: TestClient[Any, Any]) -> tuple[int, Any, list[Any]]:
+        status, body = await post(client, batch, headers)
+        allowed = await post(client, [event("tenant-a")], headers)
+        assert allowed[0] == 202
+        return status, body, await consume(settings, settings.topics.usage, 1, linger=1.0)
+
+    status, body, received = run(with_gateway(settings, scenario))
+    assert status == 403
+    assert "nothing was published" in body["error"]
+    assert (body["accepted"], body["rejected"], body["forbidden"]) == (0, 4, 2)
+    assert [e["index"] for e in body["errors"]] == [1, 3]
+    problem = body["errors"][0]["problems"][0]
+    assert (problem["field"], problem["rule"]) == ("subject", "tenant_not_allowed")
+    assert "tenant not allowed" in problem["message"] and "'tenant-b'" in problem["message"]
+    # Only the later, allowed request reached Kafka.
+    assert [e["subject"] for e in all_events(received)] == ["tenant-a"]
+
+
+def test_publishing_needs_the_scope_of_the_event_kind() -> None:
+    start = datetime(2026, 11, 1, tzinfo=UTC)
+    unlimited = subscription("tenant-a", "plan_changed", "enterprise", start,
+                             start + timedelta(days=30))
+    unlimited["source"] = "svc/api-gateway"
+
+    async def scenario(client: TestClient[Any, Any]) -> list[tuple[int, Any]]:
+        return [
+            # a usage-only token cannot move its own tenant to another plan
+            await post(client, unlimited, {**SINGLE, "Authorization": "Bearer tok-tenant-a"}),
+            # a subscriptions-only token cannot publish usage
+            await post(client, event(source="svc/billing"),
+                       {**SINGLE, "Authorization": "Bearer tok-billing"}),
+        ]
+
+    answers = run(with_gateway(OFFLINE, scenario, start=False))
+    assert [status for status, _ in answers] == [403, 403]
+    rules = [(p["field"], p["rule"], p["message"]) for _, body in answers
+             for p in body["errors"][0]["problems"]]
+    assert [(field, rule) for field, rule, _ in rules] == [("type", "scope_missing")] * 2
+    assert "scope missing: 'subscriptions'" in rules[0][2]
+    assert "scope missing: 'usage'" in rules[1][2]
+
+
+def test_a_forbidden_event_is_refused_even_when_it_is_also_invalid() -> None:
+    bad = event("tenant-b", quantity="-1")
+
+    async def scenario(client: TestClient[Any, Any]) -> tuple[int, Any]:
+        return await post(client, [bad], {**BATCH, "Authorization": "Bearer tok-tenant-a"})
+
+    status, body = run(with_gateway(OFFLINE, scenario, start=False))
+    assert status == 403
+    assert body["errors"][0]["problems"][0]["rule"] == "tenant_not_allowed"
+
+
+def test_forbidden_reports_are_bounded_too() -> None:
+    batch = [event(f"tenant-{i}") for i in range(1, 200)]
+
+    async def scenario(client: TestClient[Any, Any]) -> tuple[int, Any]:
+        return await post(client, batch, {**BATCH, "Authorization": "Bearer tok-tenant-a"})
+
+    status, body = run(with_gateway(OFFLINE, scenario, start=False))
+    assert status == 403
+    assert len(body["errors"]) == MAX_REPORTED_EVENTS
+    assert body["errors_omitted"] == 199 - MAX_REPORTED_EVENTS
+
+
+def test_serve_reads_the_tokens_file_of_the_settings_or_of_the_option(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    old = tmp_path / "old.json"
+    old.write_text('{"tok-secret": "svc/api-gateway"}')
+    new = tmp_path / "new.json"
+    new.write_text('{"tok": {"service": "svc/x", "tenants": "*", "scopes": ["usage"]}}')
+    monkeypatch.setenv("TALLY_HOME", str(tmp_path))
+    monkeypatch.delenv("TALLY_TOKENS_FILE", raising=False)
+
+    assert main(["ingest", "serve"]) == 2
+    assert "no tokens file" in capsys.readouterr().err
+    monkeypatch.setenv("TALLY_TOKENS_FILE", str(old))
+    assert main(["ingest", "serve"]) == 2
+    refused = capsys.readouterr().err
+    assert "old form" in refused
+    assert '"<the token of svc/api-gateway>": {"service":"svc/api-gateway","tenants":"*"' in refused
+    assert "tok-secret" not in refused
+    monkeypatch.setenv("TALLY_TOKENS_FILE", str(new))
+    assert main(["ingest", "serve", "--tokens", str(old)]) == 2  # the option wins
+    assert "old form" in capsys.readouterr().err
+
+
 # -- operations -----------------------------------------------------------------------------
 
 
@@ -318,7 +485,7 @@ def test_serve_answers_until_cancelled_and_flushes_on_the_way_out(
                               linger_ms=60_000)
 
     async def scenario() -> tuple[int, list[Any]]:
-        task = asyncio.create_task(serve(settings, "127.0.0.1", port, TOKENS, options=options))
+        task = asyncio.create_task(serve(settings, port, TOKENS, options=options))
         async with aiohttp.ClientSession() as session:
             for _ in range(100):  # until it listens
                 with contextlib.suppress(aiohttp.ClientConnectionError):

@@ -173,5 +173,6 @@ def register(sub: Subparsers) -> None:
     serve = webhooks.add_parser("serve", help="serve POST /stripe/webhook "
                                 "(secret: STRIPE_WEBHOOK_SECRET)")
     serve.add_argument("--port", type=int, default=8088)
-    serve.add_argument("--host", default="0.0.0.0")
+    serve.add_argument("--host", default=None,
+                       help="address to listen on (default: $TALLY_WEBHOOKS_HOST, 127.0.0.1)")
     serve.set_defaults(func=_webhooks_serve)

@@ -276,9 +276,11 @@ class WebhookReceiver:
         return "plan_changed"  # a new plan, or other terms (cancel_at_period_end, trial)
 
 
-async def serve(settings: Settings, port: int, host: str = "0.0.0.0",
+async def serve(settings: Settings, port: int, host: str | None = None,
                 stop: asyncio.Event | None = None) -> None:
-    """Serve until `stop` is set (SIGTERM/SIGINT when run from the CLI)."""
+    """Serve until `stop` is set (SIGTERM/SIGINT when run from the CLI), on `host`, by
+    default the setting `webhooks_host` (loopback unless set)."""
+    host = host or settings.webhooks_host
     runner = web.AppRunner(WebhookReceiver(settings, webhook_secret()).app())
     await runner.setup()
     await web.TCPSite(runner, host, port).start()

@@ -70,14 +70,15 @@ class Settings(BaseModel):
     # The tokens file every server with an HTTP surface reads (runtime/credentials.py): each
     # bearer token with its service, tenants and scopes.
     tokens_file: Path | None = None
-    # Where each server listens. Loopback by default: a
-    # server is reachable from elsewhere only when its setting says so (in a container,
-    # 0.0.0.0 behind the pod's network, for Prometheus and the probes).
+    # Where each server listens. Loopback by default: a server is reachable from elsewhere
+    # only when its setting says so (in a container, 0.0.0.0 behind the pod's network, for
+    # Prometheus, the probes and the clients).
     gateway_host: str = "127.0.0.1"  # `tally ingest serve`
     worker_web_host: str = "127.0.0.1"  # `tally worker`: /quota, /healthz, /metrics
     notifier_web_host: str = "127.0.0.1"  # `tally notify serve`: /healthz, /metrics
     projector_metrics_host: str = "127.0.0.1"  # `tally project`: /metrics
     scheduler_metrics_host: str = "127.0.0.1"  # `tally jobs schedule`: /metrics
+    webhooks_host: str = "127.0.0.1"  # `tally stripe webhooks serve`
     # The mail server the notifier sends customer alerts through (streams/channels/mail.py).
     # No host: e-mail channels cannot be delivered (each goes to the dead letters).
     smtp_host: str | None = None

@@ -36,6 +36,7 @@ from aiokafka.structs import ConsumerRecord
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from runtime import kafka
+from runtime.credentials import Tokens, authorize, load_tokens
 from runtime.plans import CatalogFollower
 from runtime.settings import Settings, state_dir
 from schemas.codec import BATCH_CONTENT_TYPE, CONTENT_TYPE_HEADER, dumps, join_arrays, loads
@@ -45,7 +46,7 @@ from streams.errors import StateRecoveryError
 from streams.faust_transport import App
 from streams.faust_transport import Worker as FaustWorker
 from streams.processor import Effects, PartitionProcessor, ProcessorConfig, counter_key
-from streams.quota_view import QuotaView, parse_quantity
+from streams.quota_view import QuotaView, parse_quota_query
 
 log = logging.getLogger(__name__)
 
@@ -259,6 +260,20 @@ async def _fail(app: faust.App, error: Exception) -> None:
     raise error
 
 
+def _refuse_quota(tokens: Tokens, authorization: str | None, tenant: str
+                  ) -> tuple[int, dict[str, Any], dict[str, str]] | None:
+    """The answer refusing a quota request (status, body, headers); None when allowed:
+    401 without a known bearer token, 403 when it lacks the `quota` scope or the tenant."""
+    credential = tokens.authenticate(authorization)
+    if credential is None:
+        return (401, {"error": "missing or unknown bearer token"},
+                {"WWW-Authenticate": 'Bearer realm="tally"'})
+    denials = authorize(credential, tenant, "quota")
+    if denials:
+        return 403, {"error": "forbidden", "problems": [d.to_json() for d in denials]}, {}
+    return None
+
+
 def _counter_record(c: Any, p: int) -> dict[str, Any]:
     return {
         "tenant_id": c.tenant_id, "meter": c.meter,
@@ -270,7 +285,17 @@ def _counter_record(c: Any, p: int) -> dict[str, Any]:
 
 def create_app(settings: Settings, web_port: int = 6066,
                config: ProcessorConfig | None = None) -> faust.App:
-    """The Faust app of `tally worker`."""
+    """The Faust app of `tally worker`.
+
+    Its web server listens on the setting `worker_web_host` (loopback unless set) and
+    serves only /healthz, /metrics and /quota, the last to bearer tokens with the `quota`
+    scope for the tenant asked about (the tokens file of the setting `tokens_file`;
+    without one, /quota answers no one). Faust's own pages (/router, /table, statistics)
+    are off: they would answer anyone.
+    """
+    tokens = load_tokens(settings.tokens_file)
+    if not len(tokens):
+        log.warning("no tokens (TALLY_TOKENS_FILE): GET /quota refuses every request")
     # Faust makes a directory for table files even with the memory store: under the state
     # directory, not in whatever directory the worker was started from.
     datadir = state_dir() / "faust" / settings.worker_id
@@ -295,6 +320,11 @@ def create_app(settings: Settings, web_port: int = 6066,
         web_bind=settings.worker_web_host,
         web_host=settings.worker_web_host,
         web_in_thread=False,
+        web_router_enabled=False,
+        web_tables_enabled=False,
+        web_stats_enabled=False,
+        web_graph_enabled=False,
+        web_metrics_enabled=False,
         store="memory://",
         datadir=str(datadir),
     )
@@ -353,8 +383,13 @@ def create_app(settings: Settings, web_port: int = 6066,
 
     @app.page("/quota/{tenant}/{meter}")
     async def quota_page(web: Any, request: Any, tenant: str, meter: str) -> Any:
+        refused = _refuse_quota(tokens, request.headers.get("Authorization"), tenant)
+        if refused is not None:
+            status, refusal, headers = refused
+            return web.bytes(dumps(refusal), content_type="application/json", status=status,
+                             headers=headers)
         try:
-            quantity = parse_quantity(request.query.get("quantity"))
+            quantity = parse_quota_query(tenant, meter, request.query.items())
         except ValueError as e:
             return web.bytes(dumps({"error": str(e)}), content_type="application/json",
                              status=400)

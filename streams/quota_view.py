@@ -40,10 +40,11 @@ import contextlib
 import functools
 import inspect
 import logging
+import re
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from types import TracebackType
 from typing import Any, Literal, ParamSpec, TypeVar
 
@@ -54,6 +55,7 @@ from pydantic import ValidationError
 from domain import quota
 from runtime import kafka
 from runtime.settings import Settings
+from schemas.events import MAX_QUANTITY, NAME_PATTERN, check_tenant
 from schemas.records import QuotaState
 from streams.errors import StreamsError
 
@@ -345,17 +347,75 @@ class QuotaView:
             waited += 0.5
 
 
+# What `?quantity=` accepts: JSON's number grammar without a sign, ASCII digits only (no
+# blanks, `+`, `_`, `5.`, `.5`, NaN or other scripts' digits), and no more digits after
+# the point than a quantity may have.
+_QUANTITY_TEXT = re.compile(r"(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?", re.ASCII)
+MAX_QUANTITY_TEXT = 64
+MAX_FRACTION_DIGITS = 12
+QUOTA_QUERY_PARAMETERS = ("quantity",)
+
+
+def _shown(text: str) -> str:
+    return repr(text if len(text) <= MAX_QUANTITY_TEXT else text[:MAX_QUANTITY_TEXT] + "...")
+
+
 def parse_quantity(text: str | None) -> Decimal:
-    """A `?quantity=` value: a positive decimal, 1 when absent; ValueError otherwise."""
+    """A `?quantity=` value: a positive decimal up to MAX_QUANTITY with at most
+    MAX_FRACTION_DIGITS digits after the point, 1 when absent; ValueError otherwise.
+
+    Bounded so that no answer needs arithmetic beyond the decimal context (a quantity of
+    1e999999999 would overflow it)."""
     if text is None or text == "":
         return _ONE
-    try:
-        value = Decimal(text)
-    except InvalidOperation as e:
-        raise ValueError(f"quantity {text!r} is not a decimal number") from e
-    if not value.is_finite() or value <= 0:
-        raise ValueError(f"quantity must be a positive number, not {text!r}")
+    if len(text) > MAX_QUANTITY_TEXT or not _QUANTITY_TEXT.fullmatch(text):
+        raise ValueError(f"quantity must be a positive decimal number such as 25 or 0.5, "
+                         f"not {_shown(text)}")
+    value = Decimal(text)
+    if value <= 0:
+        raise ValueError(f"quantity must be a positive number, not {_shown(text)}")
+    if value > MAX_QUANTITY:
+        raise ValueError(f"quantity must be at most {MAX_QUANTITY}, not {_shown(text)}")
+    _, digits, exponent = value.as_tuple()
+    assert isinstance(exponent, int)  # finite: the grammar has no NaN or Infinity
+    trailing_zeros = len(digits) - len("".join(map(str, digits)).rstrip("0"))
+    if -(exponent + trailing_zeros) > MAX_FRACTION_DIGITS:
+        raise ValueError(f"quantity may have at most {MAX_FRACTION_DIGITS} digits after the "
+                         f"point, not {_shown(text)}")
     return value
+
+
+def parse_quota_query(tenant: str, meter: str,
+                      query: Iterable[tuple[str, str]]) -> Decimal:
+    """The quantity of a `GET /quota/{tenant}/{meter}?quantity=` request; ValueError naming
+    every problem: a tenant or meter that cannot exist, an unknown or repeated parameter,
+    a bad quantity (an unnoticed typo, `?quantiy=5`, would answer for 1)."""
+    problems: list[str] = []
+    try:
+        check_tenant(tenant)
+    except ValueError as e:
+        problems.append(f"{_shown(tenant)} is not a tenant id: {e}")
+    if not re.fullmatch(NAME_PATTERN, meter):
+        problems.append(f"{_shown(meter)} is not a meter name ({NAME_PATTERN})")
+    values: dict[str, list[str]] = {}
+    for name, value in query:
+        values.setdefault(name, []).append(value)
+    unknown = [_shown(name) for name in values if name not in QUOTA_QUERY_PARAMETERS]
+    if unknown:
+        problems.append(f"unknown query parameters {', '.join(unknown[:5])}"
+                        f"{' ...' if len(unknown) > 5 else ''}; the only one is quantity")
+    quantities = values.get("quantity", [])
+    quantity = _ONE
+    if len(quantities) > 1:
+        problems.append("quantity is given more than once")
+    elif quantities:
+        try:
+            quantity = parse_quantity(quantities[0])
+        except ValueError as e:
+            problems.append(str(e))
+    if problems:
+        raise ValueError("; ".join(problems))
+    return quantity
 
 
 def quota_guard(

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal as D
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -30,11 +31,12 @@ from streams.quota_view import (
     QuotaExceeded,
     QuotaView,
     parse_quantity,
+    parse_quota_query,
     quota_guard,
 )
 from tests.conftest import WorkerProcess
 from tests.helpers import record, usage
-from tests.kafka_helpers import publish, wait_for
+from tests.kafka_helpers import publish, publish_seed_catalog, wait_for
 
 OFFLINE = Settings(kafka_bootstrap_servers="127.0.0.1:1", topic_prefix="unused.")
 NOW = datetime.now(UTC)
@@ -136,16 +138,34 @@ def test_tenant_ids_with_slashes_are_keyed_by_the_record_value_not_the_key() -> 
     assert view.state("org/team", "api_calls") is None
 
 
-@pytest.mark.parametrize(("text", "expected"), [(None, D(1)), ("", D(1)), ("25", D(25)),
-                                                ("0.5", D("0.5"))])
+@pytest.mark.parametrize(("text", "expected"), [
+    (None, D(1)), ("", D(1)), ("25", D(25)), ("0.5", D("0.5")), ("1e3", D(1000)),
+    ("1E+15", D("1e15")), ("0.000000000001", D("1e-12")), ("2.500000000000000", D("2.5")),
+])
 def test_quantity_parameter_is_a_positive_decimal(text: str | None, expected: D) -> None:
     assert parse_quantity(text) == expected
 
 
-@pytest.mark.parametrize("text", ["0", "-1", "abc", "NaN", "Infinity"])
+@pytest.mark.parametrize("text", [
+    "0", "-1", "abc", "NaN", "Infinity", "1e999999999", "1e16", "1e-20000",
+    "0.0000000000001", " 5 ", "+5", "5.", ".5", "1_000", "\u0665", "\uff15", "1" * 65,
+])
 def test_quantity_parameter_refuses_non_positive_or_non_numbers(text: str) -> None:
     with pytest.raises(ValueError, match="quantity"):
         parse_quantity(text)
+
+
+def test_quota_query_names_every_problem() -> None:
+    assert parse_quota_query("t-1", "api_calls", [("quantity", "2")]) == 2
+    assert parse_quota_query("t-1", "api_calls", []) == 1
+    with pytest.raises(ValueError) as refused:
+        parse_quota_query("bad tenant", "Bad", [("quantiy", "5"), ("quantity", "x")])
+    message = str(refused.value)
+    for says in ("not a tenant id", "not a meter name", "unknown query parameters 'quantiy'",
+                 "positive decimal number"):
+        assert says in message
+    with pytest.raises(ValueError, match="more than once"):
+        parse_quota_query("t-1", "api_calls", [("quantity", "1"), ("quantity", "2")])
 
 
 # --- the guard decorator (no broker) ------------------------------------------------------
@@ -277,25 +297,46 @@ def test_hard_limit_blocks_in_quota_view_within_one_second_of_the_crossing_event
     assert latency < 1.0
 
 
-def _get(url: str) -> tuple[int, dict[str, Any]]:
+TOKENS = {
+    "tok-quota-all": {"service": "svc/api", "tenants": "*", "scopes": ["quota"]},
+    "tok-quota-free": {"service": "svc/api", "tenants": ["t-free"], "scopes": ["quota"]},
+    "tok-usage-only": {"service": "svc/api", "tenants": "*", "scopes": ["usage"]},
+}
+
+
+@pytest.fixture
+def quota_worker(settings_factory: Callable[..., Settings],
+                 worker_factory: Callable[[Settings], WorkerProcess],
+                 tmp_path: Path) -> tuple[Settings, WorkerProcess]:
+    """A running worker with the seed catalog and the tokens above (TALLY_TOKENS_FILE)."""
+    tokens_file = tmp_path / "tokens.json"
+    tokens_file.write_text(json.dumps(TOKENS))
+    settings = settings_factory(tokens_file=tokens_file)
+    publish_seed_catalog(settings)
+    return settings, worker_factory(settings)
+
+
+def _get(url: str, token: str | None = "tok-quota-all") -> tuple[int, dict[str, Any]]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        with urllib.request.urlopen(url, timeout=5) as r:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers),
+                                    timeout=5) as r:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
 
 
 def test_worker_answers_get_quota_with_the_decision(
-    catalog_worker: tuple[Settings, WorkerProcess],
+    quota_worker: tuple[Settings, WorkerProcess],
 ) -> None:
-    settings, worker = catalog_worker
+    settings, worker = quota_worker
     publish(settings, settings.topics.usage,
             [("t-free", record(*[usage("t-free", quantity="100", time=NOW) for _ in range(9)]))])
     base = f"http://127.0.0.1:{worker.web_port}/quota"
 
-    def answer(path: str) -> tuple[int, dict[str, Any]]:
+    def answer(path: str, token: str | None = "tok-quota-all") -> tuple[int, dict[str, Any]]:
         try:
-            return _get(f"{base}/{path}")
+            return _get(f"{base}/{path}", token)
         except OSError:
             return 0, {}  # the worker's web port is not up yet
 
@@ -307,7 +348,35 @@ def test_worker_answers_get_quota_with_the_decision(
                     "period_end": body["period_end"]}
     status, body = answer("t-free/api_calls?quantity=101")
     assert (status, body["allowed"], body["remaining"]) == (200, False, "100")
-    assert answer("t-free/api_calls?quantity=-1")[0] == 400
     status, body = answer("nobody/api_calls")
     assert (status, body["allowed"], body["reason"]) == (200, True, REASON_UNKNOWN)
+    assert answer("t-free/api_calls", "tok-quota-free")[0] == 200
+
+    # Bad query values: 400 with a message, never a 500 (1e999999999 overflowed the
+    # arithmetic against t-free's state).
+    for query in ("quantity=-1", "quantity=1e999999999", "quantity=1e-20000",
+                  "quantity=%205%20", "quantity=abc", "quantity=1&quantity=2", "quantiy=5"):
+        status, body = answer(f"t-free/api_calls?{query}")
+        assert status == 400, (query, status, body)
+        assert "quantity" in body["error"] or "quantiy" in body["error"], body
+    assert answer("t-free/Not-A-Meter")[0] == 400
+    assert worker.stop() == 0
+
+
+def test_get_quota_needs_a_token_with_the_quota_scope_for_the_tenant(
+    quota_worker: tuple[Settings, WorkerProcess],
+) -> None:
+    _, worker = quota_worker
+    base = f"http://127.0.0.1:{worker.web_port}/quota"
+    wait_for(lambda: worker.healthy(), bool, what="the worker's web port")
+
+    status, body = _get(f"{base}/t-free/api_calls", token=None)
+    assert (status, body["error"]) == (401, "missing or unknown bearer token")
+    assert _get(f"{base}/t-free/api_calls", token="tok-unknown")[0] == 401
+    status, body = _get(f"{base}/t-pro/api_calls", token="tok-quota-free")
+    assert status == 403
+    assert [p["rule"] for p in body["problems"]] == ["tenant_not_allowed"]
+    status, body = _get(f"{base}/t-free/api_calls", token="tok-usage-only")
+    assert status == 403
+    assert [p["rule"] for p in body["problems"]] == ["scope_missing"]
     assert worker.stop() == 0

@@ -9,7 +9,8 @@ own partition):
    retrying cannot fix it);
 2. POST the payload; on a network error, a timeout or any non-2xx answer, wait with
    exponential backoff and jitter and POST again, until it succeeds (or `max_attempts`, when
-   set, is used up: then it is logged and counted as failed, and skipped);
+   set, is used up: then it is logged and counted as failed, and skipped). Redirects are
+   never followed: a 3xx is a failed attempt, so no receiver can send the request elsewhere;
 3. only then commit the record's offset (consumer group `<topic prefix>notifier`).
 A crash or stop between 2 and 3 sends the notification again on restart: at-least-once.
 Receivers dedup by the `Idempotency-Key` header, which is derived from the notification's
@@ -328,7 +329,11 @@ class Notifier:
             ATTEMPT_HEADER: str(attempt),
         }
         try:
-            async with http.post(self.options.webhook_url, data=body, headers=headers) as resp:
+            # Never follow a redirect: the receiver would choose where a signed request
+            # goes, and an answer of 3xx pointing at an internal port would reach services
+            # the notifier can see and the receiver cannot. A 3xx is a failed attempt.
+            async with http.post(self.options.webhook_url, data=body, headers=headers,
+                                 allow_redirects=False) as resp:
                 await resp.read()
                 return None if 200 <= resp.status < 300 else f"http {resp.status}"
         except (aiohttp.ClientError, TimeoutError) as e:

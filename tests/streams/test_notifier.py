@@ -16,6 +16,7 @@ from decimal import Decimal as D
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -110,6 +111,39 @@ def test_backoff_doubles_up_to_the_cap_with_bounded_jitter() -> None:
     for attempt, ceiling in [(1, 0.5), (2, 1.0), (3, 2.0), (4, 4.0), (8, 30.0), (30, 30.0)]:
         delay = backoff_delay(attempt, base=0.5, cap=30.0, rng=rng)
         assert ceiling / 2 <= delay <= ceiling
+
+
+def test_the_notifier_never_follows_a_redirect() -> None:
+    internal_requests: list[str] = []
+
+    async def internal(request: web.Request) -> web.Response:
+        internal_requests.append(request.path)
+        return web.Response(status=204)
+
+    async def scenario() -> Notifier:
+        inside = web.Application()
+        inside.router.add_route("*", "/{tail:.*}", internal)
+        async with TestServer(inside, host="127.0.0.1") as target:
+            hook = web.Application()
+
+            async def redirect(request: web.Request) -> web.Response:
+                # 307 keeps the method and body: the signed POST would go on as it is.
+                raise web.HTTPTemporaryRedirect(str(target.make_url("/admin/reset")))
+
+            hook.router.add_post("/hook", redirect)
+            async with TestServer(hook, host="127.0.0.1") as receiver:
+                offline = Settings(kafka_bootstrap_servers="127.0.0.1:1", topic_prefix="x.")
+                notifier = Notifier(offline, NotifierOptions(
+                    str(receiver.make_url("/hook")), SECRET, max_attempts=2,
+                    backoff_base=0.01))
+                async with aiohttp.ClientSession() as http:
+                    assert await notifier.deliver(http, notification()) is True  # given up
+                return notifier
+
+    notifier = asyncio.run(scenario())
+    assert internal_requests == []
+    assert notifier.delivered == 0
+    assert notifier.last_error is not None and "http 307" in notifier.last_error
 
 
 # --- on the real broker -------------------------------------------------------------------

@@ -19,3 +19,9 @@ METER_EVENT_REJECTIONS = Counter(
     "tally_billing_meter_event_rejections_total",
     "Meter events Stripe accepted, then rejected (meter error reports), by error code",
     ["code"])
+WEBHOOKS_UNUSABLE = Counter(
+    "tally_billing_webhooks_unusable_total",
+    "Signed Stripe events Tally cannot use, recorded in tally.stripe_webhook_unusable and "
+    "acknowledged: unmapped (no Tally tenant, plan or period) or malformed (unexpected shape)",
+    ["cause"],
+)

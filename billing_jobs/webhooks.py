@@ -1,12 +1,14 @@
 """`POST /stripe/webhook`: Stripe's events into Tally (`tally stripe webhooks serve`).
 
-1. Verify: `stripe.Webhook.construct_event` checks the `Stripe-Signature` HMAC with the
-   endpoint secret (env STRIPE_WEBHOOK_SECRET) and its timestamp against `tolerance`
-   (Stripe's default, 300 s). A missing, forged or stale signature gets 400: Stripe
-   keeps retrying, and an attacker learns nothing.
+1. Verify: `stripe.WebhookSignature.verify_header` checks the `Stripe-Signature` HMAC
+   with the endpoint secret (env STRIPE_WEBHOOK_SECRET); the signed timestamp must lie
+   within `tolerance` (Stripe's default, 300 s) of now in either direction (Stripe's
+   library only refuses old ones; a timestamp far in the future would let a captured
+   request be replayed until then). A body that is not UTF-8, or a missing, forged, stale
+   or future signature gets 400: Stripe keeps retrying, and an attacker learns nothing.
 2. Dedup: an event id already in `tally.stripe_webhook_events` was handled: 200, nothing
    done again (Stripe redelivers until it sees a 2xx, and may deliver twice anyway).
-3. Apply, idempotently:
+3. Apply, idempotently (a signed event Tally cannot use is step 5, not an error):
    - `customer.subscription.created/updated/deleted` become Tally subscription events on
      Kafka through the producer SDK, with event id `stripe-<Stripe event id>`, so a
      redelivery that slips past step 2 (a crash between 3 and 4) is the same event
@@ -18,20 +20,34 @@
      (`hosted_invoice_url`, `invoice_pdf`), stored on `tally.invoices`.
    - anything else is acknowledged and recorded as ignored.
 4. Record the event id (step 2's table), in the same transaction as the status update.
+5. A signed event Tally cannot use — not JSON, not shaped like a Stripe event, data of an
+   unexpected shape, a subscription of no known tenant or plan — is recorded in
+   `tally.stripe_webhook_unusable` (with its payload and the reason) and in step 2's table,
+   counted in `tally_billing_webhooks_unusable_total`, and answered 200: redelivering it
+   cannot change it, so a 5xx would only make Stripe retry for days. Only failures of
+   Tally's own (Postgres or Kafka away) answer 5xx, so that Stripe retries.
 
 `POST /stripe/events` is the event destination for Stripe's thin (v2) events: the meter
-error reports (`meter_errors.py`). Same steps: the signature is verified (secret
+error reports (`meter_errors.py`). Same steps: the signature is verified as in 1 (secret
 `STRIPE_EVENTS_SECRET`, else `STRIPE_WEBHOOK_SECRET`), a redelivered event id is
 acknowledged and not applied again, and the report's data is fetched from Stripe (a thin
 event carries none) and journaled, in one transaction with the event id.
+
+Metric labels come from fixed sets: event types Tally handles, else "other".
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
+import json
 import logging
 import os
+import re
 import signal
+import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -42,7 +58,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from billing_jobs import invoice_records, meter_errors, metrics, stripe_api
 from billing_jobs.errors import BillingError
 from producers import ProducerOptions, SubscriptionKind, UsageProducer
-from runtime.postgres import AsyncConnection, connect, connect_async, migrate
+from runtime.postgres import VALUE_ERRORS, AsyncConnection, connect, connect_async, migrate
 from runtime.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -56,6 +72,96 @@ _RANK = {"draft": 0, "no_charge": 0, "open": 1, "payment_failed": 2, "paid": 3, 
          "uncollectible": 3}
 _SUBSCRIPTION_EVENTS = ("customer.subscription.created", "customer.subscription.updated",
                         "customer.subscription.deleted")
+_HANDLED_TYPES = frozenset((*_INVOICE_STATUS, *_SUBSCRIPTION_EVENTS, *meter_errors.EVENT_TYPES))
+# Errors of an event's content: redelivering the same event cannot get past them. Anything
+# else (Postgres or Kafka unavailable) is Tally's own failure and answered 5xx.
+_DATA_ERRORS: tuple[type[Exception], ...] = (
+    BillingError, KeyError, IndexError, TypeError, ValueError, AttributeError, OverflowError,
+    *VALUE_ERRORS)
+_MAX_REASON_CHARS = 1000
+# Stripe's ids and event types are short ASCII ("evt_1NG8Du2eZvKYlo2C...",
+# "customer.subscription.updated"); anything else is not an event Tally can key on.
+_EVENT_ID = re.compile(r"[A-Za-z0-9_.:-]{1,255}")
+_EVENT_TYPE = re.compile(r"[A-Za-z0-9_.]{1,255}")
+# Unix times Tally takes from Stripe: up to the year 2200 (datetime overflows far later,
+# but no period of a subscription does).
+_LATEST_TIMESTAMP = 7_258_118_400
+
+
+class UnusableEvent(BillingError):
+    """A signed event Tally cannot use: not retryable by redelivery."""
+
+
+@dataclass(frozen=True)
+class StripeEvent:
+    """What Tally reads of a Stripe event, checked at the edge."""
+
+    id: str
+    type: str
+    created: int
+    object: dict[str, Any]
+
+    @classmethod
+    def parse(cls, document: Any) -> StripeEvent:
+        """The event of a decoded webhook body; UnusableEvent says what is missing."""
+        if not isinstance(document, dict):
+            raise UnusableEvent("not a JSON object")
+        data = document.get("data")
+        obj = data.get("object") if isinstance(data, dict) else None
+        event_id, event_type = document.get("id"), document.get("type")
+        problems = [f"no valid {name}" for name, ok in (
+            ("id", isinstance(event_id, str) and _EVENT_ID.fullmatch(event_id)),
+            ("type", isinstance(event_type, str) and _EVENT_TYPE.fullmatch(event_type)),
+            ("created", _is_timestamp(document.get("created"))),
+            ("data.object", isinstance(obj, dict))) if not ok]
+        if problems:
+            raise UnusableEvent("not a Stripe event: " + ", ".join(problems))
+        assert isinstance(event_id, str) and isinstance(event_type, str)
+        assert isinstance(obj, dict)
+        return cls(event_id, event_type, document["created"], obj)
+
+
+def _identity(document: Any, body: bytes) -> tuple[str, str]:
+    """The id and type an unreadable event is recorded under: its own where they are
+    usable, else the body's digest and "unknown"."""
+    fields = document if isinstance(document, dict) else {}
+    event_id, event_type = fields.get("id"), fields.get("type")
+    if not (isinstance(event_id, str) and _EVENT_ID.fullmatch(event_id)):
+        event_id = "sha256:" + hashlib.sha256(body).hexdigest()
+    if not (isinstance(event_type, str) and _EVENT_TYPE.fullmatch(event_type)):
+        event_type = "unknown"
+    return event_id, event_type
+
+
+def _is_timestamp(value: Any) -> bool:
+    return type(value) is int and 0 <= value <= _LATEST_TIMESTAMP
+
+
+def _moment(value: Any, what: str) -> datetime:
+    """A Unix time of the event's data as a UTC datetime; UnusableEvent when it is none."""
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        value = int(value)
+    if not _is_timestamp(value):
+        raise UnusableEvent(f"{what} is not a Unix time: {str(value)[:50]!r}")
+    return datetime.fromtimestamp(value, UTC)
+
+
+def type_label(event_type: str) -> str:
+    """The metric label of an event type: one Tally handles, else "other" (a fixed set)."""
+    return event_type if event_type in _HANDLED_TYPES else "other"
+
+
+def _signed_at(header: str) -> int:
+    """The `t=` of a Stripe-Signature header already verified (the last one, as Stripe's
+    library reads it)."""
+    fields = dict(part.split("=", 1) for part in header.split(",") if "=" in part)
+    return int(fields["t"])
+
+
+def _text(value: str, limit: int | None = None) -> str:
+    """Text Postgres stores: no NUL characters (text columns refuse them), bounded."""
+    value = value.replace("\x00", "\\u0000")
+    return value if limit is None or len(value) <= limit else value[:limit] + "..."
 
 
 def webhook_secret() -> str:
@@ -108,44 +214,95 @@ class WebhookReceiver:
     async def metrics(self, _request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
+    def _verify(self, body: bytes, header: str | None, secret: str) -> str:
+        """The payload of a request signed with `secret` at a time within the tolerance of
+        now, in either direction (step 1); ValueError or SignatureVerificationError else."""
+        payload = body.decode("utf-8")
+        stripe.WebhookSignature.verify_header(payload, header, secret, self.tolerance)
+        assert header is not None  # verify_header refuses a missing one
+        if (signed_at := _signed_at(header)) > time.time() + self.tolerance:
+            raise ValueError(f"Timestamp outside the tolerance zone ({signed_at}): "
+                             "in the future")
+        return payload
+
     async def handle(self, request: web.Request) -> web.Response:
-        payload = await request.text()
+        body = await request.read()
         try:
-            event = stripe.Webhook.construct_event(
-                payload, request.headers.get("Stripe-Signature"), self.secret, self.tolerance)
+            payload = self._verify(body, request.headers.get("Stripe-Signature"), self.secret)
         except (ValueError, stripe.SignatureVerificationError) as e:
-            metrics.WEBHOOKS.labels("unknown", "rejected").inc()
-            return web.json_response({"error": f"invalid webhook: {e}"}, status=400)
+            return self._rejected(str(e))
+        document: Any = None
+        try:
+            document = json.loads(payload)
+            event = StripeEvent.parse(document)
+        except (ValueError, UnusableEvent) as e:
+            # Signed by Stripe, yet not an event Tally can read: kept under its id when it
+            # has a usable one, else under the payload's digest.
+            event_id, event_type = _identity(document, body)
+            return await self._unusable(event_id, event_type, payload, e)
         assert self.conn is not None
         async with self.lock:
             seen = await (await self.conn.execute(
                 "SELECT outcome FROM tally.stripe_webhook_events WHERE event_id = %s",
                 (event.id,))).fetchone()
             if seen is not None:
-                metrics.WEBHOOKS.labels(event.type, "duplicate").inc()
+                metrics.WEBHOOKS.labels(type_label(event.type), "duplicate").inc()
                 return web.json_response({"received": True, "duplicate": True})
-            data = event.data.object.to_dict()
             try:
                 async with self.conn.transaction():
-                    outcome = await self._apply(event, data)
+                    outcome = await self._apply(event)
                     await self.conn.execute(
                         "INSERT INTO tally.stripe_webhook_events (event_id, type, outcome)"
                         " VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
                         (event.id, event.type, outcome))
-            except BillingError as e:
-                # Not retryable by redelivery (say, a subscription of no known tenant):
-                # recorded so it shows, acknowledged so Stripe stops.
-                log.error("stripe webhook %s (%s): %s", event.id, event.type, e)
-                outcome = f"error: {e}"
-                await self.conn.execute(
-                    "INSERT INTO tally.stripe_webhook_events (event_id, type, outcome)"
-                    " VALUES (%s, %s, %s) ON CONFLICT DO NOTHING", (event.id, event.type, outcome))
-        metrics.WEBHOOKS.labels(event.type, outcome.split(":")[0]).inc()
+            except _DATA_ERRORS as e:
+                return await self._unusable(event.id, event.type, payload, e, locked=True)
+        metrics.WEBHOOKS.labels(type_label(event.type), outcome.split(":")[0]).inc()
         return web.json_response({"received": True, "outcome": outcome})
 
-    async def _apply(self, event: stripe.Event, data: dict[str, Any]) -> str:
+    @staticmethod
+    def _rejected(reason: str) -> web.Response:
+        metrics.WEBHOOKS.labels("other", "rejected").inc()
+        return web.json_response({"error": f"invalid webhook: {reason}"}, status=400)
+
+    async def _unusable(self, event_id: str, event_type: str, payload: str, error: Exception,
+                        *, locked: bool = False) -> web.Response:
+        """Record a signed event Tally cannot use and acknowledge it (step 5)."""
         assert self.conn is not None
+        unmapped = isinstance(error, BillingError) and not isinstance(error, UnusableEvent)
+        cause = "unmapped" if unmapped else "malformed"
+        reason = _text(str(error) if isinstance(error, BillingError)
+                       else f"{type(error).__name__}: {error}", _MAX_REASON_CHARS)
+        event_id, event_type = _text(event_id, 255), _text(event_type, 255)
+        log.error("stripe webhook %s (%s) cannot be used, recorded in "
+                  "tally.stripe_webhook_unusable: %s", event_id, event_type, reason)
+        async with contextlib.AsyncExitStack() as stack:
+            if not locked:
+                await stack.enter_async_context(self.lock)
+            async with self.conn.transaction():
+                recorded = await self.conn.execute(
+                    "INSERT INTO tally.stripe_webhook_unusable (event_id, type, reason, payload)"
+                    " VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                    (event_id, event_type, reason, _text(payload)))
+                await self.conn.execute(
+                    "INSERT INTO tally.stripe_webhook_events (event_id, type, outcome)"
+                    " VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
+                    (event_id, event_type, f"unusable: {reason}"))
+        if not recorded.rowcount:  # a redelivery of one recorded before
+            metrics.WEBHOOKS.labels(type_label(event_type), "duplicate").inc()
+            return web.json_response({"received": True, "duplicate": True})
+        metrics.WEBHOOKS.labels(type_label(event_type), "unusable").inc()
+        metrics.WEBHOOKS_UNUSABLE.labels(cause).inc()
+        return web.json_response({"received": True, "outcome": f"unusable: {reason}"})
+
+    async def _apply(self, event: StripeEvent) -> str:
+        assert self.conn is not None
+        data = event.object
         if event.type in _INVOICE_STATUS:
+            texts = {k: data.get(k) for k in ("id", "hosted_invoice_url", "invoice_pdf")}
+            if not isinstance(texts["id"], str) or any(
+                    v is not None and not isinstance(v, str) for v in texts.values()):
+                raise UnusableEvent(f"{event.type}: no invoice id, or links that are not text")
             await self._invoice_links(event.type, data)
             status = _INVOICE_STATUS[event.type]
             rank_case = " ".join(f"WHEN '{s}' THEN {r}" for s, r in _RANK.items())
@@ -168,15 +325,14 @@ class WebhookReceiver:
     # -- thin events (meter error reports) -------------------------------------------------
 
     async def handle_thin(self, request: web.Request) -> web.Response:
-        payload = await request.text()
+        body = await request.read()
         try:
-            stripe.WebhookSignature.verify_header(
-                payload, request.headers.get("Stripe-Signature") or "", self.thin_secret,
-                self.tolerance)
+            payload = self._verify(body, request.headers.get("Stripe-Signature"),
+                                   self.thin_secret)
             client = self._stripe()
             notification = client.parse_event_notification_without_verification(payload)
         except (ValueError, stripe.SignatureVerificationError) as e:
-            metrics.WEBHOOKS.labels("unknown", "rejected").inc()
+            metrics.WEBHOOKS.labels("other", "rejected").inc()
             return web.json_response({"error": f"invalid event notification: {e}"},
                                      status=400)
         except BillingError as e:  # no Stripe key to fetch the event with: Stripe retries
@@ -191,10 +347,10 @@ class WebhookReceiver:
                     outcome = await asyncio.to_thread(self._meter_errors, notification)
             except stripe.StripeError as e:
                 # Stripe redelivers a notification that was not acknowledged: try again then.
-                metrics.WEBHOOKS.labels(notification.type, "retry").inc()
+                metrics.WEBHOOKS.labels(type_label(notification.type), "retry").inc()
                 return web.json_response({"error": f"cannot fetch the event: {e}"},
                                          status=503)
-        metrics.WEBHOOKS.labels(notification.type, outcome.split(":")[0]).inc()
+        metrics.WEBHOOKS.labels(type_label(notification.type), outcome.split(":")[0]).inc()
         return web.json_response({"received": True, "outcome": outcome})
 
     def _stripe(self) -> stripe.StripeClient:
@@ -225,7 +381,7 @@ class WebhookReceiver:
             "INSERT INTO tally.stripe_webhook_events (event_id, type, outcome)"
             " VALUES (%s, %s, %s) ON CONFLICT DO NOTHING", (event_id, event_type, outcome))
 
-    async def _subscription(self, event: stripe.Event, data: dict[str, Any]) -> str:
+    async def _subscription(self, event: StripeEvent, data: dict[str, Any]) -> str:
         assert self.conn is not None and self.producer is not None
         customer = str(data.get("customer") or "")
         tenant = (data.get("metadata") or {}).get("tally_tenant_id")
@@ -249,15 +405,15 @@ class WebhookReceiver:
         end = data.get("current_period_end") or items[0].get("current_period_end")
         if not start or not end:
             raise BillingError(f"subscription {data.get('id')}: no current period")
-        period_start = datetime.fromtimestamp(int(start), UTC)
+        period_start = _moment(start, "current_period_start")
+        period_end = _moment(end, "current_period_end")
         kind = await self._kind(event.type, data, str(tenant), plan_id, period_start)
         await self.producer.subscription_event(
-            kind, str(tenant), plan_id, period_start, datetime.fromtimestamp(int(end), UTC),
+            kind, str(tenant), plan_id, period_start, period_end,
             stripe_customer_id=customer or None, stripe_subscription_id=data.get("id"),
             cancel_at_period_end=data.get("cancel_at_period_end"),
-            trial_end=(datetime.fromtimestamp(int(data["trial_end"]), UTC)
-                       if data.get("trial_end") else None),
-            event_id=f"stripe-{event.id}", time=datetime.fromtimestamp(event.created, UTC))
+            trial_end=_moment(data["trial_end"], "trial_end") if data.get("trial_end") else None,
+            event_id=f"stripe-{event.id}", time=_moment(event.created, "created"))
         await self.producer.flush()  # acknowledged by Kafka before Stripe hears 200
         return f"subscription {kind}"
 

@@ -27,6 +27,11 @@ class DatabaseUnavailable(TallyError):
     """Postgres could not be reached."""
 
 
+# Errors of a value Postgres cannot take (a NUL in text, a number out of range): the data's
+# fault, not the database's, so retrying the same data cannot succeed.
+VALUE_ERRORS: tuple[type[Exception], ...] = (psycopg.DataError,)
+
+
 SQL_DIR = Path(__file__).resolve().parent / "sql"
 _LOCK_ID = 0x7A11_0001
 

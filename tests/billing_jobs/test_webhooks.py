@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client import REGISTRY
 
 from billing_jobs.webhooks import WebhookReceiver
 from runtime.settings import Settings
@@ -47,7 +48,8 @@ def subscription(status: str = "active", plan: str = "pro") -> dict[str, Any]:
                           "metadata": {"tally_plan_id": plan}}}]}}
 
 
-def deliver(settings: Settings, *requests: tuple[str, dict[str, str]]) -> list[tuple[int, Any]]:
+def deliver(settings: Settings,
+            *requests: tuple[str | bytes, dict[str, str]]) -> list[tuple[int, Any]]:
     """POST each (body, headers) to a running receiver; the (status, JSON) answers."""
 
     async def run() -> list[tuple[int, Any]]:
@@ -56,7 +58,7 @@ def deliver(settings: Settings, *requests: tuple[str, dict[str, str]]) -> list[t
             answers = []
             for body, headers in requests:
                 response = await client.post("/stripe/webhook", data=body, headers=headers)
-                answers.append((response.status, await response.json()))
+                answers.append((response.status, await response.json(content_type=None)))
             return answers
 
     return asyncio.run(run())
@@ -102,6 +104,76 @@ def test_webhook_with_a_stale_signature_is_rejected_with_400(
     [(status, answer)] = deliver(settings, (body, signed(body, at=int(time.time()) - 600)))
 
     assert status == 400 and "tolerance" in answer["error"]
+
+
+def test_webhook_timestamped_beyond_the_tolerance_in_the_future_is_rejected_with_400(
+    settings_factory: Callable[..., Settings], db: str,
+) -> None:
+    settings = settings_factory(database_url=db)
+    body = event("evt_future", "invoice.paid", {"id": "in_1", "object": "invoice"})
+    soon = event("evt_soon", "invoice.paid", {"id": "in_1", "object": "invoice"})
+
+    answers = deliver(settings, (body, signed(body, at=int(time.time()) + 86_400)),
+                      (soon, signed(soon, at=int(time.time()) + 60)))
+
+    (status, answer), (soon_status, _) = answers
+    assert status == 400 and "tolerance" in answer["error"] and "future" in answer["error"]
+    assert soon_status == 200  # clocks differ a little: within the tolerance is fine
+    assert sql(db, "SELECT event_id FROM tally.stripe_webhook_events") == [("evt_soon",)]
+
+
+def test_a_body_that_is_not_utf8_is_rejected_with_400(
+    settings_factory: Callable[..., Settings], db: str,
+) -> None:
+    settings = settings_factory(database_url=db)
+    body = b'{"id": "evt_\xff"}'
+    [(status, answer)] = deliver(settings, (body, signed(body.decode("latin-1"))))
+    assert status == 400 and "invalid webhook" in answer["error"]
+
+
+def _unusable_count(cause: str) -> float:
+    value = REGISTRY.get_sample_value("tally_billing_webhooks_unusable_total", {"cause": cause})
+    return value or 0.0
+
+
+def test_a_signed_event_tally_cannot_use_is_recorded_and_acknowledged(
+    settings_factory: Callable[..., Settings], db: str,
+) -> None:
+    settings = settings_factory(database_url=db)
+    bad_period = subscription()
+    bad_period["items"]["data"][0]["current_period_start"] = "soon"
+    huge_period = subscription()
+    huge_period["items"]["data"][0]["current_period_end"] = 10**30
+    items_not_a_list = {**subscription(), "items": "sub_items"}
+    no_tenant = {**subscription(), "customer": "cus_stranger", "metadata": {}}
+    bodies = [
+        event("evt_bad_period", "customer.subscription.created", bad_period),
+        event("evt_huge_period", "customer.subscription.created", huge_period),
+        event("evt_items", "customer.subscription.updated", items_not_a_list),
+        event("evt_stranger", "customer.subscription.created", no_tenant),
+        json.dumps({**json.loads(event("evt_list", "invoice.paid", {})),
+                    "data": {"object": ["in_1"]}}),
+        "[]",
+    ]
+    malformed, unmapped = _unusable_count("malformed"), _unusable_count("unmapped")
+
+    answers = deliver(settings, *((b, signed(b)) for b in bodies),
+                      (bodies[0], signed(bodies[0])))  # Stripe redelivers: already recorded
+
+    assert [status for status, _ in answers] == [200] * 7
+    assert all(a["outcome"].startswith("unusable: ") for _, a in answers[:6])
+    assert answers[6][1] == {"received": True, "duplicate": True}
+    rows = dict(sql(db, "SELECT event_id, reason FROM tally.stripe_webhook_unusable"))
+    assert set(rows) == {"evt_bad_period", "evt_huge_period", "evt_items", "evt_stranger",
+                         "evt_list", f"sha256:{hashlib.sha256(b'[]').hexdigest()}"}
+    assert "current_period_start is not a Unix time: 'soon'" in rows["evt_bad_period"]
+    assert "not a Tally tenant" in rows["evt_stranger"]
+    assert "not a Stripe event: no valid data.object" in rows["evt_list"]
+    payloads = dict(sql(db, "SELECT event_id, payload FROM tally.stripe_webhook_unusable"))
+    assert payloads["evt_items"] == bodies[2]
+    assert _unusable_count("malformed") - malformed == 5
+    assert _unusable_count("unmapped") - unmapped == 1
+    assert read_records(settings, settings.topics.subscriptions) == []  # nothing published
 
 
 def test_subscription_webhook_becomes_one_tally_event_even_when_stripe_redelivers_it(

@@ -12,14 +12,17 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import REGISTRY
 
-from billing_jobs.webhooks import WebhookReceiver
+from billing_jobs.webhooks import WebhookReceiver, serve
+from devtools.devstack import free_port
 from runtime.settings import Settings
 from schemas.codec import loads
 from tests.billing_jobs.conftest import sql
 from tests.kafka_helpers import read_records
+from tests.network import assert_reachable_only_on_loopback, wait_accepting
 
 SECRET = "whsec_test_tally"
 PERIOD = (1_790_000_000, 1_792_600_000)
@@ -199,3 +202,25 @@ def test_subscription_webhook_becomes_one_tally_event_even_when_stripe_redeliver
     assert events[0]["data"]["stripe_customer_id"] == "cus_acme"
     assert events[0]["data"]["period_start"].startswith(
         datetime.fromtimestamp(PERIOD[0], UTC).strftime("%Y-%m-%dT%H:%M:%S"))
+
+
+def test_the_receiver_listens_on_loopback_unless_its_setting_says_otherwise(
+    settings_factory: Callable[..., Settings], db: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = settings_factory(database_url=db)
+    monkeypatch.setenv("STRIPE_WEBHOOK_SECRET", SECRET)
+    port = free_port()
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(serve(settings, port, stop=stop))
+        try:
+            await asyncio.to_thread(wait_accepting, "127.0.0.1", port, 60)
+            assert not task.done(), task.exception()  # the receiver, not another process
+            await asyncio.to_thread(assert_reachable_only_on_loopback, port)
+        finally:
+            stop.set()
+            await task
+
+    assert settings.webhooks_host == "127.0.0.1"
+    asyncio.run(scenario())

@@ -24,6 +24,7 @@ from schemas import codec
 from schemas.events import SubscriptionEvent, UsageEvent
 from tally.cli import main
 from tests.helpers import subscription, usage
+from tests.network import assert_reachable_only_on_loopback, wait_accepting
 from tests.producers import all_events, consume, run
 
 SettingsFactory = Callable[..., Settings]
@@ -509,6 +510,28 @@ def test_serve_answers_until_cancelled_and_flushes_on_the_way_out(
     status, received = run(scenario())
     assert status == 202
     assert len(all_events(received)) == 1
+
+
+def test_serve_listens_where_the_setting_says_loopback_by_default(
+    settings_factory: SettingsFactory, tmp_path: Path,
+) -> None:
+    settings = settings_factory()
+    port = _closed_port()
+    options = ProducerOptions(source="tally/ingest-gateway", spool_dir=tmp_path)
+
+    async def scenario() -> None:
+        task = asyncio.create_task(serve(settings, port, TOKENS, options=options))
+        try:
+            await asyncio.to_thread(wait_accepting, "127.0.0.1", port, 60)
+            assert not task.done(), task.exception()  # the gateway, not another process
+            await asyncio.to_thread(assert_reachable_only_on_loopback, port)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    assert settings.gateway_host == "127.0.0.1"
+    run(scenario())
 
 
 def _closed_port() -> int:

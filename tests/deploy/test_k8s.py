@@ -23,7 +23,8 @@ from tests.deploy.support import (
 K8S = DEPLOY / "k8s"
 FILES = sorted(K8S.glob("*.yaml"))
 WORKLOADS = ("Deployment", "StatefulSet")
-SECRET_LIKE = re.compile(r"KEY|SECRET|PASSWORD|TOKEN|DATABASE_URL|WEBHOOK_URL")
+# A variable ending in _FILE names a path (the file itself is mounted from a Secret).
+SECRET_LIKE = re.compile(r"(KEY|SECRET|PASSWORD|TOKEN|DATABASE_URL|WEBHOOK_URL)(?!.*_FILE$)")
 # Oldest and newest Kubernetes minor versions the manifests are checked against.
 VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
 

@@ -382,17 +382,11 @@ class NotifierService:
     def stop(self) -> None:
         self.notifier.stop()
 
-    async def start_web(self) -> web.AppRunner:
-        """Start answering /metrics and /healthz (no listener when the port is 0); the
-        caller cleans the runner up."""
+    async def run(self) -> None:
         runner = web.AppRunner(web_app(self.notifier))
         await runner.setup()
         if self.web_port:
             await web.TCPSite(runner, self.web_host, self.web_port).start()
-        return runner
-
-    async def run(self) -> None:
-        runner = await self.start_web()
         try:
             await self.notifier.run()
         finally:

@@ -1,16 +1,15 @@
-"""The worker's and the notifier's web servers listen where their settings say, and answer
-nothing but what they document (DESIGN.md guarantee 6, least privilege)."""
+"""The worker's web server listens where its setting says, and answers nothing but what it
+documents (DESIGN.md guarantee 6, least privilege). Seen from this machine's non-loopback
+address, as a client elsewhere would (tests/tally/test_listen_hosts.py covers the other
+stages with a second loopback address)."""
 
 from __future__ import annotations
 
-import asyncio
 import urllib.error
 import urllib.request
 from collections.abc import Callable
 
-from devtools.devstack import free_port
 from runtime.settings import Settings
-from streams.notifier import NotifierOptions, NotifierService
 from tests.conftest import WorkerProcess
 from tests.kafka_helpers import publish_seed_catalog
 from tests.network import (
@@ -56,22 +55,3 @@ def test_the_worker_listens_where_its_setting_says(
     wait_accepting(address, worker.web_port)
     assert not accepts("127.0.0.1", worker.web_port)
     assert worker.stop() == 0
-
-
-def test_the_notifier_web_port_listens_where_its_setting_says() -> None:
-    address = non_loopback_address()
-
-    async def listening_on(settings: Settings, port: int) -> tuple[bool, bool]:
-        service = NotifierService(settings, NotifierOptions("http://127.0.0.1:1/", "s"), port)
-        runner = await service.start_web()
-        try:
-            return (await asyncio.to_thread(accepts, "127.0.0.1", port),
-                    await asyncio.to_thread(accepts, address, port))
-        finally:
-            await runner.cleanup()
-
-    offline = Settings(kafka_bootstrap_servers="127.0.0.1:1", topic_prefix="unused.")
-    assert asyncio.run(listening_on(offline, free_port())) == (True, False)
-    elsewhere = offline.model_copy(update={"notifier_web_host": address})
-    assert asyncio.run(listening_on(elsewhere, free_port())) == (False, True)
-

@@ -42,8 +42,8 @@ def wait_listening(host: str, port: int, proc: subprocess.Popen[bytes] | None = 
 
 def test_every_stage_listens_on_loopback_by_default() -> None:
     s = Settings()
-    assert {s.worker_web_host, s.notifier_web_host, s.projector_metrics_host,
-            s.scheduler_metrics_host} == {"127.0.0.1"}
+    assert {s.gateway_host, s.worker_web_host, s.notifier_web_host, s.projector_metrics_host,
+            s.scheduler_metrics_host, s.webhooks_host} == {"127.0.0.1"}
 
 
 def test_the_worker_binds_its_web_server_to_its_setting(

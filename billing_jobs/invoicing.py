@@ -235,6 +235,10 @@ class Invoicer:
 
     # -- steps 2-4 ------------------------------------------------------------------------
 
+    def bill(self, conn: Connection, inv: str, tenant: str, customer: str | None) -> int:
+        """Steps 2-4 for a stored `draft` invoice (its lines as stored); its total."""
+        return self._bill(conn, inv, tenant, customer)
+
     def _bill(self, conn: Connection, inv: str, tenant: str, customer: str | None) -> int:
         head = conn.execute(
             "SELECT period_start, period_end, currency, total_cents, plan_id, billing_interval"

@@ -15,3 +15,6 @@ JOB_LAST_SUCCESS = Gauge("tally_billing_job_last_success_timestamp_seconds",
                          "When each job last finished without failures", ["job"])
 WEBHOOKS = Counter("tally_billing_webhooks_total", "Stripe webhook deliveries by outcome",
                    ["type", "outcome"])
+BILLING_SKIPPED = Counter("tally_billing_tenants_skipped_total",
+                          "Tenants the invoice job could not invoice, by error",
+                          ["error"])

@@ -256,11 +256,15 @@ def test_late_usage_is_a_usage_adjustment_for_its_own_cycle(pipeline: Pipeline) 
         ("Usage adjustment for cycle 2026-01-01 to 2026-02-01: api_calls, 2000 late", 200)]
 
 
-def test_the_cancel_credit_goes_to_stripe_as_a_negative_invoice(pipeline: Pipeline) -> None:
-    [final] = [i for i in pipeline.double.inspect().invoices
+def test_the_cancel_credit_stays_on_the_customers_stripe_balance(pipeline: Pipeline) -> None:
+    snapshot = pipeline.double.inspect()
+    [final] = [i for i in snapshot.invoices
                if i["metadata"]["tally_invoice_id"].startswith("canceler/")
                and "/final/" in i["metadata"]["tally_invoice_id"]]
-    assert (final["total"], final["amount_due"]) == (-674, 0)
+    [customer] = [c for c in snapshot.customers
+                  if c["metadata"].get("tally_tenant_id") == "canceler"]
+    assert (final["total"], final["amount_due"], final["ending_balance"]) == (-674, 0, -674)
+    assert customer["balance"] == -674
 
 
 def test_stripe_billed_and_unbillable_tenants_get_no_tally_invoice(pipeline: Pipeline) -> None:

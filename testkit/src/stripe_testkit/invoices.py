@@ -1,8 +1,10 @@
 """Invoice items and invoices (``/v1/invoiceitems``, ``/v1/invoices``).
 
 An invoice's totals are computed from its items whenever it is rendered; finalizing
-numbers it from its customer's sequence, and a zero-amount invoice is paid on
-finalization, as in Stripe. Payments always succeed.
+numbers it from its customer's sequence and applies the customer's balance, as in
+Stripe: a credit (negative balance) reduces the amount due, and a negative total is
+added to the balance as a credit (`starting_balance`, `ending_balance`). An invoice with
+nothing due is paid on finalization. Payments always succeed.
 """
 
 from __future__ import annotations
@@ -335,6 +337,13 @@ def _finalize(state: State, invoice: JSON, now: int) -> None:
             f"{customer['invoice_prefix']}-{customer['next_invoice_sequence']:04d}"
         )
         customer["next_invoice_sequence"] += 1
+    # The customer's balance is applied once, here: a credit pays (part of) the total, a
+    # negative total becomes credit.
+    starting = customer["balance"]
+    applied = _totals(state, invoice)["total"] + starting
+    invoice["starting_balance"] = starting
+    invoice["ending_balance"] = min(applied, 0)
+    customer["balance"] = min(applied, 0)
     invoice["status"] = "open"
     invoice["effective_at"] = now
     invoice["status_transitions"]["finalized_at"] = now
@@ -361,7 +370,8 @@ def _lines(state: State, invoice: JSON) -> list[JSON]:
 
 def _totals(state: State, invoice: JSON) -> dict[str, int]:
     subtotal = sum(line["amount"] for line in _lines(state, invoice))
-    amount_due = max(subtotal, 0)  # a negative total becomes customer credit
+    # The customer's balance counts from finalization on; a negative total is credit.
+    amount_due = max(subtotal + invoice["starting_balance"], 0)
     return {
         "subtotal": subtotal,
         "subtotal_excluding_tax": subtotal,

@@ -3,7 +3,6 @@ projector writes them (`tally.subscription_events`, `tally.ingestion_watermarks`
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -20,24 +19,7 @@ from tests.billing_jobs.conftest import CATALOG, FAST, sql
 
 JAN, FEB, MAR, APR = (datetime(2026, m, 1, tzinfo=UTC) for m in (1, 2, 3, 4))
 HOUR = timedelta(hours=1)
-
-
-@pytest.fixture
-def history(db: str) -> Callable[..., None]:
-    """Add a subscription event to the history, as the projector stores it."""
-    offset = iter(range(10_000))
-
-    def add(tenant: str, kind: str, plan: str, time: datetime, received: datetime | None = None,
-            start: datetime = JAN, end: datetime = FEB, **extra: Any) -> None:
-        data = {"plan_id": plan, "period_start": start.isoformat(),
-                "period_end": end.isoformat(), **extra}
-        sql(db, "INSERT INTO tally.subscription_events (tenant_id, event_id, type, source,"
-                ' event_time, data, record_timestamp, topic, partition, "offset", item)'
-                " VALUES (%s,%s,%s,'svc/test',%s,%s,%s,'tally.subscriptions',0,%s,0)",
-            tenant, str(uuid.uuid4()), f"tally.subscription.{kind}.v1", time,
-            orjson.dumps(data).decode(), received or time, next(offset))
-
-    return add
+MONTH = {"start": JAN, "end": FEB}
 
 
 @pytest.fixture
@@ -53,13 +35,13 @@ def totals(db: str) -> dict[str, int]:
 def test_a_plan_change_reaching_tally_after_the_invoice_it_changes_stops_that_tenant(
     history: Callable[..., None], invoiced: Callable[[datetime], Any], db: str,
 ) -> None:
-    history("late", "created", "starter", JAN)
-    history("steady", "created", "starter", JAN)
+    history("late", "created", "starter", JAN, **MONTH)
+    history("steady", "created", "starter", JAN, **MONTH)
     invoiced(FEB + HOUR)
     # Jan 11's upgrade reaches Tally on Feb 5, after the Feb 1 invoice it changes; a
     # renewal restating the plan reaches it late too, and changes nothing.
     history("late", "plan_changed", "pro", datetime(2026, 1, 11, tzinfo=UTC),
-            received=datetime(2026, 2, 5, tzinfo=UTC))
+            received=datetime(2026, 2, 5, tzinfo=UTC), **MONTH)
     history("steady", "renewed", "starter", FEB, received=datetime(2026, 2, 2, tzinfo=UTC),
             start=FEB, end=MAR)
     before = totals(db)
@@ -80,7 +62,7 @@ def test_a_plan_change_reaching_tally_after_the_invoice_it_changes_stops_that_te
 def test_invoices_wait_for_the_ledger_to_hold_the_usage_they_count(
     history: Callable[..., None], invoiced: Callable[[datetime], Any], db: str,
 ) -> None:
-    history("acme", "created", "starter", JAN)
+    history("acme", "created", "starter", JAN, **MONTH)
     sql(db, "INSERT INTO tally.ingestion_watermarks VALUES"
             " ('read_models', 'tally.usage.accepted', 0, %s),"
             " ('read_models', 'tally.usage.accepted', 1, %s)",
@@ -103,7 +85,7 @@ def test_a_coupon_created_and_applied_with_the_cli_discounts_the_next_cycles(
 ) -> None:
     monkeypatch.setenv("DATABASE_URL", db)
     monkeypatch.setenv("TALLY_HOME", str(tmp_path))
-    history("acme", "created", "starter", JAN)
+    history("acme", "created", "starter", JAN, **MONTH)
     assert main(["coupons", "create", "HALF", "--percent-off", "50", "--duration",
                  "repeating", "--months", "2"]) == 0
     assert main(["coupons", "apply", "HALF", "--tenant", "acme", "--at",

@@ -165,7 +165,11 @@ def _bill_drafts(conn: Connection, settings: Settings, catalog: Catalog,
     pending = billing_store.drafts(conn)
     if not pending:
         return
-    invoicer = Invoicer(settings, catalog, policy, create_missing=create_missing)
+    try:
+        invoicer = Invoicer(settings, catalog, policy, create_missing=create_missing)
+    except BillingError as e:  # no Stripe configured: the invoices wait, stored as drafts
+        result.failed += [f"{invoice_id}: {e}" for invoice_id, _, _ in pending]
+        return
     for invoice_id, tenant, customer in pending:
         try:
             result.billed[invoice_id] = invoicer.bill(conn, invoice_id, tenant, customer)

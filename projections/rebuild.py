@@ -62,6 +62,7 @@ CHECKSUM_TABLES: dict[str, tuple[str, ...]] = {
     "meters": (),
     "plans": (),
     "plan_meters": (),
+    "subscription_events": (),
     "invoices": ("created_at",),  # written by the billing jobs, not rebuilt
     "invoice_lines": (),
 }

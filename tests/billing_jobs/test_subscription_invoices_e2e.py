@@ -5,6 +5,11 @@ the broker with record timestamps at the simulated times, the worker and the pro
 run, and `tally jobs invoice --now T` (the command, as an operator runs it) is stepped
 through January to March 2026. Every amount is read back from `tally.invoices` and from
 the Stripe double, and must equal the worked example to the cent.
+
+The whole log is published before the first run: the job acts as of its `--now`, reading
+only the subscription events and usage that had reached Tally by then (record
+timestamps), so each run issues what a job running live at that instant would have; and
+with the last usage ingested at the last step, the ledger's watermark never holds it back.
 """
 
 from __future__ import annotations

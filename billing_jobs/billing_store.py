@@ -23,6 +23,7 @@ import psycopg
 from billing_jobs.errors import BillingError
 from domain.invoices import CouponRedemption, Invoice, UsageRecord
 from domain.rating import Coupon
+from domain.subscriptions import Segment
 from runtime.postgres import Connection, fetch_rows, fetch_value
 from schemas.events import SubscriptionData, SubscriptionEvent
 
@@ -80,6 +81,21 @@ def usage_records(conn: Connection, tenant: str, ingested_by: datetime) -> list[
         (tenant, ingested_by)).fetchall()
     return [UsageRecord(time=t, meter=m, quantity=q, ingested_at=i, unique_value=u)
             for t, m, q, i, u in rows]
+
+
+def store_segments(conn: Connection, tenant: str, segments: Sequence[Segment]) -> None:
+    """Replace the tenant's subscription segments (one transaction)."""
+    with conn.transaction():
+        conn.execute("DELETE FROM tally.subscription_segments WHERE tenant_id = %s", (tenant,))
+        with conn.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO tally.subscription_segments (tenant_id, subscription_id, plan_id,"
+                " billing_interval, currency, status, valid_from, valid_to, trial_end,"
+                " stripe_customer_id, stripe_subscription_id)"
+                " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
+                [(tenant, s.subscription_id, s.plan_id, s.interval, s.currency, s.status,
+                  s.valid_from, s.valid_to, s.trial_end, s.stripe_customer_id,
+                  s.stripe_subscription_id) for s in segments])
 
 
 # --- coupons ------------------------------------------------------------------------------

@@ -7,8 +7,9 @@ its adapter. Per tenant, in one pass:
    caps T (an invoice counts the usage ingested up to its due time, so the job may only
    look at a time up to which the ledger holds every event), and only the subscription
    events whose record timestamp is at or before it are history.
-2. `derive_subscriptions` of the history, then `invoices_due` with the tenant's usage,
-   coupons and the ids of its invoices already issued: the new invoices due at T.
+2. `derive_subscriptions` of the history (its segments stored for finance in
+   `subscription_segments`), then `invoices_due` with the tenant's usage, coupons and the
+   ids of its invoices already issued: the new invoices due at T.
 3. Store each (invoice + lines, one transaction, keyed by its id: `billing_store`). A
    zero total is stored as `no_charge` and never sent to Stripe.
 4. Bill every stored `draft` through the Stripe side of `invoicing.py` (create, one item
@@ -111,6 +112,8 @@ def _due(conn: Connection, tenant: str, catalog: Catalog,
     history = [e for e in billing_store.subscription_history(conn, tenant)
                if e.record_timestamp <= known]
     subscriptions = derive_subscriptions(tenant, [e.event for e in history], catalog)
+    billing_store.store_segments(conn, tenant, [
+        segment for s in subscriptions for segment in s.segments(catalog)])
     usage = billing_store.usage_records(conn, tenant, known)
     coupons = billing_store.redemptions(conn, tenant)
     issued = billing_store.issued_invoices(conn, tenant)

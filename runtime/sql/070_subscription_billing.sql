@@ -22,6 +22,27 @@ CREATE TABLE tally.subscription_events (
     PRIMARY KEY (tenant_id, event_id)
 );
 
+-- What a tenant's history derives to (docs/billing.md, rule 1; `Subscription.segments`):
+-- plan, interval, currency, status and validity of each stretch of each subscription.
+-- Derived with the plan catalog, so written by the invoice job, which has it: replaced for
+-- a tenant at every run that derives its history; a tenant whose history cannot be billed
+-- keeps its last good segments (the journal says why).
+CREATE TABLE tally.subscription_segments (
+    tenant_id              text        NOT NULL,
+    subscription_id        text        NOT NULL,
+    plan_id                text        NOT NULL,
+    billing_interval       text        NOT NULL,
+    currency               text        NOT NULL,
+    status                 text        NOT NULL,
+    valid_from             timestamptz NOT NULL,
+    valid_to               timestamptz,
+    trial_end              timestamptz,
+    stripe_customer_id     text,
+    stripe_subscription_id text,
+    PRIMARY KEY (subscription_id, valid_from)
+);
+CREATE INDEX subscription_segments_tenant ON tally.subscription_segments (tenant_id);
+
 -- The ledger's ingestion watermark: per partition of `tally.usage.accepted`, the greatest
 -- `ingested_at` projected, written in the same transaction as the rows and offsets. The
 -- invoice job counts usage ingested up to its `now` only when the ledger has it all.
@@ -72,5 +93,5 @@ ALTER TABLE tally.invoice_lines
     ADD COLUMN currency text,
     ALTER COLUMN unit_amount_cents DROP NOT NULL;  -- usage adjustments have no unit price
 
-GRANT SELECT ON tally.subscription_events, tally.coupons, tally.coupon_redemptions
-    TO tally_finance;
+GRANT SELECT ON tally.subscription_events, tally.subscription_segments, tally.coupons,
+    tally.coupon_redemptions TO tally_finance;

@@ -284,3 +284,18 @@ def test_a_bad_now_is_one_line_and_exit_2(pipeline: Pipeline) -> None:
     run = pipeline.tally("jobs", "invoice", "--now", "next tuesday")
     assert run.returncode == 2
     assert run.stderr.strip().count("\n") == 0 and "is not an ISO 8601 time" in run.stderr
+
+
+def test_the_segments_of_each_history_are_stored_for_finance(pipeline: Pipeline) -> None:
+    rows = sql(pipeline.database_url,
+               "SELECT tenant_id, plan_id, status, valid_from, valid_to FROM"
+               " tally.subscription_segments WHERE tenant_id IN ('upgrader', 'trialer',"
+               " 'canceler') ORDER BY tenant_id, valid_from")
+    assert rows == [
+        ("canceler", "pro", "active", JAN, at(1, 21)),
+        ("canceler", "pro", "canceled", at(1, 21), None),
+        ("trialer", "pro", "trialing", JAN, at(1, 15)),
+        ("trialer", "pro", "active", at(1, 15), None),
+        ("upgrader", "starter", "active", JAN, at(1, 11)),
+        ("upgrader", "pro", "active", at(1, 11), None),
+    ]

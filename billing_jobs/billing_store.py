@@ -98,6 +98,13 @@ def store_segments(conn: Connection, tenant: str, segments: Sequence[Segment]) -
                   s.stripe_subscription_id) for s in segments])
 
 
+def forget_skip(conn: Connection, key: str) -> None:
+    """Drop the journal's record of why a tenant was not invoiced, once it is again: the
+    journal lists what still needs a person (`tally jobs journal`)."""
+    conn.execute("DELETE FROM tally.stripe_pushes WHERE idempotency_key = %s"
+                 " AND status = 'failed'", (key,))
+
+
 # --- coupons ------------------------------------------------------------------------------
 
 

@@ -97,6 +97,7 @@ def run_invoices(settings: Settings, now: datetime, policy: journal.RetryPolicy 
             except (DomainError, LateHistoryError) as e:
                 _skip(conn, result, tenant, e)
                 continue
+            billing_store.forget_skip(conn, _skip_key(tenant))  # invoiceable again
             for invoice, subscription in due:
                 interval = subscription.interval
                 if billing_store.store_invoice(conn, invoice, _plan_of(invoice, subscription),
@@ -149,11 +150,16 @@ def _plan_of(invoice: Invoice, subscription: Subscription) -> str:
     return subscription.plan_before(invoice.issued_at)
 
 
+def _skip_key(tenant: str) -> str:
+    return f"tally-billing-{tenant}"
+
+
 def _skip(conn: Connection, result: InvoiceRunResult, tenant: str, error: Exception) -> None:
-    """Journal why a tenant is not invoiced, count it, and go on with the others."""
+    """Journal why a tenant is not invoiced (until a run invoices it again), count it, and
+    go on with the others."""
     kind = type(error).__name__
     metrics.BILLING_SKIPPED.labels(kind).inc()
-    journal.record_failure(conn, key=f"tally-billing-{tenant}", kind="invoice",
+    journal.record_failure(conn, key=_skip_key(tenant), kind="invoice",
                            tenant_id=tenant, summary={"tenant": tenant,
                                                       "as_of": result.known_through.isoformat()},
                            error=f"{kind}: {error}", reason="not_invoiced")

@@ -15,7 +15,7 @@ from billing_jobs.invoice_run import run_invoices
 from billing_jobs.stripe_catalog import sync_catalog
 from runtime.settings import Settings
 from tally.cli import main
-from tests.billing_jobs.conftest import CATALOG, FAST, sql
+from tests.billing_jobs.conftest import CATALOG, FAST, catalog_with, sql
 
 JAN, FEB, MAR, APR = (datetime(2026, m, 1, tzinfo=UTC) for m in (1, 2, 3, 4))
 HOUR = timedelta(hours=1)
@@ -106,3 +106,25 @@ def test_a_coupon_created_and_applied_with_the_cli_discounts_the_next_cycles(
                                       "description": "Coupon HALF: 50% off",
                                       "amount_cents": -1450}
     assert sorted(i["total"] for i in double.inspect().invoices) == [1450, 1450, 2900, 2900]
+
+
+def test_a_tenant_on_a_plan_missing_from_the_catalog_is_invoiced_once_the_plan_exists(
+    history: Callable[..., None], settings: Settings, double: StripeDouble, db: str,
+) -> None:
+    history("acme", "created", "platinum", JAN, **MONTH)
+    history("globex", "created", "starter", JAN, **MONTH)
+    platinum = {"name": "Platinum", "monthly_fee_cents": "49900"}
+    with_platinum = catalog_with(platinum=platinum)
+    sync_catalog(settings, with_platinum, FAST)
+
+    skipped = run_invoices(settings, JAN + HOUR, FAST, catalog=CATALOG)
+    journaled = sql(db, "SELECT last_error FROM tally.stripe_pushes"
+                        " WHERE idempotency_key = 'tally-billing-acme'")
+    fixed = run_invoices(settings, JAN + HOUR, FAST, catalog=with_platinum)
+
+    assert list(skipped.skipped) == ["acme"]
+    assert [i.tenant_id for i in skipped.issued] == ["globex"]
+    assert "plan 'platinum' is not in the catalog" in journaled[0][0]
+    assert [(i.tenant_id, i.total_cents) for i in fixed.issued] == [("acme", 49900)]
+    assert sql(db, "SELECT count(*) FROM tally.stripe_pushes"
+                   " WHERE idempotency_key = 'tally-billing-acme'") == [(0,)]

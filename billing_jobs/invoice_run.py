@@ -118,9 +118,12 @@ def _due(conn: Connection, tenant: str, catalog: Catalog,
     usage = billing_store.usage_records(conn, tenant, known)
     coupons = billing_store.redemptions(conn, tenant)
     issued = billing_store.issued_invoices(conn, tenant)
-    affected = {i.invoice_id: i for i in issued for e in history
-                if e.record_timestamp > i.issued_by_run
-                and whole_second(e.event.time) <= i.issued_at}
+    def late_for(invoice: billing_store.IssuedInvoice) -> list[str]:
+        """Events that reached Tally after `invoice` was issued and may change it."""
+        return [e.event.id for e in history if e.record_timestamp > invoice.issued_by_run
+                and whole_second(e.event.time) <= invoice.issued_at]
+
+    affected = {i.invoice_id: i for i in issued if late_for(i)}
     if affected:
         # Events arrived after invoices they may change: issue nothing more for the tenant
         # if the history now gives those invoices other amounts.
@@ -129,9 +132,7 @@ def _due(conn: Connection, tenant: str, catalog: Catalog,
         changed = sorted(i for i, stored in affected.items()
                          if now_gives.get(i) != stored.total_cents)
         if changed:
-            late = sorted({e.event.id for e in history
-                           if any(e.record_timestamp > affected[i].issued_by_run
-                                  for i in changed)})
+            late = sorted({event for i in changed for event in late_for(affected[i])})
             raise LateHistoryError(
                 f"subscription event(s) {', '.join(late)} reached Tally after invoice(s) "
                 f"{', '.join(changed)} were issued and change them; the tenant is not "

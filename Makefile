@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml testkit/pyproject.toml constraints.txt
 	touch $(STAMP)
 
 lock: $(STAMP)
-	$(BIN)/pip freeze --disable-pip-version-check | grep -v '^-e' | grep -v '^tally==' > constraints.txt
+	$(BIN)/pip freeze --disable-pip-version-check | grep -v '^-e' | grep -v '^#' | grep -v '^tally\(-testkit\)\?==' > constraints.txt
 
 demo: install
 	$(BIN)/tally demo
@@ -32,6 +32,17 @@ demo: install
 test: install
 	$(BIN)/lint-imports
 	$(BIN)/pytest -q
+
+# promtool and amtool for tests/deploy (`promtool check/test rules`, `amtool check-config`):
+# Debian's prometheus and prometheus-alertmanager packages, installed only when missing.
+.PHONY: tools
+tools:
+	@command -v promtool >/dev/null && command -v amtool >/dev/null || { \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+		--no-install-recommends prometheus prometheus-alertmanager; }
+
+test: tools
+test-fast: tools
 
 test-fast: install
 	$(BIN)/pytest -q -m "not e2e"

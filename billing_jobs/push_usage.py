@@ -5,7 +5,8 @@ Stripe meter events add up, so Tally sends deltas: for every (tenant, meter, per
 key) is `tenant:meter:period_start:cumulative_total` — a pure function of what is being
 reported — so a retry or a re-run after a crash can never count twice at Stripe, and late
 usage arrives as a new delta with a new identifier rather than a change to a sent event.
-Gauge meters (`max`, `latest`) use Stripe's `last` formula and send the value itself.
+Gauge meters (a kind's `gauge`, domain/meters.py) use Stripe's `last` formula and send the
+value itself.
 
 Stripe accepts meter events with whole values and timestamps at most 35 days old: the
 fractional part of a total waits until it makes a whole unit, and a period too old for
@@ -28,6 +29,7 @@ import stripe
 
 from billing_jobs import journal, metrics, stripe_api, stripe_catalog
 from billing_jobs.errors import BillingError
+from domain.meters import KINDS
 from runtime.plans import read_catalog
 from runtime.postgres import Connection, connect, migrate
 from runtime.settings import Settings
@@ -37,7 +39,6 @@ log = logging.getLogger(__name__)
 
 STRIPE_MAX_AGE = timedelta(days=35)
 SAFETY = timedelta(hours=1)
-GAUGES = {"max", "latest", "unique_count"}
 
 
 @dataclass
@@ -165,7 +166,7 @@ class UsagePusher:
         # 2. the new delta (or the new gauge reading). Late usage of a period already
         # pushed raises its total, so it goes out as one more delta with a new identifier.
         total = int(quantity)
-        gauge = self.catalog.meters[meter].aggregation in GAUGES
+        gauge = KINDS[self.catalog.meters[meter].aggregation].gauge
         value = total if gauge else total - cumulative
         if (gauge and total == last_value) or (not gauge and value <= 0) or total == 0:
             return sends

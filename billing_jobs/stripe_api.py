@@ -13,18 +13,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Literal
 
 import stripe
 from stripe.params import InvoiceItemCreateParams, PriceCreateParams, PriceCreateParamsTier
 from stripe.params.v2.billing import MeterEventStreamCreateParams
 
 from billing_jobs.errors import BillingError
+from domain.meters import KINDS
 from runtime.settings import Settings
 
-# Stripe meter aggregation for each Tally aggregation. Gauges report their latest reading.
-METER_FORMULA: dict[str, Any] = {"sum": "sum", "count": "sum", "unique_count": "last",
-                                 "max": "last", "latest": "last"}
 # Stripe's v2 stream takes at most this many events per request.
 STREAM_BATCH = 100
 
@@ -55,13 +53,19 @@ def create_customer(c: stripe.StripeClient, tenant_id: str, key: str) -> stripe.
     )
 
 
+def meter_formula(aggregation: str) -> Literal["sum", "last"]:
+    """Stripe's meter aggregation for a Tally kind: a gauge is sent as its current reading
+    and keeps the last; any other kind is sent as deltas that add up."""
+    return "last" if KINDS[aggregation].gauge else "sum"
+
+
 def create_meter(c: stripe.StripeClient, meter: str, aggregation: str,
                  key: str) -> stripe.billing.Meter:
     return c.v1.billing.meters.create(
         {
             "display_name": f"Tally {meter}",
             "event_name": meter_event_name(meter),
-            "default_aggregation": {"formula": METER_FORMULA[aggregation]},
+            "default_aggregation": {"formula": meter_formula(aggregation)},
             "customer_mapping": {"event_payload_key": "stripe_customer_id",
                                  "type": "by_id"},
             "value_settings": {"event_payload_key": "value"},

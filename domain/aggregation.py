@@ -1,4 +1,8 @@
-"""Meter aggregations (pure): how events fold into a period's counter.
+"""The worker's running counters (pure): one per tenant, meter and period.
+
+How an event folds into the value depends on the meter's kind (domain/meters.py); this
+module keeps what every counter needs around that: dedup against replays, its changelog
+form, and the distinct values of unique_count counters.
 
 A counter is fed from one source partition (the tenant's), and remembers the last source
 offset folded into it: a record replayed after a crash (offset <= applied_offset) is not
@@ -19,6 +23,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+from domain.meters import KINDS, MeterKind
 from schemas.plans import Aggregation
 
 ZERO = Decimal(0)
@@ -50,26 +55,15 @@ class Counter:
     # taken last (in the state record).
     distinct_unwritten: list[str] = field(default_factory=list, compare=False, repr=False)
     distinct_latest: list[str] = field(default_factory=list, compare=False, repr=False)
+    kind: MeterKind = field(init=False, compare=False, repr=False)  # of `aggregation`
+
+    def __post_init__(self) -> None:
+        self.kind = KINDS[self.aggregation]
 
     def fold(self, quantity: Decimal, unique_value: str | None, event_time: datetime) -> None:
-        """Add one (already deduplicated) event."""
+        """Add one (already deduplicated) event, as the meter's kind folds it."""
         self.event_count += 1
-        kind = self.aggregation
-        if kind == "sum":
-            self.value += quantity
-        elif kind == "count":
-            self.value += 1
-        elif kind == "max":
-            self.value = max(self.value, quantity) if self.event_count > 1 else quantity
-        elif kind == "unique_count":
-            if unique_value is not None and unique_value not in self.distinct:
-                self.distinct.add(unique_value)
-                self.distinct_unwritten.append(unique_value)
-                self.value = Decimal(len(self.distinct))
-        elif kind == "latest" and (self.latest_time is None or event_time >= self.latest_time):
-            # Ties keep the later-processed event: deterministic for a given log.
-            self.latest_time = event_time
-            self.value = quantity
+        self.kind.fold(self, quantity, unique_value, event_time)
 
     def take_distinct_segment(self) -> tuple[int, list[str]] | None:
         """The distinct values added since the last segment, with the segment's number;

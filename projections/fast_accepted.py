@@ -15,7 +15,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from projections.ledger import AGGREGATIONS, Accepted
+from domain.meters import KINDS
+from projections.ledger import Accepted
 from schemas.fast_usage import read_decimal, read_time
 from schemas.records import AcceptedEvent
 
@@ -57,7 +58,7 @@ def read_accepted(item: Any) -> Accepted | None:
         return None  # a key missing, so (with as many keys as fields) another one extra
     if (type(tenant_id) is not str or type(event_id) is not str or type(meter) is not str
             or type(source) is not str or type(plan_id) is not str
-            or type(aggregation) is not str or aggregation not in AGGREGATIONS
+            or type(aggregation) is not str or aggregation not in KINDS
             or (unique_value is not None and type(unique_value) is not str)
             or type(late) is not bool or type(adjustment) is not bool
             or type(dimensions) is not dict or type(quantity) is not str):

@@ -7,15 +7,13 @@ in the same transaction (projections/projector.py).
 
 Replayable (DESIGN guarantee 2): every rollup value is a function of the ledger rows and
 their order in the log, never of how the log was cut into batches, so a rebuild from
-offset 0 with other batch sizes gives the same rows. Per aggregation, like the worker's
-counters (streams/aggregation.py):
-- sum: quantities add up; count: events add up;
-- max: the greatest quantity;
-- unique_count: distinct `unique_value`s, kept in `usage_{daily,period}_uniques`; a value
-  adds 1 only when its helper row is new (same rule as the ledger keys);
-- latest: the quantity of the event with the greatest event time; on a tie the later one
-  in the log wins (within a batch by position, across batches the later batch: a tenant's
-  events are all on one partition, keyed by tenant, so batches arrive in log order).
+offset 0 with other batch sizes gives the same rows. Each aggregation kind says how its
+events fold, in a batch and across batches (domain/meters.py); the statement of a batch
+is built from the kinds it holds. Order-dependent folds (`latest` ties) follow the log:
+within a batch by position, across batches the later batch (a tenant's events are all on
+one partition, keyed by tenant, so batches arrive in log order). Each ledger row keeps its
+position in `tally.usage.accepted` (`log_offset`, `log_index`), so a fold over the ledger
+alone (`tally.usage_as_of`) follows the same order.
 `plan_id` of a period is the plan of its last event in the log; `period_end` the greatest.
 """
 
@@ -30,9 +28,8 @@ from typing import NamedTuple
 
 import psycopg
 
+from domain.meters import KINDS, by_kind_sql
 from schemas.codec import dumps
-
-AGGREGATIONS = frozenset({"sum", "count", "max", "unique_count", "latest"})
 
 
 class Accepted(NamedTuple):
@@ -57,88 +54,73 @@ class Accepted(NamedTuple):
     adjustment: bool
 
 
+# An accepted record as the projector read it: its offset in its partition, and its events
+# to apply, each with its index in the record (the event's position in the log).
+AcceptedRecord = tuple[int, Sequence[tuple[int, Accepted]]]
+
 _COLUMNS = (
     "seq, event_id, tenant_id, meter, aggregation, quantity, event_us, ingested_us, source,"
-    " dimensions, period_start_us, period_end_us, plan_id, late, adjustment, unique_value"
+    " dimensions, period_start_us, period_end_us, plan_id, late, adjustment, unique_value,"
+    " log_offset, log_index"
 )
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 _DAY_US = 86_400_000_000
 
-# The batch's contribution of one rollup group, by aggregation (g: the group, u: its new
-# distinct values, l: its latest event; {u} and {l} are NULL when the batch has no event of
-# that aggregation, see _rollup).
-_CONTRIBUTION = """CASE g.aggregation
-        WHEN 'count' THEN g.event_count::numeric
-        WHEN 'max' THEN g.peak
-        WHEN 'unique_count' THEN coalesce({u}, 0)::numeric
-        WHEN 'latest' THEN {l}
-        ELSE g.total END"""
+@dataclass(frozen=True)
+class _Rollup:
+    """A rollup table, the column it is keyed by (with tenant and meter), and its table of
+    the unique values already counted."""
 
-# How a stored rollup value {t} and the batch's contribution merge.
-_MERGE = """CASE excluded.aggregation
-            WHEN 'max' THEN greatest({t}.quantity, excluded.quantity)
-            WHEN 'latest' THEN CASE WHEN {t}.value_time IS NULL
-                OR excluded.value_time >= {t}.value_time
-                THEN excluded.quantity ELSE {t}.quantity END
-            ELSE {t}.quantity + excluded.quantity END"""
+    table: str
+    key: str
+    uniques: str
 
 
-def _rollup(s: str, table: str, key: str, uniques: str, has_uniques: bool, has_latest: bool,
-            extra_aggs: str = "", extra_cols: str = "", extra_vals: str = "",
-            extra_join: str = "", extra_sets: str = "") -> str:
-    """The upsert of one rollup table (`key`: day or period_start) from `new_rows`.
+_DAILY = _Rollup("usage_daily", "day", "usage_daily_uniques")
+_BY_PERIOD = _Rollup("usage_by_period", "period_start", "usage_period_uniques")
 
-    The unique_count and latest parts are left out of a batch without such events: each
-    costs a scan (and a sort) of the batch, and most batches have neither.
+
+def _rollup(s: str, rollup: _Rollup, kinds: frozenset[str], extra_aggs: str = "",
+            extra_cols: str = "", extra_vals: str = "", extra_join: str = "",
+            extra_sets: str = "") -> str:
+    """The upsert of one rollup table from `new_rows`, whose events are of `kinds`.
+
+    Only those kinds' SQL is in it: the CTEs of some (unique_count, latest) cost a scan
+    and a sort of the batch, and most batches have events of one or two kinds.
     """
-    t = "r"  # the stored rollup row
-    ctes, joins = "", ""
-    if has_uniques:
-        ctes += f"""
-, {table}_new_uniques AS (
-    INSERT INTO {s}.{uniques} (tenant_id, meter, {key}, unique_value)
-    SELECT DISTINCT tenant_id, meter, {key}, unique_value FROM new_rows
-    WHERE aggregation = 'unique_count' AND unique_value IS NOT NULL
-    ON CONFLICT DO NOTHING
-    RETURNING tenant_id, meter, {key}
-), {table}_unique_counts AS (
-    SELECT tenant_id, meter, {key}, count(*) AS n FROM {table}_new_uniques
-    GROUP BY tenant_id, meter, {key}
-)"""
-        joins += f"\n    LEFT JOIN {table}_unique_counts u USING (tenant_id, meter, {key})"
-    if has_latest:
-        ctes += f"""
-, {table}_latest AS (
-    SELECT DISTINCT ON (tenant_id, meter, {key}) tenant_id, meter, {key}, quantity, event_time
-    FROM new_rows WHERE aggregation = 'latest'
-    ORDER BY tenant_id, meter, {key}, event_time DESC, seq DESC
-)"""
-        joins += f"\n    LEFT JOIN {table}_latest l USING (tenant_id, meter, {key})"
-    contribution = _CONTRIBUTION.format(u="u.n" if has_uniques else "NULL",
-                                        l="l.quantity" if has_latest else "NULL")
-    value_time = "l.event_time" if has_latest else "NULL::timestamptz"
+    defs = {name: kind for name, kind in KINDS.items() if name in kinds}
+    fields = {"s": s, "table": rollup.table, "key": rollup.key, "uniques": rollup.uniques}
+    ctes = "".join(k.rollup.ctes.format(kind=n, **fields) for n, k in defs.items())
+    joins = "".join(k.rollup.join.format(kind=n, **fields) for n, k in defs.items())
+    aggregates = "".join(f", {sql} AS {column}" for k in defs.values()
+                         for column, sql in k.rollup.aggregates.items())
+    value = by_kind_sql("g.aggregation", {n: k.rollup.value for n, k in defs.items()})
+    times = {n: k.rollup.value_time for n, k in defs.items() if k.rollup.value_time is not None}
+    value_time = by_kind_sql("g.aggregation", times) if times else "NULL::timestamptz"
+    merge = by_kind_sql("excluded.aggregation", {n: k.rollup.merge for n, k in defs.items()})
+    table, key = rollup.table, rollup.key
     return f"""{ctes}
 , {table}_groups AS (
     SELECT tenant_id, meter, {key}, min(aggregation) AS aggregation,
-        count(*) AS event_count, sum(quantity) AS total, max(quantity) AS peak{extra_aggs}
+        count(*) AS event_count{aggregates}{extra_aggs}
     FROM new_rows GROUP BY tenant_id, meter, {key}
 ), {table}_upsert AS (
-    INSERT INTO {s}.{table} AS {t}
+    INSERT INTO {s}.{table} AS r
         (tenant_id, meter, {key}{extra_cols}, aggregation, quantity, event_count, value_time)
-    SELECT g.tenant_id, g.meter, g.{key}{extra_vals}, g.aggregation, {contribution},
+    SELECT g.tenant_id, g.meter, g.{key}{extra_vals}, g.aggregation, {value},
         g.event_count, {value_time}
     FROM {table}_groups g{joins}{extra_join}
     ON CONFLICT (tenant_id, meter, {key}) DO UPDATE SET
-        quantity = {_MERGE.format(t=t)},
-        value_time = greatest({t}.value_time, excluded.value_time),
-        event_count = {t}.event_count + excluded.event_count,
+        quantity = {merge},
+        value_time = greatest(r.value_time, excluded.value_time),
+        event_count = r.event_count + excluded.event_count,
         aggregation = excluded.aggregation{extra_sets}
 )"""
 
 
 @cache
-def _write_statement(s: str, has_uniques: bool, has_latest: bool) -> str:
+def _write_statement(s: str, kinds: frozenset[str]) -> str:
     """The one statement that writes a batch into schema `s` (see the module docstring).
 
     New events are found by an anti-join on the ledger keys and their keys inserted with a
@@ -156,7 +138,7 @@ WITH new_rows AS MATERIALIZED (  -- one row per (tenant, event id): deduplicated
         source, dimensions,
         timestamptz 'epoch' + period_start_us * interval '1 microsecond' AS period_start,
         timestamptz 'epoch' + period_end_us * interval '1 microsecond' AS period_end,
-        plan_id, late, adjustment,
+        plan_id, late, adjustment, log_offset, log_index,
         ((timestamptz 'epoch' + event_us * interval '1 microsecond')
             AT TIME ZONE 'UTC')::date AS day
     FROM tally_incoming i
@@ -168,16 +150,16 @@ WITH new_rows AS MATERIALIZED (  -- one row per (tenant, event id): deduplicated
 ), ledger AS (
     INSERT INTO {s}.usage_events (event_id, tenant_id, meter, quantity, event_time,
         ingested_at, source, dimensions, period_start, period_end, plan_id, late, adjustment,
-        aggregation, unique_value)
+        aggregation, unique_value, log_offset, log_index)
     SELECT event_id, tenant_id, meter, quantity, event_time, ingested_at, source, dimensions,
-        period_start, period_end, plan_id, late, adjustment, aggregation, unique_value
+        period_start, period_end, plan_id, late, adjustment, aggregation, unique_value,
+        log_offset, log_index
     FROM new_rows
 )"""
-        + _rollup(s, "usage_daily", "day", "usage_daily_uniques", has_uniques, has_latest)
+        + _rollup(s, _DAILY, kinds)
         # A period's plan is that of its last new event in the log (the greatest seq).
         + _rollup(
-            s, "usage_by_period", "period_start", "usage_period_uniques", has_uniques,
-            has_latest, ",\n        max(period_end) AS period_end, max(seq) AS last_seq",
+            s, _BY_PERIOD, kinds, ",\n        max(period_end) AS period_end, max(seq) AS last_seq",
             ", period_end, plan_id", ", g.period_end, p.plan_id",
             "\n    JOIN new_rows p ON p.seq = g.last_seq",
             ",\n        period_end = greatest(r.period_end, excluded.period_end),"
@@ -195,7 +177,7 @@ def accepted_problems(e: Accepted) -> list[str]:
         problems.append(f"quantity {e.quantity} is not a finite number")
     elif e.quantity < Decimal(0):
         problems.append(f"quantity {e.quantity} is negative")
-    if e.aggregation not in AGGREGATIONS:
+    if e.aggregation not in KINDS:
         problems.append(f"unknown aggregation {e.aggregation!r}")
     texts = [e.tenant_id, e.event_id, e.meter, e.source, e.plan_id, e.unique_value or "",
              *e.dimensions, *e.dimensions.values()]
@@ -256,12 +238,12 @@ class StagedEvents:
     copy: bytes
     rows: int
     months: frozenset[datetime]  # the first instant of each month of an event time
-    has_uniques: bool
-    has_latest: bool
+    kinds: frozenset[str]  # the aggregation kinds of its events
 
 
-def stage_accepted(events: Sequence[Accepted]) -> StagedEvents:
-    """Stage the events, in log order (latest-value ties and a period's plan depend on it).
+def stage_accepted(records: Iterable[AcceptedRecord]) -> StagedEvents:
+    """Stage the events of these records, in log order (`latest` ties and a period's plan
+    depend on it), each with its position in the log.
 
     The projection's throughput is bound by this loop and one statement, so: lines are
     formatted here (several times faster than the driver's per-value adaptation); times go
@@ -274,37 +256,37 @@ def stage_accepted(events: Sequence[Accepted]) -> StagedEvents:
     days: set[int] = set()
     aggregations: set[str] = set()
     lines: list[str] = []
-    for e in events:
-        key = (e.tenant_id, e.event_id)
-        if key in seen:
-            continue
-        seen.add(key)
-        start = (e.period_start - _EPOCH) // _MICROSECOND
-        end = (e.period_end - _EPOCH) // _MICROSECOND
-        event_us = (e.event_time - _EPOCH) // _MICROSECOND
-        ingested_us = (e.ingested_at - _EPOCH) // _MICROSECOND
-        days.add(event_us // _DAY_US)
-        aggregations.add(e.aggregation)
-        dims = dumps(e.dimensions).decode()
-        flags = f"{'t' if e.late else 'f'}\t{'t' if e.adjustment else 'f'}\t"
-        line = (
-            f"{len(lines)}\t{e.event_id}\t{e.tenant_id}\t{e.meter}\t{e.aggregation}\t"
-            f"{e.quantity!s}\t{event_us}\t{ingested_us}\t{e.source}\t{dims}\t{start}\t"
-            f"{end}\t{e.plan_id}\t{flags}"
-        )
-        if line.count("\t") != 15 or "\\" in line or "\n" in line or "\r" in line:
-            line = "\t".join([
-                str(len(lines)), *map(_text, (e.event_id, e.tenant_id, e.meter,
-                                             e.aggregation)),
-                str(e.quantity), str(event_us), str(ingested_us), _text(e.source),
-                _text(dims), str(start), str(end), _text(e.plan_id), flags,
-            ])
-        unique = "\\N" if e.unique_value is None else _text(e.unique_value)
-        lines.append(f"{line}{unique}\n")
+    for offset, pairs in records:
+        for index, e in pairs:
+            key = (e.tenant_id, e.event_id)
+            if key in seen:
+                continue
+            seen.add(key)
+            start = (e.period_start - _EPOCH) // _MICROSECOND
+            end = (e.period_end - _EPOCH) // _MICROSECOND
+            event_us = (e.event_time - _EPOCH) // _MICROSECOND
+            ingested_us = (e.ingested_at - _EPOCH) // _MICROSECOND
+            days.add(event_us // _DAY_US)
+            aggregations.add(e.aggregation)
+            dims = dumps(e.dimensions).decode()
+            flags = f"{'t' if e.late else 'f'}\t{'t' if e.adjustment else 'f'}\t"
+            line = (
+                f"{len(lines)}\t{e.event_id}\t{e.tenant_id}\t{e.meter}\t{e.aggregation}\t"
+                f"{e.quantity!s}\t{event_us}\t{ingested_us}\t{e.source}\t{dims}\t{start}\t"
+                f"{end}\t{e.plan_id}\t{flags}"
+            )
+            if line.count("\t") != 15 or "\\" in line or "\n" in line or "\r" in line:
+                line = "\t".join([
+                    str(len(lines)), *map(_text, (e.event_id, e.tenant_id, e.meter,
+                                                 e.aggregation)),
+                    str(e.quantity), str(event_us), str(ingested_us), _text(e.source),
+                    _text(dims), str(start), str(end), _text(e.plan_id), flags,
+                ])
+            unique = "\\N" if e.unique_value is None else _text(e.unique_value)
+            lines.append(f"{line}{unique}\t{offset}\t{index}\n")
     months = frozenset(
         (_EPOCH + timedelta(days=day)).replace(day=1) for day in days)
-    return StagedEvents("".join(lines).encode(), len(lines), months,
-                        "unique_count" in aggregations, "latest" in aggregations)
+    return StagedEvents("".join(lines).encode(), len(lines), months, frozenset(aggregations))
 
 
 def load_staged(conn: psycopg.Connection[tuple[object, ...]], staged: StagedEvents) -> None:
@@ -315,7 +297,7 @@ def load_staged(conn: psycopg.Connection[tuple[object, ...]], staged: StagedEven
         " tenant_id text, meter text, aggregation text, unique_value text, quantity numeric,"
         " event_us bigint, ingested_us bigint, source text, dimensions jsonb,"
         " period_start_us bigint, period_end_us bigint, plan_id text, late boolean,"
-        " adjustment boolean) ON COMMIT DELETE ROWS"
+        " adjustment boolean, log_offset bigint, log_index int) ON COMMIT DELETE ROWS"
     )
     conn.execute("TRUNCATE tally_incoming")
     with conn.cursor().copy(f"COPY tally_incoming ({_COLUMNS}) FROM STDIN") as copy:
@@ -327,7 +309,7 @@ def fold_staged(
 ) -> int:
     """Insert the loaded events not yet in the ledger and fold them into the rollups (the
     one statement); return how many were new."""
-    statement = _write_statement(schema, staged.has_uniques, staged.has_latest)
+    statement = _write_statement(schema, staged.kinds)
     row = conn.execute(statement).fetchone()
     return int(row[0]) if row else 0  # type: ignore[call-overload]
 
@@ -344,8 +326,8 @@ def write_staged(
 
 
 def write_accepted(
-    conn: psycopg.Connection[tuple[object, ...]], events: Sequence[Accepted],
+    conn: psycopg.Connection[tuple[object, ...]], records: Iterable[AcceptedRecord],
     schema: str = "tally",
 ) -> int:
-    """`write_staged` of `stage_accepted(events)`: the month partitions must exist."""
-    return write_staged(conn, stage_accepted(events), schema)
+    """`write_staged` of `stage_accepted(records)`: the month partitions must exist."""
+    return write_staged(conn, stage_accepted(records), schema)

@@ -137,9 +137,8 @@ class Batch:
     def stage(self, accepted: list[tuple[Record, list[tuple[int, Accepted]]]]) -> None:
         """Stage the applicable accepted events: (record, [(position in it, event)])."""
         self.accepted = accepted
-        events = [event for _, pairs in accepted for _, event in pairs]
-        self.events = len(events)
-        self.staged = stage_accepted(events)
+        self.events = sum(len(pairs) for _, pairs in accepted)
+        self.staged = stage_accepted((r.offset, pairs) for r, pairs in accepted)
 
     def report(self, r: Record, item: int, reason: str, detail: str) -> None:
         self.problems.append(Problem(r.topic, r.partition, r.offset, item, reason,
@@ -435,14 +434,15 @@ class Projector:
         for r, pairs in batch.accepted:
             try:
                 with conn.transaction():
-                    batch.new_rows += write_accepted(conn, [e for _, e in pairs], self.schema)
+                    batch.new_rows += write_accepted(conn, [(r.offset, pairs)], self.schema)
                 continue
             except _REJECTED:
                 pass
             for index, event in pairs:
                 try:
                     with conn.transaction():
-                        batch.new_rows += write_accepted(conn, [event], self.schema)
+                        batch.new_rows += write_accepted(conn, [(r.offset, [(index, event)])],
+                                                         self.schema)
                 except _REJECTED as e:
                     batch.report(r, index, "rejected_by_database", str(e).splitlines()[0])
 

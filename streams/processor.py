@@ -3,7 +3,9 @@
 `PartitionProcessor` folds usage and subscription records into counters and decides, for
 every event, whether it counts, in which period and under which plan, or why it cannot be
 counted (a dead letter). The adapter (`streams/app.py`) feeds it records, writes the
-effects it drains, and only then acknowledges the records.
+effects it drains, and only then acknowledges the records. What a subscription event does
+to a tenant's subscription is in streams/subscriptions.py; the reasons and text of dead
+letters in streams/dead_letters.py.
 
 Exactly-once effect over at-least-once delivery rests on two facts kept here:
 1. a counter remembers the last source offset folded into it, so a replayed record is
@@ -22,7 +24,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
@@ -31,7 +33,6 @@ from domain.aggregation import Counter
 from domain.periods import Period, anniversary_period, calendar_month
 from schemas.codec import RecordDecodeError, decode_record, dumps, is_batch_value
 from schemas.events import (
-    SUBSCRIPTION_TYPES,
     TENANT_PATTERN,
     USAGE_TYPE,
     SubscriptionEvent,
@@ -40,22 +41,13 @@ from schemas.events import (
 from schemas.fast_usage import Usage, from_model, item_of_row, read_checked, read_usage
 from schemas.plans import Catalog, PlanMeter
 from schemas.records import DeadLetter, Notification, QuotaState
+from streams import dead_letters
+from streams.dead_letters import DlqReason
 from streams.dedup import DedupWindow
+from streams.subscriptions import Subscription
 
 _USAGE_ONE = TypeAdapter(UsageEvent)
 _SUBSCRIPTION_ONE = TypeAdapter(SubscriptionEvent)
-
-DlqReason = Literal[
-    "missing_key",
-    "invalid_json",
-    "invalid_event",
-    "unknown_type",
-    "subject_mismatch",
-    "unknown_meter",
-    "quantity_out_of_range",
-    "time_in_future",
-]
-
 
 # Accepted events are built as dicts in AcceptedEvent's JSON form (a model per event would
 # cost more than all the other per-event work together) and encoded once a tenant has this
@@ -73,52 +65,6 @@ class ProcessorConfig:
 
     dedup_horizon: timedelta = timedelta(days=35)
     max_future: timedelta = timedelta(minutes=5)
-
-
-@dataclass
-class Subscription:
-    """What the worker knows of a tenant's subscription."""
-
-    plan_id: str
-    period: Period
-    status: Literal["active", "trialing", "canceled"]
-    cancel_at: datetime | None  # from then on the default plan applies
-    trial_end: datetime | None
-    applied_offset: int
-    trial_notified: datetime | None = None  # the trial_end a trial_ending notice went for
-
-    def plan_at(self, moment: datetime, default_plan: str) -> str:
-        if self.cancel_at is not None and moment >= self.cancel_at:
-            return default_plan
-        return self.plan_id
-
-    def to_state(self) -> dict[str, Any]:
-        return {
-            "plan_id": self.plan_id,
-            "period_start": self.period.start.isoformat(),
-            "period_end": self.period.end.isoformat(),
-            "status": self.status,
-            "cancel_at": self.cancel_at.isoformat() if self.cancel_at else None,
-            "trial_end": self.trial_end.isoformat() if self.trial_end else None,
-            "applied_offset": self.applied_offset,
-            "trial_notified": self.trial_notified.isoformat() if self.trial_notified else None,
-        }
-
-    @classmethod
-    def from_state(cls, s: dict[str, Any]) -> Subscription:
-        def ts(v: str | None) -> datetime | None:
-            return datetime.fromisoformat(v) if v else None
-
-        return cls(
-            plan_id=s["plan_id"],
-            period=Period(datetime.fromisoformat(s["period_start"]),
-                          datetime.fromisoformat(s["period_end"])),
-            status=s["status"],
-            cancel_at=ts(s["cancel_at"]),
-            trial_end=ts(s["trial_end"]),
-            applied_offset=int(s["applied_offset"]),
-            trial_notified=ts(s.get("trial_notified")),
-        )
 
 
 @dataclass(slots=True)
@@ -147,19 +93,6 @@ class Effects:
     changelog: list[tuple[str, dict[str, Any] | None]] = field(default_factory=list)
     duplicates: int = 0
     counted: int = 0
-
-
-def _dlq_reason(error: ValidationError) -> DlqReason:
-    for item in error.errors():
-        if tuple(item["loc"][:2]) == ("data", "quantity"):
-            return "quantity_out_of_range"
-    return "invalid_event"
-
-
-def _error_detail(error: ValidationError) -> str:
-    return "; ".join(
-        f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in error.errors()
-    )
 
 
 class PartitionProcessor:
@@ -389,7 +322,7 @@ class PartitionProcessor:
             try:
                 event = _USAGE_ONE.validate_python(item)
             except ValidationError as e:
-                reason, detail = _dlq_reason(e), _error_detail(e)
+                reason, detail = dead_letters.reason_of(e), dead_letters.detail_of(e)
             else:
                 if event.subject != tenant:
                     reason = "subject_mismatch"
@@ -446,8 +379,8 @@ class PartitionProcessor:
             try:
                 event = _SUBSCRIPTION_ONE.validate_python(item)
             except ValidationError as e:
-                self._dead(topic, offset, tenant, "invalid_event", _error_detail(e), None,
-                           item)
+                self._dead(topic, offset, tenant, "invalid_event", dead_letters.detail_of(e),
+                           None, item)
                 continue
             if event.subject != tenant:
                 self._dead(topic, offset, tenant, "subject_mismatch",
@@ -456,7 +389,7 @@ class PartitionProcessor:
             current = self.subscriptions.get(event.subject)
             if current is not None and current.applied_offset >= offset:
                 continue
-            new = self._next_subscription(event, offset)
+            new = Subscription.after(event, offset)
             if current is not None:
                 new.trial_notified = current.trial_notified
             self._set_subscription(event.subject, new)
@@ -471,25 +404,13 @@ class PartitionProcessor:
         else:
             self._trialing.discard(tenant)
 
-    def _next_subscription(self, event: SubscriptionEvent, offset: int) -> Subscription:
-        d = event.data
-        period = Period(d.period_start.astimezone(UTC), d.period_end.astimezone(UTC))
-        trial_end = d.trial_end.astimezone(UTC) if d.trial_end else None
-        if event.type == SUBSCRIPTION_TYPES[2]:  # canceled
-            at = period.end if d.cancel_at_period_end else event.time.astimezone(UTC)
-            return Subscription(d.plan_id, period, "canceled", at, trial_end, offset)
-        trialing = trial_end is not None and event.time < trial_end
-        status: Literal["active", "trialing"] = "trialing" if trialing else "active"
-        cancel_at = period.end if d.cancel_at_period_end else None
-        return Subscription(d.plan_id, period, status, cancel_at, trial_end, offset)
-
     def _dead(
         self, topic: str, offset: int, tenant: str | None, reason: DlqReason, detail: str,
         index: int | None, raw: Any,
     ) -> None:
         self._effects.dead_letters.append(DeadLetter(
             reason=reason, detail=detail, source_topic=topic, source_partition=self.partition,
-            source_offset=offset, index=index, key=tenant, value=_to_text(raw),
+            source_offset=offset, index=index, key=tenant, value=dead_letters.as_text(raw),
         ))
 
     # --- catalog -----------------------------------------------------------------------
@@ -631,21 +552,3 @@ _BEGINNING = datetime.min.replace(tzinfo=UTC)
 def counter_key(tenant: str, meter: str, period_start: datetime) -> str:
     """The compacted key of a counter: `tenant/meter/period_start` (DESIGN.md)."""
     return f"{tenant}/{meter}/{period_start.isoformat()}"
-
-
-# A dead letter carries the offending event as text, cut to this many characters: the
-# whole record stays in the source topic at the partition and offset the letter names.
-MAX_DEAD_LETTER_TEXT = 64_000
-
-
-def _to_text(raw: Any) -> str:
-    if isinstance(raw, bytes):
-        text = raw.decode("utf-8", "replace")
-    else:
-        try:
-            text = dumps(raw).decode()
-        except TypeError:
-            text = repr(raw)
-    if len(text) > MAX_DEAD_LETTER_TEXT:
-        return text[:MAX_DEAD_LETTER_TEXT] + f"... [cut; {len(text)} characters in all]"
-    return text

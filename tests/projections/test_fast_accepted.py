@@ -14,8 +14,9 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from domain.meters import KINDS
 from projections.fast_accepted import from_model, read_accepted
-from projections.ledger import AGGREGATIONS, Accepted, accepted_problems
+from projections.ledger import Accepted, accepted_problems
 from schemas.plans import default_catalog_path, load_catalog
 from schemas.records import AcceptedEvent
 from streams.processor import PartitionProcessor, ProcessorConfig
@@ -113,7 +114,7 @@ def adversarial_items(draw: st.DrawFn) -> Any:
         elif key in ("late", "adjustment"):
             item[key] = draw(bools)
         elif key == "aggregation":
-            item[key] = draw(st.sampled_from(sorted(AGGREGATIONS)) | st.just("median") | texts)
+            item[key] = draw(st.sampled_from(sorted(KINDS)) | st.just("median") | texts)
         else:
             item[key] = draw(texts)
     if draw(st.integers(0, 9)) == 0:
@@ -145,7 +146,7 @@ def test_fast_path_accepts_only_what_the_model_and_ledger_accept_and_reads_it_th
 @given(
     st.text(min_size=1, max_size=40).filter(lambda s: "\x00" not in s),
     st.text(min_size=1, max_size=40).filter(lambda s: "\x00" not in s),
-    st.sampled_from(sorted(AGGREGATIONS)),
+    st.sampled_from(sorted(KINDS)),
     st.none() | st.text(max_size=20).filter(lambda s: "\x00" not in s),
     st.one_of(st.integers(0, 10**15).map(Decimal),
               st.decimals(0, 10**15, places=6, allow_nan=False)).map(str),

@@ -172,7 +172,7 @@ def test_text_with_tabs_newlines_backslashes_and_microseconds_lands_verbatim(
     at = PERIOD_START + timedelta(days=1, microseconds=123457)
     odd = accepted("ac\tme", "id\\1", "api_calls", "1.50", at=at, source="svc/\nweird\r",
                    dimensions={"path": "C:\\x\t\"y\""})
-    staged = stage_accepted([from_model(odd), from_model(odd)])
+    staged = stage_accepted([(0, [(0, from_model(odd)), (1, from_model(odd))])])
     with psycopg.connect(database_url) as conn, conn.transaction():
         ensure_month_partitions(conn, staged, set())
         assert write_staged(conn, staged) == 1
@@ -189,7 +189,7 @@ def test_an_event_written_by_a_concurrent_transaction_fails_the_batch_not_counte
     event into the ledger and rollups twice. (The projector's advisory lock keeps its own
     transactions from racing like this.)"""
     migrate(database_url)
-    staged = stage_accepted([from_model(accepted("acme", "e1", "api_calls", "5"))])
+    staged = stage_accepted([(0, [(0, from_model(accepted("acme", "e1", "api_calls", "5")))])])
     with psycopg.connect(database_url) as conn, conn.transaction():
         ensure_month_partitions(conn, staged, set())
     errors: list[Exception] = []

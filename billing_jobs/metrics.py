@@ -19,3 +19,6 @@ METER_EVENT_REJECTIONS = Counter(
     "tally_billing_meter_event_rejections_total",
     "Meter events Stripe accepted, then rejected (meter error reports), by error code",
     ["code"])
+BILLING_SKIPPED = Counter("tally_billing_tenants_skipped_total",
+                          "Tenants the invoice job could not invoice, by error",
+                          ["error"])

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.helpers import create_ssl_context
 
 from runtime.settings import Settings
 from schemas import topics as topic_specs
@@ -24,9 +26,33 @@ class KafkaUnavailable(TallyError):
     """The broker could not be reached or refused an admin request."""
 
 
-def producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
+def ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    """The TLS context of the settings' security protocol; None when it has no TLS."""
+    if not settings.kafka_security_protocol.endswith("SSL"):
+        return None
+    context: ssl.SSLContext = create_ssl_context(cafile=settings.kafka_ssl_cafile,
+                                                 certfile=settings.kafka_ssl_certfile,
+                                                 keyfile=settings.kafka_ssl_keyfile)
+    return context
+
+
+def connection(settings: Settings) -> dict[str, Any]:
+    """Where the brokers are and how to authenticate: the options every client shares."""
     options: dict[str, Any] = {
         "bootstrap_servers": settings.require_kafka(),
+        "security_protocol": settings.kafka_security_protocol,
+        "ssl_context": ssl_context(settings),
+    }
+    if settings.kafka_security_protocol.startswith("SASL_"):
+        options.update(sasl_mechanism=settings.kafka_sasl_mechanism,
+                       sasl_plain_username=settings.kafka_sasl_username,
+                       sasl_plain_password=settings.kafka_sasl_password)
+    return options
+
+
+def producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
+    options: dict[str, Any] = {
+        **connection(settings),
         "acks": "all",
         "enable_idempotence": settings.kafka_idempotence,
         "linger_ms": 5,
@@ -42,7 +68,7 @@ def producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
 
 def consumer(settings: Settings, *topic_names: str, **overrides: Any) -> AIOKafkaConsumer:
     options: dict[str, Any] = {
-        "bootstrap_servers": settings.require_kafka(),
+        **connection(settings),
         "enable_auto_commit": False,
         "auto_offset_reset": "earliest",
         "max_partition_fetch_bytes": 8 << 20,
@@ -57,7 +83,7 @@ def consumer(settings: Settings, *topic_names: str, **overrides: Any) -> AIOKafk
 
 async def ensure_topics(settings: Settings) -> list[str]:
     """Create every Tally topic that is missing, with its cleanup policy; return those created."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.require_kafka())
+    admin = AIOKafkaAdminClient(**connection(settings))
     try:
         await admin.start()
     except KafkaError as e:

@@ -283,6 +283,17 @@ def _counter_record(c: Any, p: int) -> dict[str, Any]:
     }
 
 
+def _broker_credentials(settings: Settings) -> faust.types.auth.CredentialsT | None:
+    """The settings' TLS and SASL in Faust's terms (its clients take no aiokafka options)."""
+    context = kafka.ssl_context(settings)
+    if settings.kafka_security_protocol.startswith("SASL_"):
+        return faust.SASLCredentials(username=settings.kafka_sasl_username,
+                                     password=settings.kafka_sasl_password,
+                                     ssl_context=context,
+                                     mechanism=settings.kafka_sasl_mechanism)
+    return faust.SSLCredentials(context) if context is not None else None
+
+
 def create_app(settings: Settings, web_port: int = 6066,
                config: ProcessorConfig | None = None) -> faust.App:
     """The Faust app of `tally worker`.
@@ -303,6 +314,7 @@ def create_app(settings: Settings, web_port: int = 6066,
     app = App(
         settings.worker_id,
         broker=f"kafka://{settings.require_kafka()}",
+        broker_credentials=_broker_credentials(settings),
         key_serializer="raw",
         value_serializer="raw",
         topic_partitions=settings.partitions,

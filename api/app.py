@@ -61,7 +61,7 @@ def create_app(settings: Settings, clock: Clock = utc_now) -> FastAPI:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError) -> JSONResponse:
         return JSONResponse({"error": error.message, **_jsonable(error.detail)},
-                            status_code=error.status)
+                            status_code=error.status, headers=error.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:

@@ -12,21 +12,27 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from runtime.credentials import ALL_TENANTS, Credential, Denial, Scope, Tokens, authorize
+from api.errors import Forbidden, Unauthorized
+from runtime.credentials import (
+    ALL_TENANTS,
+    SCOPE_MEANINGS,
+    Credential,
+    Denial,
+    Scope,
+    Tokens,
+    authorize,
+)
 
 BEARER = HTTPBearer(auto_error=False, description="A token of the tokens file "
                     "(TALLY_TOKENS_FILE): its tenants and scopes decide what it may see")
 
 
-class Forbidden(HTTPException):
+def forbidden(denials: tuple[Denial, ...]) -> Forbidden:
     """403 with every rule the request breaks."""
-
-    def __init__(self, denials: tuple[Denial, ...]) -> None:
-        super().__init__(403, {"error": "forbidden",
-                               "problems": [d.to_json() for d in denials]})
+    return Forbidden("forbidden", problems=[d.to_json() for d in denials])
 
 
 @dataclass(frozen=True)
@@ -44,14 +50,15 @@ class Caller:
             if not denials:
                 return
             first = first or denials
-        raise Forbidden(first)
+        raise forbidden(first)
 
     def require_read(self, tenant: str) -> None:
         self.require(tenant, "read", "admin")
 
     def require_admin(self) -> None:
         if "admin" not in self.credential.scopes:
-            self.require(ALL_TENANTS, "admin")  # raises: names the missing scope
+            raise forbidden((Denial("scope_missing", "scope missing: 'admin' is needed to "
+                                    f"{SCOPE_MEANINGS['admin']}"),))
 
     @property
     def tenants(self) -> frozenset[str] | None:
@@ -72,8 +79,7 @@ def caller(request: Request,
     if bearer is not None:
         credential = tokens_of(request).lookup(bearer.credentials)
     if credential is None:
-        raise HTTPException(401, {"error": "missing or unknown bearer token"},
-                            headers={"WWW-Authenticate": 'Bearer realm="tally"'})
+        raise Unauthorized("missing or unknown bearer token")
     return Caller(credential)
 
 

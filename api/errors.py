@@ -11,11 +11,23 @@ class ApiError(TallyError):
     """A request the API answers with `status` and `{"error": message, **detail}`."""
 
     status = 400
+    headers: dict[str, str] | None = None
 
     def __init__(self, message: str, **detail: Any) -> None:
         super().__init__(message)
         self.message = message
         self.detail = detail
+
+
+class Unauthorized(ApiError):
+    status = 401
+    headers = {"WWW-Authenticate": 'Bearer realm="tally"'}
+
+
+class Forbidden(ApiError):
+    """`detail["problems"]`: every rule the request breaks."""
+
+    status = 403
 
 
 class BadRequest(ApiError):

@@ -85,3 +85,14 @@ def api_factory(tmp_path: Path) -> Iterator[Callable[[Settings], ApiServer]]:
 @pytest.fixture
 def api(api_settings: Settings, api_factory: Callable[[Settings], ApiServer]) -> ApiServer:
     return api_factory(api_settings)
+
+
+@pytest.fixture
+def stripe_double_url() -> Iterator[str]:
+    """The Stripe double (checkout and portal sessions); no request may break Stripe's
+    OpenAPI document."""
+    from stripe_testkit import StripeDouble
+
+    with StripeDouble() as double:
+        yield double.url
+        assert double.inspect().invalid_requests == ()

@@ -29,11 +29,12 @@ RECENT_INVOICES = 5
 
 async def gather(settings: Settings, tenant: str | None, at: datetime) -> dict[str, Any]:
     """The report's figures, as JSON-ready data."""
-    catalog = await read_catalog(settings)
-    if catalog is None:
-        raise SettingsError("no plan catalog on the plans topic: run `tally plans publish`")
     conn = await connect_async(settings.require_database(), autocommit=True)
     async with conn:
+        catalog = await read_catalog(settings)
+        if catalog is None:
+            raise SettingsError("no plan catalog on the plans topic: run `tally plans "
+                                "publish`")
         if tenant is not None:
             if not await queries.tenant_known(conn, tenant):
                 raise SettingsError(f"unknown tenant {tenant!r}: no usage or subscription "

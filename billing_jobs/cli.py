@@ -6,6 +6,7 @@ what), 2 on a setup error."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import signal
 from datetime import datetime, timedelta
 from types import FrameType
@@ -13,9 +14,11 @@ from types import FrameType
 from runtime.commands import (
     Subparsers,
     add_group,
+    add_json_flag,
     iso_time,
     port_number,
     positive_int,
+    print_json,
     settings,
 )
 
@@ -68,7 +71,9 @@ def _journal(args: argparse.Namespace) -> int:
         "failed", "pending", "succeeded", "replaced"]
     with connect(settings().require_database()) as conn:
         rows = entries(conn, statuses, args.limit)
-    for e in rows:
+    if args.json:
+        print_json([dataclasses.asdict(e) for e in rows])
+    for e in rows if not args.json else ():
         print(f"{e.updated_at:%Y-%m-%d %H:%M:%S} {e.status:<9} {e.kind:<16} {e.tenant_id:<20}"
               f" {e.idempotency_key} (attempts {e.attempts}) {e.detail}")
     return 1 if any(e.status == "failed" for e in rows) else 0
@@ -80,7 +85,9 @@ def _invoices_show(args: argparse.Namespace) -> int:
 
     with connect(settings().require_database()) as conn:
         rows = invoices(conn, tenant=args.tenant, invoice_id=args.invoice, limit=args.limit)
-    for i in rows:
+    if args.json:
+        print_json([dataclasses.asdict(i) for i in rows])
+    for i in rows if not args.json else ():
         print(f"{i.invoice_id} {i.status:<14} {i.total_cents / 100:>12.2f} {i.currency}"
               f" {i.period_start:%Y-%m-%d}..{i.period_end:%Y-%m-%d}"
               f" stripe={i.stripe_invoice_id or '-'} collection={i.collection_method or '-'}")
@@ -153,6 +160,7 @@ def register(sub: Subparsers) -> None:
                               " (meter events Stripe rejected later included)")
     journal.add_argument("--all", action="store_true", help="succeeded and replaced calls too")
     journal.add_argument("--limit", type=positive_int, default=50)
+    add_json_flag(journal)
     journal.set_defaults(func=_journal)
 
     schedule = jobs.add_parser("schedule", help="run the jobs on their intervals")
@@ -172,6 +180,7 @@ def register(sub: Subparsers) -> None:
     show.add_argument("invoice", nargs="?", help="one invoice id (tenant:period start)")
     show.add_argument("--tenant", help="only this tenant's invoices")
     show.add_argument("--limit", type=positive_int, default=50)
+    add_json_flag(show)
     show.set_defaults(func=_invoices_show)
 
     stripe_group = add_group(sub, "stripe", "Stripe catalog and webhooks")

@@ -56,6 +56,18 @@ def settings() -> Settings:
     return Settings.load()
 
 
+def add_json_flag(parser: argparse.ArgumentParser) -> None:
+    """`--json` for a listing command: the same rows as a JSON array."""
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+
+
+def print_json(rows: list[dict[str, Any]]) -> None:
+    """Rows of a listing as one JSON array (decimals as strings, times in RFC 3339)."""
+    from schemas.codec import dumps
+
+    print(dumps(rows).decode())
+
+
 def iso_time(text: str) -> datetime:
     """An argparse `type` for `--now` and the like: an ISO 8601 time (UTC when it names no
     zone), or a one-line usage error that shows the form expected."""

@@ -1,7 +1,7 @@
-"""`tally jobs ...` (push-usage, invoice, reconcile, schedule, journal), `tally invoices show`
-and `tally stripe ...` (sync-catalog, webhooks serve). Every job is one pass, resumable and
-safe to run twice; exit 0 when it did everything, 1 when something failed (the journal says
-what), 2 on a setup error."""
+"""`tally jobs ...` (push-usage, invoice, reconcile, schedule, journal), `tally invoices
+list/show` and `tally coupons ...` (`billing_cli.py`) and `tally stripe ...` (sync-catalog,
+webhooks serve). Every job is one pass, resumable and safe to run twice; exit 0 when it did
+everything, 1 when something failed (the journal says what), 2 on a setup error."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import signal
 from datetime import datetime, timedelta
 from types import FrameType
 
+from billing_jobs.billing_cli import register_billing
 from runtime.commands import (
     Subparsers,
     add_group,
@@ -38,11 +39,12 @@ def _push_usage(args: argparse.Namespace) -> int:
 
 
 def _invoice(args: argparse.Namespace) -> int:
-    from billing_jobs.invoicing import run_invoice
+    from billing_jobs.invoice_run import parse_now, run_invoices
 
-    result = run_invoice(settings(), _now(args), create_missing=not args.no_create)
+    now = args.now or parse_now(None)  # a bad --now was a usage error (iso_time)
+    result = run_invoices(settings(), now, create_missing=not args.no_create)
     print(result.summary())
-    return 0 if not result.failed else 1
+    return 0 if not result.failed and not result.skipped else 1
 
 
 def _reconcile(args: argparse.Namespace) -> int:
@@ -79,28 +81,10 @@ def _journal(args: argparse.Namespace) -> int:
     return 1 if any(e.status == "failed" for e in rows) else 0
 
 
-def _invoices_show(args: argparse.Namespace) -> int:
-    from billing_jobs.invoice_records import invoices
-    from runtime.postgres import connect
-
-    with connect(settings().require_database()) as conn:
-        rows = invoices(conn, tenant=args.tenant, invoice_id=args.invoice, limit=args.limit)
-    if args.json:
-        print_json([dataclasses.asdict(i) for i in rows])
-    for i in rows if not args.json else ():
-        print(f"{i.invoice_id} {i.status:<14} {i.total_cents / 100:>12.2f} {i.currency}"
-              f" {i.period_start:%Y-%m-%d}..{i.period_end:%Y-%m-%d}"
-              f" stripe={i.stripe_invoice_id or '-'} collection={i.collection_method or '-'}")
-        if i.hosted_invoice_url or i.invoice_pdf:
-            print(f"    hosted: {i.hosted_invoice_url or '-'}")
-            print(f"    pdf:    {i.invoice_pdf or '-'}")
-    return 0 if rows or not args.invoice else 1
-
-
 def _schedule(args: argparse.Namespace) -> int:
     from prometheus_client import start_http_server
 
-    from billing_jobs.invoicing import run_invoice
+    from billing_jobs.invoice_run import parse_now, run_invoices
     from billing_jobs.push_usage import load_catalog, run_push_usage
     from billing_jobs.reconcile import run_reconcile
     from billing_jobs.scheduler import Job, Scheduler
@@ -113,7 +97,8 @@ def _schedule(args: argparse.Namespace) -> int:
             lambda: not sync_catalog(s, load_catalog(s)).failed),
         Job("push-usage", args.push_every * minutes,
             lambda: not run_push_usage(s, high_volume=args.high_volume).failed),
-        Job("invoice", args.invoice_every * minutes, lambda: not run_invoice(s).failed),
+        Job("invoice", args.invoice_every * minutes,
+            lambda: not run_invoices(s, parse_now(None)).failed),
         Job("reconcile", args.reconcile_every * minutes,
             lambda: not run_reconcile(s).mismatches),
     ]
@@ -144,7 +129,8 @@ def register(sub: Subparsers) -> None:
     push = jobs.add_parser("push-usage", help="send period usage to Stripe as meter events")
     push.add_argument("--high-volume", action="store_true",
                       help="use the v2 meter event stream (batches of 100)")
-    invoice = jobs.add_parser("invoice", help="invoice closed periods in Stripe")
+    invoice = jobs.add_parser("invoice", help="issue every invoice due (docs/billing.md) and "
+                              "send it to Stripe")
     reconcile = jobs.add_parser("reconcile", help="compare Tally's totals with Stripe's; "
                                 "exit 1 on any mismatch")
     for p in (push, invoice, reconcile):
@@ -173,15 +159,7 @@ def register(sub: Subparsers) -> None:
     schedule.add_argument("--once", action="store_true", help="run each job once, then exit")
     schedule.set_defaults(func=_schedule)
 
-    invoices_group = add_group(sub, "invoices", "invoices Tally sent to Stripe")
-    show = invoices_group.add_parser(
-        "show", help="invoices with their Stripe status and the customer's copy (hosted"
-        " page, PDF)")
-    show.add_argument("invoice", nargs="?", help="one invoice id (tenant:period start)")
-    show.add_argument("--tenant", help="only this tenant's invoices")
-    show.add_argument("--limit", type=positive_int, default=50)
-    add_json_flag(show)
-    show.set_defaults(func=_invoices_show)
+    register_billing(sub)
 
     stripe_group = add_group(sub, "stripe", "Stripe catalog and webhooks")
     stripe_group.add_parser("sync-catalog", help="create Stripe meters and prices for the "

@@ -1,6 +1,6 @@
 """What Tally records about each invoice it sent to Stripe, beside the amounts: how Stripe
-collects it, and the customer's copy (`hosted_invoice_url`, `invoice_pdf`); and the
-listing `tally invoices show` prints.
+collects it, and the customer's copy (`hosted_invoice_url`, `invoice_pdf`), which
+`tally invoices list/show` print beside the invoice (`billing_store.InvoiceView`).
 
 The links come from Stripe's answer to finalize and from the `invoice.finalized` /
 `invoice.paid` webhooks, whichever arrives first; a later answer without them never
@@ -10,11 +10,9 @@ and kept, so a retried create sends the same parameters under its key.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import datetime
 from typing import Final, LiteralString
 
-from runtime.postgres import Connection, fetch_rows
+from runtime.postgres import Connection
 
 # Shared with the webhook receiver's async connection: (hosted_invoice_url, invoice_pdf,
 # stripe invoice id).
@@ -40,34 +38,3 @@ def record_collection(conn: Connection, invoice_id: str, method: str) -> str:
     conn.execute("UPDATE tally.invoices SET collection_method = %s"
                  " WHERE invoice_id = %s AND collection_method IS NULL", (method, invoice_id))
     return decided_collection(conn, invoice_id) or method
-
-
-@dataclass(frozen=True)
-class InvoiceView:
-    """One invoice as `tally invoices show` prints it."""
-
-    invoice_id: str
-    tenant_id: str
-    period_start: datetime
-    period_end: datetime
-    currency: str
-    total_cents: int
-    status: str
-    stripe_invoice_id: str | None
-    collection_method: str | None
-    hosted_invoice_url: str | None
-    invoice_pdf: str | None
-
-
-def invoices(conn: Connection, *, tenant: str | None = None, invoice_id: str | None = None,
-             limit: int = 50) -> list[InvoiceView]:
-    """The newest invoices (by period), optionally of one tenant or one invoice."""
-    return fetch_rows(
-        conn, InvoiceView,
-        "SELECT invoice_id, tenant_id, period_start, period_end, currency, total_cents,"
-        " status, stripe_invoice_id, collection_method, hosted_invoice_url, invoice_pdf"
-        " FROM tally.invoices WHERE (%(tenant)s::text IS NULL OR tenant_id = %(tenant)s)"
-        " AND (%(invoice)s::text IS NULL OR invoice_id = %(invoice)s)"
-        " ORDER BY period_start DESC, tenant_id LIMIT %(limit)s",
-        {"tenant": tenant, "invoice": invoice_id, "limit": limit},
-    )

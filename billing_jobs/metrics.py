@@ -25,3 +25,6 @@ WEBHOOKS_UNUSABLE = Counter(
     "acknowledged: unmapped (no Tally tenant, plan or period) or malformed (unexpected shape)",
     ["cause"],
 )
+BILLING_SKIPPED = Counter("tally_billing_tenants_skipped_total",
+                          "Tenants the invoice job could not invoice, by error",
+                          ["error"])

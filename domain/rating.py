@@ -5,7 +5,8 @@ push the draft to Stripe and Postgres.
 
 Money rule
     Every amount is computed in Decimal cents (sub-cent unit prices stay exact) and rounded ONCE
-    per invoice line to whole cents with ROUND_HALF_UP. Subtotal, discount and total are sums of
+    per invoice line to whole cents, half to even (docs/billing.md, rule 7: the one rounding
+    rule of every amount Tally bills). Subtotal, discount and total are sums of
     those rounded line amounts, so `total_cents == sum(line.amount_cents)` always holds. The
     arithmetic runs in a fixed decimal context (`_DECIMAL`), never the caller's, so the same
     inputs give the same invoice on every machine and thread.
@@ -55,7 +56,7 @@ import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from decimal import ROUND_CEILING, ROUND_HALF_EVEN, ROUND_HALF_UP, Context, Decimal, localcontext
+from decimal import ROUND_CEILING, ROUND_HALF_EVEN, Context, Decimal, localcontext
 from itertools import pairwise
 from typing import Annotated, Literal, ParamSpec, TypeVar
 
@@ -192,12 +193,9 @@ def _in_fixed_context(function: Callable[_P, _R]) -> Callable[_P, _R]:
 
 
 @_in_fixed_context
-def to_cents(amount: Decimal, rounding: str = ROUND_HALF_UP) -> int:
-    """Round an exact amount of cents to whole cents: the one rounding per line.
-
-    Half up for `rate_period`; the subscription billing model (docs/billing.md) passes
-    ROUND_HALF_EVEN.
-    """
+def to_cents(amount: Decimal, rounding: str = ROUND_HALF_EVEN) -> int:
+    """Round an exact amount of cents to whole cents: the one rounding per line, half to
+    even (docs/billing.md, rule 7)."""
     return int(amount.quantize(_ONE_CENT, rounding=rounding))
 
 

@@ -45,6 +45,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from projections import metrics
 from projections.fast_accepted import from_model, read_accepted
+from projections.history import history_row, ingested_through, write_history, write_watermarks
 from projections.ledger import (
     Accepted,
     accepted_problems,
@@ -302,6 +303,9 @@ class Projector:
                     raise _Fenced
                 if batch.staged.rows:
                     await self._project_accepted(conn, batch)
+                    write_watermarks(conn, self.projection, ingested_through(
+                        (r.topic, r.partition, (e for _, e in pairs))
+                        for r, pairs in batch.accepted), self.schema)
                 for topic, records in batch.by_topic.items():
                     if topic != self.accepted_topic:
                         self.handlers[topic](conn, batch, records)
@@ -443,7 +447,7 @@ class Projector:
                     batch.report(r, index, "rejected_by_database", str(e).splitlines()[0])
 
     def _project_subscriptions(self, conn: Connection, batch: Batch, records: Records) -> None:
-        rows = []
+        rows, history = [], []
         for r in records:
             try:
                 items = decode_record(r.value)
@@ -456,6 +460,8 @@ class Projector:
                 except ValidationError as err:
                     batch.report(r, index, "invalid_event", format_validation_error(err))
                     continue
+                history.append(history_row(ev, _timestamp(r), r.topic, r.partition, r.offset,
+                                           index))
                 rows.append((ev.subject, ev.data.plan_id, _STATUS[ev.type],
                              ev.data.period_start, ev.data.period_end,
                              ev.data.stripe_customer_id, ev.data.stripe_subscription_id,
@@ -476,6 +482,7 @@ class Projector:
                 " s.stripe_subscription_id), updated_at = excluded.updated_at",
                 rows,
             )
+        write_history(conn, history, self.schema)
 
     def _project_quota_states(self, conn: Connection, batch: Batch, records: Records) -> None:
         # A compacted topic: only the latest value per key matters, and a tombstone deletes
@@ -543,9 +550,10 @@ class Projector:
                 continue
             conn.execute(
                 f"INSERT INTO {s}.plans (plan_id, name, currency, monthly_fee_cents,"
-                " yearly_fee_cents, tier, document) VALUES (%s,%s,%s,%s,%s,%s,%s)",
+                " yearly_fee_cents, minimum_cents, tier, document)"
+                " VALUES (%s,%s,%s,%s,%s,%s,%s,%s)",
                 (key, plan.name, plan.currency, plan.monthly_fee_cents, plan.yearly_fee_cents,
-                 plan.tier, r.value.decode() if r.value else "null"),
+                 plan.minimum_cents, plan.tier, r.value.decode() if r.value else "null"),
             )
             with conn.cursor() as cur:
                 cur.executemany(

@@ -46,7 +46,8 @@ _REBUILD_LOCK = 0x7A11_0002
 REBUILT_TABLES = (
     "usage_event_keys", "usage_events", "usage_daily", "usage_by_period",
     "usage_daily_uniques", "usage_period_uniques", "subscriptions", "quota_state",
-    "meters", "plans", "plan_meters", "projection_errors",
+    "meters", "plans", "plan_meters", "projection_errors", "subscription_events",
+    "ingestion_watermarks",
 )
 
 # Finance-facing tables -> columns left out of their digest because they are wall-clock,
@@ -61,6 +62,7 @@ CHECKSUM_TABLES: dict[str, tuple[str, ...]] = {
     "meters": (),
     "plans": (),
     "plan_meters": (),
+    "subscription_events": (),
     "invoices": ("created_at",),  # written by the billing jobs, not rebuilt
     "invoice_lines": (),
 }

@@ -6,11 +6,13 @@ would write) and pass the catalog in, so they need Postgres and the double but n
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+import orjson
 import psycopg
 import pytest
 from stripe_testkit import StripeDouble
@@ -76,3 +78,42 @@ def catalog_with(**plans: Any) -> Catalog:
     doc = CATALOG.model_dump(mode="json")
     doc["plans"].update(plans)
     return Catalog.model_validate(doc)
+
+
+@pytest.fixture
+def history(db: str) -> Callable[..., None]:
+    """Add a subscription event to a tenant's history, as the projector stores it."""
+    offsets = iter(range(1_000_000))
+
+    def add(tenant: str, kind: str, plan: str, time: datetime = START,
+            received: datetime | None = None, start: datetime = START, end: datetime = END,
+            **extra: Any) -> None:
+        data = {"plan_id": plan, "period_start": start.isoformat(),
+                "period_end": end.isoformat(), **extra}
+        sql(db, "INSERT INTO tally.subscription_events (tenant_id, event_id, type, source,"
+                ' event_time, data, record_timestamp, topic, partition, "offset", item)'
+                " VALUES (%s,%s,%s,'svc/test',%s,%s,%s,'tally.subscriptions',0,%s,0)",
+            tenant, str(uuid.uuid4()), f"tally.subscription.{kind}.v1", time,
+            orjson.dumps(data).decode(), received or time, next(offsets))
+
+    return add
+
+
+@pytest.fixture
+def ledger(db: str) -> Callable[..., None]:
+    """Add one counted event to the ledger, as the projector writes it."""
+
+    def add(tenant: str, meter: str, quantity: int | str, time: datetime,
+            ingested: datetime | None = None) -> None:
+        month = time.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        following = (month + timedelta(days=32)).replace(day=1)
+        sql(db, f"CREATE TABLE IF NOT EXISTS tally.usage_events_y{month:%Ym%m}"
+                " PARTITION OF tally.usage_events FOR VALUES FROM"
+                f" ('{month.isoformat()}') TO ('{following.isoformat()}')")
+        sql(db, "INSERT INTO tally.usage_events (event_id, tenant_id, meter, quantity,"
+                " event_time, ingested_at, source, period_start, period_end, plan_id)"
+                " VALUES (%s,%s,%s,%s,%s,%s,'svc/test',%s,%s,'starter')",
+            str(uuid.uuid4()), tenant, meter, Decimal(quantity), time, ingested or time,
+            month, following)
+
+    return add

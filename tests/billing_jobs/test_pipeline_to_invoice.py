@@ -1,5 +1,7 @@
 """From the first event to a finalized Stripe invoice: producer SDK -> broker -> worker ->
-projector -> push-usage -> invoice -> reconcile, with the Stripe double."""
+projector -> push-usage -> invoice -> reconcile, with the Stripe double. The invoice job
+counts usage only as far as the ledger holds it (its ingestion watermark): the period's
+invoice waits until an event ingested after its due time has been projected."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from stripe_testkit import StripeDouble
 
-from billing_jobs.invoicing import run_invoice
+from billing_jobs.invoice_run import run_invoices
 from billing_jobs.push_usage import run_push_usage
 from billing_jobs.reconcile import run_reconcile
 from billing_jobs.stripe_catalog import sync_catalog
@@ -19,8 +21,8 @@ from runtime.postgres import migrate
 from runtime.settings import Settings
 from tests.billing_jobs.conftest import CATALOG, FAST, sql
 from tests.conftest import WorkerProcess
-from tests.helpers import record, usage
-from tests.kafka_helpers import publish, publish_seed_catalog, wait_for
+from tests.helpers import ms, record, usage
+from tests.kafka_helpers import publish, publish_seed_catalog, publish_stamped, wait_for
 from tests.services import ProjectorThread
 
 pytestmark = pytest.mark.e2e
@@ -65,14 +67,26 @@ def test_a_period_of_events_ends_as_one_finalized_invoice_with_the_expected_amou
 
     sync_catalog(settings, CATALOG, FAST)
     pushed = run_push_usage(settings, policy=FAST, catalog=CATALOG)
-    too_early = run_invoice(settings, now, FAST, catalog=CATALOG)
-    invoiced = run_invoice(settings, period.end + timedelta(hours=2), FAST, catalog=CATALOG)
+    opening = run_invoices(settings, datetime.now(UTC), FAST, catalog=CATALOG)
+    waiting = run_invoices(settings, period.end + timedelta(hours=2), FAST, catalog=CATALOG)
     reconciled = run_reconcile(settings, policy=FAST)
+    # The next period's traffic: an event ingested after the period's invoice is due.
+    later = period.end + timedelta(hours=2)
+    publish_stamped(settings, settings.topics.usage, [
+        ("acme", record(usage("acme", "api_calls", "1", event_id="next-1", time=later)),
+         ms(later))])
+    wait_for(lambda: sql(database_url, "SELECT count(*) FROM tally.usage_events"),
+             lambda rows: rows == [(181,)], timeout=60, what="the next period's event")
+    invoiced = run_invoices(settings, later, FAST, catalog=CATALOG)
 
+    start = f"{period.start:%Y%m%dT%H%M%SZ}"
     assert not pushed.failed and pushed.events_sent == 2
-    assert not too_early.rated
-    assert invoiced.finalized == {f"acme:{period.start:%Y%m%dT%H%M%SZ}": 2900 + 200 + 1000}
-    [invoice] = live_double.inspect().invoices
+    assert opening.billed == {f"acme/{start}/{start}/opening/usd": 2900}
+    assert not waiting.issued and waiting.known_through < period.end
+    cycle = f"acme/{start}/{period.end:%Y%m%dT%H%M%SZ}/cycle/usd"
+    assert invoiced.billed == {cycle: 2900 + 200 + 1000}
+    invoice = next(i for i in live_double.inspect().invoices
+                   if i["metadata"]["tally_invoice_id"] == cycle)
     assert (invoice["status"], invoice["total"]) == ("open", 4100)
     assert [line["amount"] for line in invoice["lines"]["data"]] == [2900, 200, 0, 1000]
     assert reconciled.mismatches == [], reconciled.summary()

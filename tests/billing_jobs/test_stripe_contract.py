@@ -22,27 +22,31 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from aiohttp import web
 from prometheus_client import REGISTRY
 from stripe_testkit import StripeDouble
 
 from billing_jobs import stripe_api, stripe_ids
-from billing_jobs.invoicing import run_invoice
+from billing_jobs.invoice_run import run_invoices
 from billing_jobs.journal import RetryPolicy
 from billing_jobs.push_usage import run_push_usage
 from billing_jobs.stripe_catalog import sync_catalog
 from billing_jobs.webhooks import WebhookReceiver
 from devtools import devstack
 from devtools.child import start_tally
+from domain.periods import add_months
 from runtime.settings import Settings
 from schemas.plans import Catalog
 from tests.billing_jobs.conftest import CATALOG, END, FAST, NOW, START, sql
+from tests.billing_jobs.test_jobs import CYCLE as ACME_CYCLE
 from tests.billing_jobs.test_jobs import STARTER_TOTAL, STARTER_USAGE, items_per_line, received
 from tests.kafka_helpers import publish_seed_catalog, wait_for
 from tests.stripe_target import Target, targets
 
 DAY = timedelta(days=1)
+ACME_OPENING = "acme/20261001T000000Z/20261001T000000Z/opening/usd"
 LONG_TENANT = "t" + "-0123456789abcdef" * 7 + "x" * 8  # 128 characters, Tally's maximum
 FOR_STRIPE = RetryPolicy(attempts=6, base_delay=0.5, max_delay=4, timeout=60)
 
@@ -60,6 +64,23 @@ def real_period(now: datetime, *, closed: bool) -> tuple[datetime, datetime]:
     return end - timedelta(days=7), end
 
 
+def subscribe(history: Callable[..., None], ledger: Callable[..., None], tenant: str,
+              usage: dict[str, int], start: datetime = START, end: datetime = END) -> None:
+    """`tenant` on Starter from `start`, monthly, with `usage` counted in its first cycle
+    (before `end`): as the projector stores them, for the invoice job. Its invoices: the
+    opening one at `start` (the fee, 2900) and the cycle one at `end` (fee and usage)."""
+    history(tenant, "created", "starter", start, start=start, end=end)
+    for meter, quantity in usage.items():
+        ledger(tenant, meter, quantity, end - timedelta(days=2))
+
+
+def last_cycle(end: datetime) -> tuple[datetime, datetime]:
+    """A monthly cycle ending at or shortly before `end` (on a day every month has), and
+    the subscription start a calendar month before it."""
+    cycle_end = end if end.day <= 28 else end.replace(day=28)
+    return add_months(cycle_end, -1), cycle_end
+
+
 def catalog_with_gauge() -> Catalog:
     """The seed catalog plus `seats`, a `latest` gauge (it may go down, and to zero)."""
     doc = CATALOG.model_dump(mode="json")
@@ -72,7 +93,8 @@ def catalog_with_gauge() -> Catalog:
 
 @pytest.mark.stripe_contract
 def test_a_128_character_tenant_pushes_and_invoices(
-    target: Target, db: str, put_usage: Callable[..., None],
+    target: Target, db: str, put_usage: Callable[..., None], history: Callable[..., None],
+    ledger: Callable[..., None],
 ) -> None:
     assert len(LONG_TENANT) == 128
     settings = target.settings(db)
@@ -81,28 +103,37 @@ def test_a_128_character_tenant_pushes_and_invoices(
     start, end = real_period(now, closed=True)
     for meter, quantity in STARTER_USAGE.items():
         put_usage(LONG_TENANT, meter, quantity, start=start, end=end)
+    # Subscribed a month before: its first cycle, with the usage, ended hours ago.
+    subscribed, cycle_end = last_cycle(end)
+    subscribe(history, ledger, LONG_TENANT, STARTER_USAGE, subscribed, cycle_end)
 
     synced = sync_catalog(settings, CATALOG, policy)
     pushed = run_push_usage(settings, now, policy, catalog=CATALOG)
-    invoiced = run_invoice(settings, now, policy, catalog=CATALOG)
+    invoiced = run_invoices(settings, now, policy, catalog=CATALOG)
 
     assert not synced.failed and not pushed.failed, synced.summary() + pushed.summary()
-    assert not invoiced.failed and list(invoiced.finalized.values()) == [STARTER_TOTAL]
+    assert not invoiced.failed and not invoiced.skipped, invoiced.summary()
+    assert sorted(invoiced.billed.values()) == [2900, STARTER_TOTAL]  # opening, cycle
+    assert all(i.startswith(f"{LONG_TENANT}/") for i in invoiced.billed)
     keys = [k for (k,) in sql(db, "SELECT idempotency_key FROM tally.stripe_pushes")]
     assert max(map(len, keys)) <= stripe_ids.IDEMPOTENCY_KEY_MAX
     identifiers = [k for (k,) in sql(db, "SELECT idempotency_key FROM tally.stripe_pushes"
                                          " WHERE kind = 'meter_event'")]
     assert len(identifiers) == 3 and max(map(len, identifiers)) == stripe_ids.IDENTIFIER_MAX
-    [(stripe_id, hosted, pdf, collection)] = sql(
-        db, "SELECT stripe_invoice_id, hosted_invoice_url, invoice_pdf, collection_method"
-            " FROM tally.invoices")
-    assert hosted and pdf and collection == "send_invoice"  # no payment method: sent
+    assert {c for (c,) in sql(db, "SELECT collection_method FROM tally.invoices")} == {
+        "send_invoice"}  # no payment method: sent
+    [(stripe_id, hosted, pdf)] = sql(
+        db, "SELECT stripe_invoice_id, hosted_invoice_url, invoice_pdf FROM tally.invoices"
+            " WHERE kind = 'cycle'")
+    assert hosted and pdf
     client = target.client()
     invoice = client.v1.invoices.retrieve(stripe_id)
     assert (invoice.total, invoice.collection_method, invoice.days_until_due) == (
         STARTER_TOTAL, "send_invoice", 30)
     items = client.v1.invoice_items.list({"invoice": stripe_id, "limit": 100}).data
-    assert {i.period.end for i in items} == {int(end.timestamp()) - 1}  # inclusive at Stripe
+    # The cycle, end-exclusive in Tally, inclusive at Stripe.
+    assert {(i.period.start, i.period.end) for i in items} == {
+        (int(subscribed.timestamp()), int(cycle_end.timestamp()) - 1)}
     customer = invoice.customer if isinstance(invoice.customer, str) else ""
     [(meter_id,)] = sql(db, "SELECT stripe_object_id FROM tally.stripe_pushes"
                             " WHERE logical_key = 'tally-meter-api_calls'")
@@ -170,7 +201,8 @@ def tally(settings: Settings, log: Path, *args: str) -> subprocess.Popen[bytes]:
 @pytest.mark.double_only
 def test_a_run_killed_and_resumed_48_hours_later_leaves_each_meter_event_and_item_once(
     settings_factory: Callable[..., Settings], db: str, forgetful_double: StripeDouble,
-    put_usage: Callable[..., None], tmp_path: Path,
+    put_usage: Callable[..., None], history: Callable[..., None],
+    ledger: Callable[..., None], tmp_path: Path,
 ) -> None:
     double = forgetful_double
     settings = settings_factory(database_url=db, stripe_api_key="sk_test_resume",
@@ -179,6 +211,7 @@ def test_a_run_killed_and_resumed_48_hours_later_leaves_each_meter_event_and_ite
     tenants = [f"tenant-{t:02d}" for t in range(4)]
     expected = {}
     for tenant in tenants:
+        subscribe(history, ledger, tenant, STARTER_USAGE)
         for meter, quantity in STARTER_USAGE.items():
             put_usage(tenant, meter, quantity)
             expected[(tenant, meter)] = Decimal(quantity)
@@ -200,7 +233,7 @@ def test_a_run_killed_and_resumed_48_hours_later_leaves_each_meter_event_and_ite
     double.advance(48 * 3600)
 
     pushed = run_push_usage(settings, later, FAST, catalog=CATALOG)
-    invoiced = run_invoice(settings, later, FAST, catalog=CATALOG)
+    invoiced = run_invoices(settings, later, FAST, catalog=CATALOG)
     again = run_push_usage(settings, later + timedelta(hours=1), FAST, catalog=CATALOG)
 
     snapshot = double.inspect()
@@ -210,10 +243,13 @@ def test_a_run_killed_and_resumed_48_hours_later_leaves_each_meter_event_and_ite
     assert received(snapshot) == expected
     assert len(snapshot.meter_events) == len(expected)  # each once: no duplicate events
     assert again.events_sent == 0
-    assert len(snapshot.invoices) == len(tenants)
+    assert not invoiced.issued  # the killed run had stored every invoice: it billed them
+    assert len(snapshot.invoices) == 2 * len(tenants)  # an opening and a cycle invoice each
     assert set(items_per_line(snapshot).values()) == {1}
-    assert len(snapshot.invoice_items) == 4 * len(tenants)
-    assert sorted(i["total"] for i in snapshot.invoices) == [STARTER_TOTAL] * len(tenants)
+    assert len(snapshot.invoice_items) == (1 + 4) * len(tenants)
+    assert sorted(i["total"] for i in snapshot.invoices) == sorted(
+        [2900, STARTER_TOTAL] * len(tenants))
+    assert all(i["status"] == "open" for i in snapshot.invoices)
     assert len(snapshot.customers) == len(tenants) and len(snapshot.meters) == 4
 
 
@@ -221,24 +257,23 @@ def test_a_run_killed_and_resumed_48_hours_later_leaves_each_meter_event_and_ite
 @pytest.mark.double_only
 @pytest.mark.parametrize("kind", ["stored_500", "stored_500_applied"])
 def test_a_500_stored_under_an_invoice_item_key_is_recovered_from_without_duplicates(
-    settings: Settings, double: StripeDouble, put_usage: Callable[..., None], db: str,
-    kind: str,
+    settings: Settings, double: StripeDouble, history: Callable[..., None],
+    ledger: Callable[..., None], db: str, kind: str,
 ) -> None:
-    for meter, quantity in STARTER_USAGE.items():
-        put_usage("acme", meter, quantity)
+    subscribe(history, ledger, "acme", STARTER_USAGE)
     sync_catalog(settings, CATALOG, FAST)
     double.faults(rate=1.0, kinds=(kind,), routes=("POST /v1/invoiceitems",), limit=1)
 
-    result = run_invoice(settings, NOW, FAST, catalog=CATALOG)
+    result = run_invoices(settings, NOW, FAST, catalog=CATALOG)  # the opening invoice first
 
     snapshot = double.inspect()
     assert snapshot.faults_injected == 1
-    assert result.finalized == {"acme:20261001T000000Z": STARTER_TOTAL}, result.summary()
-    assert set(items_per_line(snapshot).values()) == {1} and len(snapshot.invoice_items) == 4
+    assert result.billed == {ACME_OPENING: 2900, ACME_CYCLE: STARTER_TOTAL}, result.summary()
+    assert set(items_per_line(snapshot).values()) == {1} and len(snapshot.invoice_items) == 5
     [(status, spent, replaced_by)] = sql(
         db, "SELECT status, key_spent, replaced_by FROM tally.stripe_pushes"
-            " WHERE logical_key = 'tally-invoiceitem-acme:20261001T000000Z-1'"
-            " AND generation = 0")
+            " WHERE logical_key = %s AND generation = 0",
+        f"tally-invoiceitem-{ACME_OPENING}-1")
     if kind == "stored_500":  # nothing at Stripe: sent again under a new key
         assert (status, spent) == ("replaced", True) and replaced_by.endswith("#1")
     else:  # Stripe made the item before its 500: found, not sent again
@@ -357,8 +392,9 @@ def test_an_asynchronous_meter_error_reaches_the_journal_a_metric_and_tally_jobs
 @pytest.mark.parametrize(("payment_method", "collection", "status"), [
     (None, "send_invoice", "open"), ("pm_card_visa", "charge_automatically", "paid")])
 def test_invoices_are_charged_only_to_customers_with_a_default_payment_method(
-    settings: Settings, double: StripeDouble, put_usage: Callable[..., None], db: str,
-    payment_method: str | None, collection: str, status: str,
+    settings: Settings, double: StripeDouble, history: Callable[..., None],
+    ledger: Callable[..., None], db: str, payment_method: str | None, collection: str,
+    status: str,
 ) -> None:
     client = stripe_api.client(settings)
     params: Any = {"name": "acme", "metadata": {"tally_tenant_id": "acme"}}
@@ -368,70 +404,94 @@ def test_invoices_are_charged_only_to_customers_with_a_default_payment_method(
     customer = client.v1.customers.create(params)
     sql(db, "INSERT INTO tally.subscriptions VALUES ('acme', 'starter', 'active', %s, %s,"
             " %s, NULL, now())", START, END, customer.id)
-    put_usage("acme", "api_calls", 12_000)
+    subscribe(history, ledger, "acme", {"api_calls": 12_000})
     sync_catalog(settings, CATALOG, FAST)
 
-    result = run_invoice(settings, NOW, FAST, catalog=CATALOG)
+    result = run_invoices(settings, NOW, FAST, catalog=CATALOG)
 
-    [invoice] = double.inspect().invoices
-    assert result.finalized and invoice["collection_method"] == collection
-    assert invoice["status"] == status and invoice["attempted"] == (collection != "send_invoice")
-    assert (invoice["days_until_due"] is not None) == (collection == "send_invoice")
-    assert sql(db, "SELECT collection_method, status FROM tally.invoices") == [
+    invoices = double.inspect().invoices
+    assert sorted(result.billed) == [ACME_OPENING, ACME_CYCLE], result.summary()
+    assert len(invoices) == 2 and {i["customer"] for i in invoices} == {customer.id}
+    for invoice in invoices:
+        assert invoice["collection_method"] == collection and invoice["status"] == status
+        assert invoice["attempted"] == (collection != "send_invoice")
+        assert (invoice["days_until_due"] is not None) == (collection == "send_invoice")
+    assert sql(db, "SELECT DISTINCT collection_method, status FROM tally.invoices") == [
         (collection, status)]
 
 
 def test_days_until_due_is_a_setting(
-    double: StripeDouble, db: str, put_usage: Callable[..., None],
+    double: StripeDouble, db: str, history: Callable[..., None], ledger: Callable[..., None],
 ) -> None:
     settings = Settings(database_url=db, stripe_api_key="sk_test_due",
                         stripe_api_base=double.url, stripe_days_until_due=7)
-    put_usage("acme", "api_calls", 12_000)
+    subscribe(history, ledger, "acme", {"api_calls": 12_000})
     sync_catalog(settings, CATALOG, FAST)
 
-    run_invoice(settings, NOW, FAST, catalog=CATALOG)
+    result = run_invoices(settings, NOW, FAST, catalog=CATALOG)
 
-    [invoice] = double.inspect().invoices
-    assert invoice["days_until_due"] == 7
-    assert invoice["due_date"] == int(NOW.timestamp()) + 7 * 86_400
+    invoices = double.inspect().invoices
+    assert len(result.billed) == len(invoices) == 2, result.summary()
+    assert {i["days_until_due"] for i in invoices} == {7}
+    assert {i["due_date"] for i in invoices} == {int(NOW.timestamp()) + 7 * 86_400}
     assert Settings.load({"TALLY_STRIPE_DAYS_UNTIL_DUE": "14"}).stripe_days_until_due == 14
 
 
-def test_tally_invoices_show_lists_the_customers_copy(
-    settings: Settings, double: StripeDouble, put_usage: Callable[..., None], db: str,
-    tmp_path: Path,
+def test_tally_invoices_show_and_list_give_the_stripe_status_and_the_customers_copy(
+    settings: Settings, double: StripeDouble, history: Callable[..., None],
+    ledger: Callable[..., None], db: str, tmp_path: Path,
 ) -> None:
-    put_usage("acme", "api_calls", 12_000)
+    subscribe(history, ledger, "acme", {"api_calls": 12_000})
     sync_catalog(settings, CATALOG, FAST)
-    run_invoice(settings, NOW, FAST, catalog=CATALOG)
-    [invoice] = double.inspect().invoices
+    run_invoices(settings, NOW, FAST, catalog=CATALOG)
+    [invoice] = [i for i in double.inspect().invoices
+                 if i["metadata"]["tally_invoice_id"] == ACME_CYCLE]
 
-    shown = subprocess.run(
-        [sys.executable, "-m", "tally.cli", "invoices", "show", "acme:20261001T000000Z"],
-        capture_output=True, text=True, timeout=60,
-        env={**os.environ, "TALLY_HOME": str(tmp_path), "DATABASE_URL": db})
+    def tally(*args: str) -> subprocess.CompletedProcess[str]:
+        run = subprocess.run(
+            [sys.executable, "-m", "tally.cli", "invoices", *args], capture_output=True,
+            text=True, timeout=60,
+            env={**os.environ, "TALLY_HOME": str(tmp_path), "DATABASE_URL": db})
+        assert run.returncode == 0, run.stderr
+        return run
 
-    assert shown.returncode == 0, shown.stderr
-    assert f"stripe={invoice['id']} collection=send_invoice" in shown.stdout
-    assert invoice["hosted_invoice_url"] in shown.stdout
-    assert invoice["invoice_pdf"] in shown.stdout
+    shown = tally("show", ACME_CYCLE).stdout
+    as_json = orjson.loads(tally("show", ACME_CYCLE, "--json").stdout)
+    listed = [orjson.loads(line) for line in tally("list", "--tenant", "acme",
+                                                   "--json").stdout.splitlines()]
+
+    assert shown.startswith(f"{ACME_CYCLE}  cycle  2026-11-01 00:00  tenant acme")
+    assert "api_calls" in shown and "total 31.00 USD" in shown  # the lines, as issued
+    assert f"stripe={invoice['id']} collection=send_invoice" in shown
+    assert invoice["hosted_invoice_url"] in shown
+    assert invoice["invoice_pdf"] in shown
+    assert (as_json["status"], as_json["total_cents"], as_json["stripe_invoice_id"]) == (
+        "open", 3100, invoice["id"])
+    assert (as_json["collection_method"], as_json["hosted_invoice_url"],
+            as_json["invoice_pdf"]) == ("send_invoice", invoice["hosted_invoice_url"],
+                                        invoice["invoice_pdf"])
+    assert [i["id"] for i in listed] == [ACME_OPENING, ACME_CYCLE]
+    assert all(i["hosted_invoice_url"] and i["collection_method"] == "send_invoice"
+               for i in listed)
 
 
 def test_stored_500s_among_random_faults_still_leave_each_event_and_item_once(
     settings: Settings, double: StripeDouble, put_usage: Callable[..., None],
+    history: Callable[..., None], ledger: Callable[..., None],
 ) -> None:
     """Stored 500s mixed into the fault plan of the a-third-of-calls test: still once."""
     for t in range(3):
         put_usage(f"tenant-{t}", "api_calls", 20_000 + t)
+        subscribe(history, ledger, f"tenant-{t}", {"api_calls": 20_000 + t})
     double.faults(rate=0.33, kinds=("429", "500", "timeout", "stored_500",
                                     "stored_500_applied"), seed=5, timeout=0.5)
     sync_catalog(settings, CATALOG, FAST)
-    first = run_invoice(settings, NOW, FAST, catalog=CATALOG)
+    first = run_invoices(settings, NOW, FAST, catalog=CATALOG)
     pushes = [run_push_usage(settings, NOW + timedelta(hours=h), FAST, catalog=CATALOG)
               for h in range(3)]
     double.faults()
     last = run_push_usage(settings, NOW + timedelta(hours=4), FAST, catalog=CATALOG)
-    invoiced = run_invoice(settings, NOW + timedelta(hours=4), FAST, catalog=CATALOG)
+    invoiced = run_invoices(settings, NOW + timedelta(hours=4), FAST, catalog=CATALOG)
 
     snapshot = double.inspect()
     assert snapshot.faults_injected > 3, [p.summary() for p in pushes] + [first.summary()]
@@ -439,7 +499,8 @@ def test_stored_500s_among_random_faults_still_leave_each_event_and_item_once(
     assert received(snapshot) == {(f"tenant-{t}", "api_calls"): 20_000 + t for t in range(3)}
     assert Counter(e["payload"]["value"] for e in snapshot.meter_events) == Counter(
         str(20_000 + t) for t in range(3))
-    assert len(snapshot.invoices) == 3 and set(items_per_line(snapshot).values()) == {1}
+    assert len(snapshot.invoices) == 6 and set(items_per_line(snapshot).values()) == {1}
+    assert len(snapshot.invoice_items) == 3 * (1 + 4)  # opening: the fee; cycle: fee, usage
 
 
 def test_a_meter_stripe_already_has_under_tallys_event_name_is_adopted_not_duplicated(

@@ -126,7 +126,7 @@ def test_base_fee_is_one_full_line_without_trial_or_change() -> None:
 
 @pytest.mark.parametrize(
     ("executions", "charge"),
-    [("0", 0), ("999", 0), ("1000", 0), ("1001", 1), ("1000.5", 1), ("1000.4", 0)],
+    [("0", 0), ("999", 0), ("1000", 0), ("1001", 1), ("1000.6", 1), ("1000.4", 0)],
 )
 def test_usage_is_charged_only_above_included(executions: str, charge: int) -> None:
     draft = rate_period(STARTER, "month", {"executions": D(executions)})
@@ -177,12 +177,13 @@ def test_negative_or_non_finite_usage_is_an_error(bad: str) -> None:
     ("api_calls", "charge"),
     [
         ("10004", 0),  # 0.4c rounds down
-        ("10005", 1),  # 0.5c rounds half up
+        ("10005", 0),  # 0.5c: a tie, to the even cent
         ("10015", 2),  # 1.5c: rounded once for the line; per-unit rounding would give 0
-        ("12345", 235),  # 234.5c
+        ("12345", 234),  # 234.5c: a tie, to the even cent
+        ("12355", 236),  # 235.5c
     ],
 )
-def test_each_line_is_rounded_once_half_up(api_calls: str, charge: int) -> None:
+def test_each_line_is_rounded_once_half_to_even(api_calls: str, charge: int) -> None:
     draft = rate_period(STARTER, "month", {"api_calls": D(api_calls)})
     assert [ln.amount_cents for ln in draft.lines if ln.meter == "api_calls"] == [charge]
 
@@ -201,7 +202,7 @@ def test_sub_cent_unit_price_is_kept_exact_on_the_line() -> None:
         ("0", 0, 0),
         ("500", 500, 500),
         ("1000", 1000, 1000),  # up_to is inclusive: unit 1,000 is still in the first tier
-        ("1001", 1001, 501),  # 1000 + 0.5 = 1000.5 -> 1001;  1001 x 0.5 = 500.5 -> 501
+        ("1001", 1000, 500),  # 1000 + 0.5 = 1000.5 -> 1000;  1001 x 0.5 = 500.5 -> 500
         ("1500", 1250, 750),  # 1000 + 500 x 0.5;  1500 x 0.5
         ("3000", 2000, 1500),
     ],
@@ -447,7 +448,7 @@ def test_coupon_applies_for_its_duration(
     ("coupon", "discount"),
     [
         ({"percent_off": "100"}, 2900),
-        ({"percent_off": "12.5"}, 363),  # 362.5 rounds half up
+        ({"percent_off": "12.5"}, 362),  # 362.5 rounds half to even
         ({"amount_off_cents": 1000}, 1000),
         ({"amount_off_cents": 5000}, 2900),  # capped at the subtotal: never a negative total
     ],

@@ -417,6 +417,26 @@ def test_invoice_collects_pending_items_and_finalizing_fixes_its_totals(
     assert client.v1.invoice_items.list({"customer": customer_id, "pending": True}).data == []
 
 
+def test_a_negative_invoice_becomes_customer_credit_that_the_next_invoice_uses(
+    client: stripe.StripeClient, customer_id: str
+) -> None:
+    def invoice(*amounts: int) -> stripe.Invoice:
+        draft = client.v1.invoices.create({"customer": customer_id, "currency": "usd"})
+        for amount in amounts:
+            client.v1.invoice_items.create({"customer": customer_id, "invoice": draft.id,
+                                            "amount": amount, "currency": "usd"})
+        return client.v1.invoices.finalize_invoice(draft.id)
+
+    credit = invoice(2839, -3513)
+    after_credit = client.v1.customers.retrieve(customer_id).balance
+    charge = invoice(1000)
+
+    assert (credit.total, credit.amount_due, credit.status) == (-674, 0, "paid")
+    assert (credit.starting_balance, credit.ending_balance, after_credit) == (0, -674, -674)
+    assert (charge.total, charge.amount_due, charge.starting_balance) == (1000, 326, -674)
+    assert client.v1.customers.retrieve(customer_id).balance == 0
+
+
 def test_finalized_invoice_cannot_take_new_items(
     client: stripe.StripeClient, customer_id: str, double: StripeDouble
 ) -> None:

@@ -53,7 +53,7 @@ def fresh(settings_factory: Callable[..., Settings], database_url: str) -> dict[
     (("jobs", "invoice", "--now", "yesterday"), "is not an ISO 8601 time"),
     (("jobs", "reconcile", "--now", "2026-13-45"), "is not an ISO 8601 time"),
     (("jobs", "journal", "--limit", "-3"), "is not a whole number of at least 1"),
-    (("invoices", "show", "--limit", "lots"), "is not a whole number of at least 1"),
+    (("invoices", "list", "--from", "someday"), "--from"),
     (("ingest", "serve", "--port", "70000"), "is not a port number"),
     (("api", "serve", "--port", "-1"), "is not a port number"),
     (("report", "--format", "xml"), "invalid choice: 'xml'"),
@@ -78,7 +78,7 @@ def test_the_journal_before_migrating_says_to_migrate(fresh: dict[str, str],
 
 def test_invoices_before_migrating_say_to_migrate(fresh: dict[str, str],
                                                   tmp_path: Path) -> None:
-    line = one_error_line(tally("invoices", "show", home=tmp_path, env=fresh))
+    line = one_error_line(tally("invoices", "list", home=tmp_path, env=fresh))
     assert "run `tally db migrate`" in line
 
 

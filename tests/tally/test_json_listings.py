@@ -12,7 +12,7 @@ from tests.tally.test_errors import tally
 
 
 @pytest.mark.parametrize("args", [
-    ("jobs", "journal"), ("invoices", "show"), ("notify", "channels", "list"),
+    ("jobs", "journal"), ("invoices", "list"), ("notify", "channels", "list"),
     ("notify", "dead-letters"),
 ])
 def test_listings_print_json_with_json(args: tuple[str, ...], database_url: str,

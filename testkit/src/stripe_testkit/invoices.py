@@ -1,13 +1,15 @@
 """Invoice items and invoices (``/v1/invoiceitems``, ``/v1/invoices``).
 
 An invoice's totals are computed from its items whenever it is rendered; finalizing
-numbers it from its customer's sequence, gives it a ``hosted_invoice_url`` and an
-``invoice_pdf``, and a zero-amount invoice is paid on finalization, as in Stripe. A
-``charge_automatically`` invoice finalized with ``auto_advance`` is charged to the
-customer's default payment method — which always succeeds — and, for a customer without
-one, the attempt fails and the invoice stays open and unpaid (``attempted``,
-``last_payment_error``), as at Stripe. ``send_invoice`` needs ``days_until_due`` or
-``due_date``. An invoice item's ``period`` is inclusive at both ends.
+numbers it from its customer's sequence, applies the customer's balance and gives it a
+``hosted_invoice_url`` and an ``invoice_pdf``, as in Stripe: a credit (negative balance)
+reduces the amount due, and a negative total is added to the balance as a credit
+(``starting_balance``, ``ending_balance``). An invoice with nothing due is paid on
+finalization. A ``charge_automatically`` invoice finalized with ``auto_advance`` is
+charged to the customer's default payment method — which always succeeds — and, for a
+customer without one, the attempt fails and the invoice stays open and unpaid
+(``attempted``, ``last_payment_error``), as at Stripe. ``send_invoice`` needs
+``days_until_due`` or ``due_date``. An invoice item's ``period`` is inclusive at both ends.
 """
 
 from __future__ import annotations
@@ -347,6 +349,13 @@ def _finalize(state: State, invoice: JSON, now: int) -> None:
             f"{customer['invoice_prefix']}-{customer['next_invoice_sequence']:04d}"
         )
         customer["next_invoice_sequence"] += 1
+    # The customer's balance is applied once, here: a credit pays (part of) the total, a
+    # negative total becomes credit.
+    starting = customer["balance"]
+    applied = _totals(state, invoice)["total"] + starting
+    invoice["starting_balance"] = starting
+    invoice["ending_balance"] = min(applied, 0)
+    customer["balance"] = min(applied, 0)
     invoice["status"] = "open"
     invoice["effective_at"] = now
     invoice["status_transitions"]["finalized_at"] = now
@@ -356,7 +365,7 @@ def _finalize(state: State, invoice: JSON, now: int) -> None:
     if invoice["collection_method"] == "send_invoice" and invoice["days_until_due"]:
         invoice["due_date"] = now + invoice["days_until_due"] * DAY
     if _totals(state, invoice)["amount_due"] == 0:
-        _mark_paid(state, invoice, now)  # Stripe marks a zero-amount invoice paid
+        _mark_paid(state, invoice, now)  # Stripe marks an invoice with nothing due paid
     elif invoice["collection_method"] == "charge_automatically" and invoice["auto_advance"]:
         _charge(state, invoice, customer, now)
 
@@ -395,7 +404,8 @@ def _lines(state: State, invoice: JSON) -> list[JSON]:
 
 def _totals(state: State, invoice: JSON) -> dict[str, int]:
     subtotal = sum(line["amount"] for line in _lines(state, invoice))
-    amount_due = max(subtotal, 0)  # a negative total becomes customer credit
+    # The customer's balance counts from finalization on; a negative total is credit.
+    amount_due = max(subtotal + invoice["starting_balance"], 0)
     return {
         "subtotal": subtotal,
         "subtotal_excluding_tax": subtotal,

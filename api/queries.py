@@ -17,7 +17,9 @@ from typing import Any, Literal, LiteralString, TypeVar
 from psycopg.abc import Params
 from psycopg.rows import class_row
 
+from domain.usage_charges import UsageRecord
 from runtime.postgres import AsyncConnection
+from schemas.events import SubscriptionData, SubscriptionEvent
 
 R = TypeVar("R")
 
@@ -47,6 +49,7 @@ async def tenant_known(conn: AsyncConnection, tenant: str) -> bool:
     return bool(await value(
         conn,
         "SELECT EXISTS (SELECT 1 FROM tally.subscriptions WHERE tenant_id = %(t)s)"
+        " OR EXISTS (SELECT 1 FROM tally.subscription_events WHERE tenant_id = %(t)s)"
         " OR EXISTS (SELECT 1 FROM tally.usage_by_period WHERE tenant_id = %(t)s)"
         " OR EXISTS (SELECT 1 FROM tally.entitlement_reservations WHERE tenant_id = %(t)s)",
         {"t": tenant}))
@@ -283,3 +286,29 @@ class Lag:
 async def projection_offsets(conn: AsyncConnection) -> list[Lag]:
     return await rows(conn, Lag, "SELECT projection, topic, partition, next_offset"
                       " FROM tally.projection_offsets ORDER BY 1, 2, 3")
+
+
+# --- the billing model's inputs (the same reads as the invoice job's) --------------------
+
+
+async def subscription_history(conn: AsyncConnection, tenant: str, known_at: datetime
+                               ) -> list[SubscriptionEvent]:
+    """The tenant's subscription events that reached Tally by `known_at`, in log order."""
+    cur = await conn.execute(
+        "SELECT event_id, type, source, event_time, data FROM tally.subscription_events"
+        " WHERE tenant_id = %s AND record_timestamp <= %s"
+        ' ORDER BY partition, "offset", item', (tenant, known_at))
+    return [SubscriptionEvent(specversion="1.0", id=event_id, source=source, subject=tenant,
+                              time=time, type=kind, data=SubscriptionData.model_validate(data))
+            for event_id, kind, source, time, data in await cur.fetchall()]
+
+
+async def usage_records(conn: AsyncConnection, tenant: str, ingested_by: datetime,
+                        since: datetime) -> list[UsageRecord]:
+    """The tenant's counted usage with event time from `since`, ingested by `ingested_by`."""
+    cur = await conn.execute(
+        "SELECT event_time, meter, quantity, ingested_at, unique_value FROM tally.usage_events"
+        " WHERE tenant_id = %s AND ingested_at <= %s AND event_time >= %s"
+        " ORDER BY event_time, ingested_at", (tenant, ingested_by, since))
+    return [UsageRecord(time=t, meter=m, quantity=q, ingested_at=i, unique_value=u)
+            for t, m, q, i, u in await cur.fetchall()]

@@ -53,7 +53,7 @@ def fresh(settings_factory: Callable[..., Settings], database_url: str) -> dict[
     (("jobs", "invoice", "--now", "yesterday"), "is not an ISO 8601 time"),
     (("jobs", "reconcile", "--now", "2026-13-45"), "is not an ISO 8601 time"),
     (("jobs", "journal", "--limit", "-3"), "is not a whole number of at least 1"),
-    (("invoices", "list", "--from", "someday"), "--from"),
+    (("jobs", "push-usage", "--now", "soon"), "is not an ISO 8601 time"),
     (("ingest", "serve", "--port", "70000"), "is not a port number"),
     (("api", "serve", "--port", "-1"), "is not a port number"),
     (("report", "--format", "xml"), "invalid choice: 'xml'"),
@@ -76,12 +76,6 @@ def test_the_journal_before_migrating_says_to_migrate(fresh: dict[str, str],
     assert "run `tally db migrate`" in line
 
 
-def test_invoices_before_migrating_say_to_migrate(fresh: dict[str, str],
-                                                  tmp_path: Path) -> None:
-    line = one_error_line(tally("invoices", "list", home=tmp_path, env=fresh))
-    assert "run `tally db migrate`" in line
-
-
 @pytest.mark.parametrize("args", [
     ("plans", "publish", "tally/catalog/plans.toml"),
     ("jobs", "invoice"),
@@ -96,7 +90,7 @@ def test_an_unreachable_kafka_says_how_to_get_one(args: tuple[str, ...], tmp_pat
 
 
 @pytest.mark.parametrize("args", [
-    ("db", "migrate"), ("jobs", "journal"), ("invoices", "show"), ("report",),
+    ("db", "migrate"), ("jobs", "journal"), ("invoices", "list"), ("report",),
 ])
 def test_an_unreachable_postgres_says_how_to_get_one(args: tuple[str, ...], tmp_path: Path,
                                                      stack: dict[str, str]) -> None:
@@ -107,8 +101,7 @@ def test_an_unreachable_postgres_says_how_to_get_one(args: tuple[str, ...], tmp_
 
 
 @pytest.mark.parametrize("args", [
-    ("jobs", "invoice"), ("jobs", "push-usage"), ("jobs", "reconcile"),
-    ("stripe", "sync-catalog"),
+    ("jobs", "push-usage"), ("jobs", "reconcile"), ("stripe", "sync-catalog"),
 ])
 def test_stripe_jobs_without_a_key_say_to_set_one(
         args: tuple[str, ...], settings_factory: Callable[..., Settings], database_url: str,

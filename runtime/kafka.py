@@ -88,7 +88,9 @@ async def ensure_topics(settings: Settings) -> list[str]:
         await admin.start()
     except KafkaError as e:
         address = settings.kafka_bootstrap_servers
-        raise KafkaUnavailable(f"cannot reach Kafka at {address}: {e}") from e
+        raise KafkaUnavailable(
+            f"cannot reach Kafka at {address}: start the dev stack with `tally dev up`, or "
+            f"point KAFKA_BOOTSTRAP_SERVERS at a running broker ({e})") from e
     try:
         existing = set(await admin.list_topics())
         wanted = [
@@ -118,7 +120,7 @@ async def read_topic(settings: Settings, topic: str, idle_ms: int = 500) -> list
     writes pause.
     """
     c = consumer(settings)
-    await c.start()
+    await start(c)
     try:
         tps = [TopicPartition(topic, p) for p in sorted(c.partitions_for_topic(topic) or ())]
         if not tps:
@@ -131,7 +133,29 @@ async def read_topic(settings: Settings, topic: str, idle_ms: int = 500) -> list
                 records.extend(part)
         return records
     finally:
-        await c.stop()
+        await stop(c)
+
+
+async def start(client: AIOKafkaConsumer | AIOKafkaProducer) -> None:
+    """Start a client; on failure close it (no "Unclosed" warning) and let the error go."""
+    try:
+        await client.start()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await client.stop()
+        raise
+
+
+async def stop(client: AIOKafkaConsumer | AIOKafkaProducer) -> None:
+    """Stop a client. A consumer stopped right after it started (a topic found empty or
+    missing) has aiokafka cancel its coordinator's first task, and that CancelledError
+    escapes `stop()` although nobody cancelled the caller: swallow that one only."""
+    try:
+        await client.stop()
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
 
 
 async def _wait_for_metadata(admin: AIOKafkaAdminClient, names: list[str]) -> None:

@@ -91,6 +91,9 @@ class Settings(BaseModel):
     projector_metrics_host: str = "127.0.0.1"  # `tally project`: /metrics
     scheduler_metrics_host: str = "127.0.0.1"  # `tally jobs schedule`: /metrics
     webhooks_host: str = "127.0.0.1"  # `tally stripe webhooks serve`
+    api_host: str = "127.0.0.1"  # `tally api serve`
+    # Postgres connections one API process holds at most (reads and entitlement decisions).
+    api_pool_size: int = Field(default=10, ge=1, le=1000)
     # The mail server the notifier sends customer alerts through (streams/channels/mail.py).
     # No host: e-mail channels cannot be delivered (each goes to the dead letters).
     smtp_host: str | None = None

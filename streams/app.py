@@ -274,6 +274,29 @@ def _refuse_quota(tokens: Tokens, authorization: str | None, tenant: str
     return None
 
 
+def _unknown_quota_subject(worker: Worker, view: QuotaView, tenant: str, meter: str
+                           ) -> str | None:
+    """Why /quota cannot answer for this tenant and meter (404), or None.
+
+    A meter is known when the plan catalog in force defines it. A tenant is known when the
+    pipeline has heard of it: a quota state of any meter (it has used something), or a
+    subscription held by this worker's partitions. Limit: with several workers, a tenant
+    that has a subscription but has never used anything is known only to the worker that
+    owns its partition; the others answer 404 until its first usage is counted.
+    Until the catalog and the quota states are loaded nothing is judged unknown (the
+    answer is then the view's "not caught up", 503).
+    """
+    catalog = worker.catalog_follower.catalog
+    if catalog is not None and meter not in catalog.meters:
+        return (f"unknown meter {meter!r}: the plan catalog defines "
+                f"{', '.join(sorted(catalog.meters))}")
+    if not view.ready or view.knows_tenant(tenant):
+        return None
+    if any(tenant in p.subscriptions for p in worker.processors.values()):
+        return None
+    return f"unknown tenant {tenant!r}: no usage or subscription of it has been counted"
+
+
 def _counter_record(c: Any, p: int) -> dict[str, Any]:
     return {
         "tenant_id": c.tenant_id, "meter": c.meter,
@@ -405,6 +428,10 @@ def create_app(settings: Settings, web_port: int = 6066,
         except ValueError as e:
             return web.bytes(dumps({"error": str(e)}), content_type="application/json",
                              status=400)
+        unknown = _unknown_quota_subject(worker, quota_view, tenant, meter)
+        if unknown is not None:
+            return web.bytes(dumps({"error": unknown}), content_type="application/json",
+                             status=404)
         body = dumps(quota_view.check(tenant, meter, quantity).to_json())
         return web.bytes(body, content_type="application/json",
                          status=200 if quota_view.ready else 503)

@@ -193,6 +193,7 @@ class QuotaView:
         self._fetch_wait_ms = fetch_wait_ms
         self._retry_seconds = retry_seconds
         self._entries: dict[tuple[str, str], _Entry] = {}
+        self._keys_of_tenant: dict[str, int] = {}  # how many entries each tenant has
         self._ready = asyncio.Event()
         self._unknown = QuotaDecision(on_unknown == "allow", REASON_UNKNOWN, None, None)
         self._not_ready = QuotaDecision(on_unknown == "allow", REASON_NOT_READY, None, None)
@@ -218,6 +219,10 @@ class QuotaView:
         entry = self._entries.get((tenant, meter))
         return entry.state if entry else None
 
+    def knows_tenant(self, tenant: str) -> bool:
+        """Whether the view holds a quota state of `tenant` for any meter."""
+        return tenant in self._keys_of_tenant
+
     # --- loading -----------------------------------------------------------------------
 
     def apply(self, key: str, value: bytes | None) -> None:
@@ -230,6 +235,7 @@ class QuotaView:
             tenant, _, meter = key.rpartition("/")
             if self._entries.pop((tenant, meter), None) is not None:
                 KEYS.dec()
+                self._count_key(tenant, -1)
             RECORDS.labels("deleted").inc()
             return
         try:
@@ -241,9 +247,17 @@ class QuotaView:
         k = (state.tenant_id, state.meter)
         if k not in self._entries:
             KEYS.inc()
+            self._count_key(state.tenant_id, 1)
         self._entries[k] = _Entry(state)
         self._records_applied += 1
         RECORDS.labels("applied").inc()
+
+    def _count_key(self, tenant: str, change: int) -> None:
+        left = self._keys_of_tenant.get(tenant, 0) + change
+        if left:
+            self._keys_of_tenant[tenant] = left
+        else:
+            self._keys_of_tenant.pop(tenant, None)
 
     # --- lifecycle ---------------------------------------------------------------------
 

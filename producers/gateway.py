@@ -43,6 +43,7 @@ import hmac
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from aiohttp import web
@@ -57,6 +58,7 @@ from producers.producer import UsageProducer
 from runtime.settings import Settings, state_dir
 from schemas import codec
 from schemas.events import SUBSCRIPTION_TYPES, USAGE_TYPE, SubscriptionEvent, UsageEvent
+from schemas.validation import future_problem
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,7 @@ _ACCEPTED_TYPES = (codec.SINGLE_CONTENT_TYPE, codec.BATCH_CONTENT_TYPE, JSON_CON
 _PRODUCER_KEY = web.AppKey("producer", UsageProducer)
 _TOKENS_KEY = web.AppKey("tokens", dict)
 _MAX_BODY_KEY = web.AppKey("max_body_bytes", int)
+_MAX_FUTURE_KEY = web.AppKey("max_future", timedelta)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -98,8 +101,10 @@ def _service_for(request: web.Request) -> str | None:
     return service
 
 
-def _parse_event(raw: Any, service: str) -> TallyEvent | list[dict[str, str]]:
-    """The validated event, or its problems (every one the model finds)."""
+def _parse_event(raw: Any, service: str,
+                 max_future: timedelta) -> TallyEvent | list[dict[str, str]]:
+    """The validated event, or its problems (every one the model finds; a usage event's
+    time is also held to `max_future` ahead of the wall clock, schemas/validation.py)."""
     if not isinstance(raw, dict):
         return [{"field": "", "message": "an event must be a JSON object"}]
     if "source" not in raw:
@@ -123,6 +128,10 @@ def _parse_event(raw: Any, service: str) -> TallyEvent | list[dict[str, str]]:
     if event.source != service and not event.source.startswith(service + "/"):
         return [{"field": "source",
                  "message": f"source must be {service!r} or start with {service + '/'!r}"}]
+    if isinstance(event, UsageEvent) and (
+        problem := future_problem(event.time, datetime.now(UTC), max_future)
+    ) is not None:
+        return [{"field": "time", "message": problem}]
     return event
 
 
@@ -160,7 +169,7 @@ async def _post_events(request: web.Request) -> web.Response:
     accepted: list[TallyEvent] = []
     errors = []
     for index, raw in enumerate(raws):
-        result = _parse_event(raw, service)
+        result = _parse_event(raw, service, request.app[_MAX_FUTURE_KEY])
         if isinstance(result, list):
             event_id = raw.get("id") if isinstance(raw, dict) else None
             errors.append({"index": index, "id": event_id, "problems": result})
@@ -224,6 +233,7 @@ def create_gateway_app(
     app[_PRODUCER_KEY] = producer
     app[_TOKENS_KEY] = dict(tokens)
     app[_MAX_BODY_KEY] = max_body_bytes
+    app[_MAX_FUTURE_KEY] = producer.settings.max_future
     app.router.add_post("/v1/events", _post_events)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/metrics", _metrics)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from datetime import timedelta
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -17,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from schemas.errors import TallyError
 from schemas.plans import format_validation_error
 from schemas.topics import DEFAULT_PREFIX, Topics
+from schemas.validation import DEFAULT_MAX_FUTURE
 
 
 class SettingsError(TallyError):
@@ -65,12 +67,19 @@ class Settings(BaseModel):
     # third less CPU to send and the broker a fifth of the work to store
     # (bench/bench_compression.py). Every Kafka client reads snappy.
     kafka_compression: KafkaCompression = "snappy"
+    # How far ahead of "now" a usage event's time may be (schemas/validation.py): now is
+    # the wall clock for the SDK and the gateway, the record's ingestion time for the worker.
+    max_future_seconds: int = Field(default=int(DEFAULT_MAX_FUTURE.total_seconds()), ge=0)
     stripe_api_key: str | None = None
     stripe_api_base: str | None = None  # set to the Stripe double's address in dev/tests
 
     @property
     def topics(self) -> Topics:
         return Topics(self.topic_prefix)
+
+    @property
+    def max_future(self) -> timedelta:
+        return timedelta(seconds=self.max_future_seconds)
 
     def require_kafka(self) -> str:
         if not self.kafka_bootstrap_servers:

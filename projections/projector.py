@@ -11,10 +11,21 @@ Loop, per fetched batch:
       event that still breaks a constraint is retried alone under a savepoint and becomes
       a Problem, so the good rows of the batch land and the partition is never blocked;
    c. write the Problems to `projection_errors` (keyed by log position: replays add none);
-   d. upsert `projection_offsets` to the next offset of every partition in the batch;
+   d. publish each Problem as a dead letter to `tally.usage.dlq` and wait until the
+      broker has it (see "Nothing disappears" below);
+   e. upsert `projection_offsets` to the next offset of every partition in the batch;
 3. commit; then log the Problems and count them in metrics. A crash before the commit
    leaves neither rows nor offsets; on restart the consumer seeks to the stored offsets,
    so every record is applied exactly once.
+
+Nothing disappears (DESIGN guarantee 3): an event the worker accepted but Postgres cannot
+store, and any other record the projector cannot apply, is not only a row of
+`projection_errors` (which finance reads) but also a dead letter on the same topic as the
+worker's, with `source_topic` naming where it was read: whoever accounts for every
+published event finds it where the worker's rejects are. The dead letters of a batch are
+acknowledged by the broker before its transaction commits, so a crash in between writes
+them again on restart, with the same source position (at least once: count dead letters
+by position, as `schemas.records.DeadLetter` says).
 Kafka consumer-group offsets are not used at all; Postgres holds the only offsets.
 
 Step 1 of the next batch overlaps step 2 of this one (`Projector.project`): the batch's
@@ -39,7 +50,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeAlias
 
 import psycopg
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 from pydantic import TypeAdapter, ValidationError
 
@@ -58,10 +69,10 @@ from runtime import kafka
 from runtime.plans import METERS_KEY
 from runtime.postgres import Connection, connect, migrate
 from runtime.settings import Settings
-from schemas.codec import RecordDecodeError, decode_record, loads
+from schemas.codec import RecordDecodeError, decode_record, dumps, loads
 from schemas.events import SubscriptionEvent
 from schemas.plans import MeterSpec, Plan, format_validation_error
-from schemas.records import AcceptedEvent, QuotaState
+from schemas.records import AcceptedEvent, DeadLetter, QuotaState, dead_letter_text
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +106,14 @@ class Problem:
     reason: str
     detail: str
     record_timestamp: datetime
+    key: str | None = None
+    value: str = ""  # the record or event as text, for its dead letter
+
+    def dead_letter(self) -> DeadLetter:
+        return DeadLetter(reason=self.reason, detail=self.detail, source_topic=self.topic,
+                          source_partition=self.partition, source_offset=self.offset,
+                          index=None if self.item < 0 else self.item, key=self.key,
+                          value=self.value)
 
 
 def lock_key(schema: str, projection: str) -> int:
@@ -139,9 +158,14 @@ class Batch:
         self.events = sum(len(pairs) for _, pairs in accepted)
         self.staged = stage_accepted((r.offset, pairs) for r, pairs in accepted)
 
-    def report(self, r: Record, item: int, reason: str, detail: str) -> None:
+    def report(self, r: Record, item: int, reason: str, detail: str,
+               raw: Any = None) -> None:
+        """Report the record (`item` -1) or its event number `item`, `raw` as read (the
+        record's value if None)."""
+        key = None if r.key is None else r.key.decode("utf-8", "replace")
+        text = dead_letter_text(r.value or b"" if raw is None else raw)
         self.problems.append(Problem(r.topic, r.partition, r.offset, item, reason,
-                                     detail[:2000], _timestamp(r)))
+                                     detail[:2000], _timestamp(r), key, text))
 
 
 # The end of a `Projector.project` input (an empty batch, so that it types as one).
@@ -173,6 +197,7 @@ class Projector:
         self._months: set[datetime] = set()
         self._committed: dict[tuple[str, int], int] = {}
         self._consumer: AIOKafkaConsumer | None = None
+        self._producer: AIOKafkaProducer | None = None  # dead letters; started when needed
         self.stopping = asyncio.Event()
         self.projected = 0
 
@@ -221,6 +246,9 @@ class Projector:
         if self._consumer is not None:
             await self._consumer.stop()
             self._consumer = None
+        if self._producer is not None:
+            await self._producer.stop()
+            self._producer = None
 
     @property
     def committed(self) -> dict[tuple[str, int], int]:
@@ -306,6 +334,7 @@ class Projector:
                     if topic != self.accepted_topic:
                         self.handlers[topic](conn, batch, records)
                 self._write_problems(conn, batch.problems)
+                await self._publish_dead_letters(batch.problems)
                 with conn.cursor() as cur:
                     cur.executemany(
                         f"INSERT INTO {self.schema}.projection_offsets (projection, topic,"
@@ -359,6 +388,21 @@ class Projector:
 
     # --- problems ----------------------------------------------------------------------
 
+    async def _publish_dead_letters(self, problems: list[Problem]) -> None:
+        """Step 2d: every problem as a dead letter, acknowledged by the broker."""
+        if not problems:
+            return
+        if self._producer is None:
+            self._producer = kafka.producer(self.settings)
+            await self._producer.start()
+        topic = self.settings.topics.usage_dlq
+        sent = []
+        for p in problems:
+            letter = p.dead_letter()
+            sent.append(await self._producer.send(
+                topic, dumps(letter), (p.key or "").encode(), headers=letter.headers()))
+        await asyncio.gather(*sent)
+
     def _write_problems(self, conn: Connection, problems: list[Problem]) -> None:
         if not problems:
             return
@@ -399,10 +443,10 @@ class Projector:
         try:
             event = from_model(_ACCEPTED.validate_python(item))
         except ValidationError as e:
-            batch.report(r, index, "invalid_event", format_validation_error(e))
+            batch.report(r, index, "invalid_event", format_validation_error(e), item)
             return None
         if problems := accepted_problems(event):
-            batch.report(r, index, "constraint_violation", "; ".join(problems))
+            batch.report(r, index, "constraint_violation", "; ".join(problems), item)
             return None
         return event
 
@@ -440,7 +484,29 @@ class Projector:
                         batch.new_rows += write_accepted(conn, [(r.offset, [(index, event)])],
                                                          self.schema)
                 except _REJECTED as e:
-                    batch.report(r, index, "rejected_by_database", str(e).splitlines()[0])
+                    batch.report(r, index, "rejected_by_database", str(e).splitlines()[0],
+                                 event._asdict())
+
+    @staticmethod
+    def _write_rows(conn: Connection, batch: Batch, sql: str,
+                    rows: list[tuple[Record, int, Any, tuple[Any, ...]]]) -> None:
+        """`sql` for every row (record, item, raw, parameters); if the database refuses
+        the lot, each row under its own savepoint, and the rows it refuses are reported
+        (a value Postgres cannot hold must not stop the projector)."""
+        if not rows:
+            return
+        try:
+            with conn.transaction(), conn.cursor() as cur:
+                cur.executemany(sql, [params for *_, params in rows])
+            return
+        except _REJECTED:
+            pass
+        for r, item, raw, params in rows:
+            try:
+                with conn.transaction():
+                    conn.execute(sql, params)
+            except _REJECTED as e:
+                batch.report(r, item, "rejected_by_database", str(e).splitlines()[0], raw)
 
     def _project_subscriptions(self, conn: Connection, batch: Batch, records: Records) -> None:
         rows = []
@@ -454,33 +520,33 @@ class Projector:
                 try:
                     ev = _SUBSCRIPTION.validate_python(item)
                 except ValidationError as err:
-                    batch.report(r, index, "invalid_event", format_validation_error(err))
+                    batch.report(r, index, "invalid_event", format_validation_error(err), item)
                     continue
-                rows.append((ev.subject, ev.data.plan_id, _STATUS[ev.type],
-                             ev.data.period_start, ev.data.period_end,
-                             ev.data.stripe_customer_id, ev.data.stripe_subscription_id,
-                             ev.time))
+                rows.append((r, index, item, (
+                    ev.subject, ev.data.plan_id, _STATUS[ev.type], ev.data.period_start,
+                    ev.data.period_end, ev.data.stripe_customer_id,
+                    ev.data.stripe_subscription_id, ev.time)))
         # Last write wins in log order; updated_at is the event's time, not now(), so a
         # rebuild reproduces it.
-        with conn.cursor() as cur:
-            cur.executemany(
-                f"INSERT INTO {self.schema}.subscriptions AS s (tenant_id, plan_id, status,"
-                " current_period_start, current_period_end, stripe_customer_id,"
-                " stripe_subscription_id, updated_at) VALUES (%s,%s,%s,%s,%s,%s,%s,%s)"
-                " ON CONFLICT (tenant_id) DO UPDATE SET plan_id = excluded.plan_id,"
-                " status = excluded.status,"
-                " current_period_start = excluded.current_period_start,"
-                " current_period_end = excluded.current_period_end,"
-                " stripe_customer_id = coalesce(excluded.stripe_customer_id, s.stripe_customer_id),"
-                " stripe_subscription_id = coalesce(excluded.stripe_subscription_id,"
-                " s.stripe_subscription_id), updated_at = excluded.updated_at",
-                rows,
-            )
+        self._write_rows(
+            conn, batch,
+            f"INSERT INTO {self.schema}.subscriptions AS s (tenant_id, plan_id, status,"
+            " current_period_start, current_period_end, stripe_customer_id,"
+            " stripe_subscription_id, updated_at) VALUES (%s,%s,%s,%s,%s,%s,%s,%s)"
+            " ON CONFLICT (tenant_id) DO UPDATE SET plan_id = excluded.plan_id,"
+            " status = excluded.status,"
+            " current_period_start = excluded.current_period_start,"
+            " current_period_end = excluded.current_period_end,"
+            " stripe_customer_id = coalesce(excluded.stripe_customer_id, s.stripe_customer_id),"
+            " stripe_subscription_id = coalesce(excluded.stripe_subscription_id,"
+            " s.stripe_subscription_id), updated_at = excluded.updated_at",
+            rows,
+        )
 
     def _project_quota_states(self, conn: Connection, batch: Batch, records: Records) -> None:
         # A compacted topic: only the latest value per key matters, and a tombstone deletes
         # (a rebuild after compaction sees no record for that key at all).
-        latest: dict[tuple[str, str], tuple[QuotaState, datetime] | None] = {}
+        latest: dict[tuple[str, str], tuple[QuotaState, Record] | None] = {}
         for r in records:
             if r.value is None:
                 tenant, _, meter = (r.key or b"").decode("utf-8", "replace").rpartition("/")
@@ -492,66 +558,72 @@ class Projector:
                 detail = format_validation_error(e) if isinstance(e, ValidationError) else str(e)
                 batch.report(r, -1, "invalid_quota_state", detail)
                 continue
-            latest[(q.tenant_id, q.meter)] = (q, _timestamp(r))
+            latest[(q.tenant_id, q.meter)] = (q, r)
         with conn.cursor() as cur:
             cur.executemany(
                 f"DELETE FROM {self.schema}.quota_state WHERE tenant_id = %s AND meter = %s",
                 [key for key, value in latest.items() if value is None],
             )
-            # updated_at is the record's timestamp, so a rebuild reproduces it.
-            cur.executemany(
-                f'INSERT INTO {self.schema}.quota_state (tenant_id, meter, period_start, used,'
-                ' "limit", state, updated_at) VALUES (%s,%s,%s,%s,%s,%s,%s)'
-                " ON CONFLICT (tenant_id, meter) DO UPDATE SET"
-                ' period_start = excluded.period_start, used = excluded.used,'
-                ' "limit" = excluded."limit", state = excluded.state,'
-                " updated_at = excluded.updated_at",
-                [(q.tenant_id, q.meter, q.period_start, q.used, q.limit, q.state, at)
-                 for value in latest.values() if value is not None for q, at in [value]],
-            )
+        # updated_at is the record's timestamp, so a rebuild reproduces it.
+        self._write_rows(
+            conn, batch,
+            f'INSERT INTO {self.schema}.quota_state (tenant_id, meter, period_start, used,'
+            ' "limit", state, updated_at) VALUES (%s,%s,%s,%s,%s,%s,%s)'
+            " ON CONFLICT (tenant_id, meter) DO UPDATE SET"
+            ' period_start = excluded.period_start, used = excluded.used,'
+            ' "limit" = excluded."limit", state = excluded.state,'
+            " updated_at = excluded.updated_at",
+            [(r, -1, None, (q.tenant_id, q.meter, q.period_start, q.used, q.limit, q.state,
+                            _timestamp(r)))
+             for value in latest.values() if value is not None for q, r in [value]],
+        )
 
     def _project_plans(self, conn: Connection, batch: Batch, records: Records) -> None:
         # Compacted too: each key's latest value replaces what it described.
         latest: dict[str, Record] = {}
         for r in records:
             latest[(r.key or b"").decode("utf-8", "replace")] = r
-        s = self.schema
         for key, r in latest.items():
             try:
-                document = loads(r.value) if r.value is not None else None
-                if key == METERS_KEY:
-                    meters = _METERS.validate_python(document["meters"]) if document else {}
-                    conn.execute(f"DELETE FROM {s}.meters")
-                    with conn.cursor() as cur:
-                        cur.executemany(
-                            f"INSERT INTO {s}.meters (meter, aggregation, unit,"
-                            " unique_dimension, lateness_seconds) VALUES (%s,%s,%s,%s,%s)",
-                            [(name, m.aggregation, m.unit, m.unique_dimension,
-                              m.lateness_seconds) for name, m in sorted(meters.items())],
-                        )
-                    continue
-                plan = Plan.model_validate(document) if document is not None else None
+                with conn.transaction():  # a savepoint: a refused plan leaves the rest
+                    self._project_plan(conn, key, r)
             except ValidationError as e:
                 batch.report(r, -1, "invalid_plan", format_validation_error(e))
-                continue
             except (ValueError, TypeError, KeyError) as e:
                 batch.report(r, -1, "unreadable_record", repr(e))
-                continue
-            conn.execute(f"DELETE FROM {s}.plan_meters WHERE plan_id = %s", (key,))
-            conn.execute(f"DELETE FROM {s}.plans WHERE plan_id = %s", (key,))
-            if plan is None:
-                continue
-            conn.execute(
-                f"INSERT INTO {s}.plans (plan_id, name, currency, monthly_fee_cents,"
-                " yearly_fee_cents, tier, document) VALUES (%s,%s,%s,%s,%s,%s,%s)",
-                (key, plan.name, plan.currency, plan.monthly_fee_cents, plan.yearly_fee_cents,
-                 plan.tier, r.value.decode() if r.value else "null"),
-            )
+            except _REJECTED as e:
+                batch.report(r, -1, "rejected_by_database", str(e).splitlines()[0])
+
+    def _project_plan(self, conn: Connection, key: str, r: Record) -> None:
+        s = self.schema
+        document = loads(r.value) if r.value is not None else None
+        if key == METERS_KEY:
+            meters = _METERS.validate_python(document["meters"]) if document else {}
+            conn.execute(f"DELETE FROM {s}.meters")
             with conn.cursor() as cur:
                 cur.executemany(
-                    f"INSERT INTO {s}.plan_meters (plan_id, meter, included, hard_limit,"
-                    " overage) VALUES (%s,%s,%s,%s,%s)",
-                    [(key, meter, pm.included, pm.hard_limit,
-                      pm.overage.model_dump_json() if pm.overage else None)
-                     for meter, pm in sorted(plan.meters.items())],
+                    f"INSERT INTO {s}.meters (meter, aggregation, unit,"
+                    " unique_dimension, lateness_seconds) VALUES (%s,%s,%s,%s,%s)",
+                    [(name, m.aggregation, m.unit, m.unique_dimension,
+                      m.lateness_seconds) for name, m in sorted(meters.items())],
                 )
+            return
+        plan = Plan.model_validate(document) if document is not None else None
+        conn.execute(f"DELETE FROM {s}.plan_meters WHERE plan_id = %s", (key,))
+        conn.execute(f"DELETE FROM {s}.plans WHERE plan_id = %s", (key,))
+        if plan is None:
+            return
+        conn.execute(
+            f"INSERT INTO {s}.plans (plan_id, name, currency, monthly_fee_cents,"
+            " yearly_fee_cents, tier, document) VALUES (%s,%s,%s,%s,%s,%s,%s)",
+            (key, plan.name, plan.currency, plan.monthly_fee_cents, plan.yearly_fee_cents,
+             plan.tier, r.value.decode() if r.value else "null"),
+        )
+        with conn.cursor() as cur:
+            cur.executemany(
+                f"INSERT INTO {s}.plan_meters (plan_id, meter, included, hard_limit,"
+                " overage) VALUES (%s,%s,%s,%s,%s)",
+                [(key, meter, pm.included, pm.hard_limit,
+                  pm.overage.model_dump_json() if pm.overage else None)
+                 for meter, pm in sorted(plan.meters.items())],
+            )

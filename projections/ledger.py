@@ -180,7 +180,7 @@ def accepted_problems(e: Accepted) -> list[str]:
         problems.append(f"quantity {e.quantity} is not a finite number")
     elif e.quantity < Decimal(0):
         problems.append(f"quantity {e.quantity} is negative")
-    elif not (-_NUMERIC_EXPONENT_LIMIT <= e.quantity.as_tuple().exponent  # type: ignore[operator]
+    elif not (e.quantity.as_tuple().exponent >= -_NUMERIC_EXPONENT_LIMIT  # type: ignore[operator]
               and e.quantity.adjusted() <= _NUMERIC_EXPONENT_LIMIT):
         problems.append(f"quantity {e.quantity} is beyond what Postgres numeric input takes")
     if e.aggregation not in KINDS:

@@ -250,7 +250,7 @@ class PartitionProcessor:
             event_time, event_time_text = in_utc
             # Dedup: first sight, a replay of the same record, or a real duplicate.
             bucket = dedup.bucket_for(tenant, event_time, watermark)
-            if dedup.claim(bucket, event_id, offset) != offset or event_id in ids_here:
+            if not dedup.claim(bucket, event_id, offset) or event_id in ids_here:
                 self._effects.duplicates += 1
                 continue
             ids_here.add(event_id)
@@ -529,7 +529,8 @@ class PartitionProcessor:
 
         Keys: `c/<counter key>` a counter's state, `u/<counter key>/<n>` segment n of a
         unique_count counter's distinct values, `s/<tenant>` a subscription,
-        `d/<tenant>/<day>/<n>` a dedup segment, `w/` the watermark.
+        `d/<day>/<n>` a dedup segment (`d/<tenant>/<day>/<n>` in older state), `w/` the
+        watermark.
         """
         kind = key[:2]
         if kind == "c/":
@@ -558,6 +559,7 @@ class PartitionProcessor:
         Either way the values count, and are written again with the counter's next
         segment: the replayed records would not add them anew, since they are known.
         """
+        self.dedup.finish_restore()
         for counter_id, counter in self.counters.items():
             segments = self._distinct_read.get(counter_id, {})
             for index, values in sorted(segments.items()):

@@ -10,8 +10,9 @@ Memory is bounded twice (DESIGN guarantee 5):
   newest ingestion time seen) are evicted. An event older than the horizon is bucketed by
   its arrival day instead, so its redeliveries are still caught. The horizon must be at
   least the longest lateness window (checked where settings are built);
-- per id: a bucket holds no strings, only fixed-width numbers in sorted arrays, about 17
-  bytes per id (`IdTable`; README, "Guarantees", has the measurement and the arithmetic).
+- per id: a bucket holds no strings, only fixed-width numbers in sorted arrays, about 20
+  bytes per id (`IdTable`; docs/architecture.md, "Guarantees and what they cost", has the
+  measurement and the arithmetic).
 
 What an id is held as: a 64-bit hash of "tenant/id" (the table's sort key), 32 more bits
 of an independent hash of the id (a check), and the low 32 bits of the first offset. Two

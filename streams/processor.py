@@ -10,8 +10,9 @@ letters in streams/dead_letters.py.
 Exactly-once effect over at-least-once delivery rests on two facts kept here:
 1. a counter remembers the last source offset folded into it, so a replayed record is
    not folded twice (`Counter.applied_offset`);
-2. the dedup window remembers the offset that first carried each id, so a replayed record
-   is told apart from a genuine duplicate (`DedupWindow`).
+2. the dedup window remembers the offset that first carried each id (its low 32 bits,
+   streams/dedup.py), so a replayed record is told apart from a genuine duplicate
+   (`DedupWindow`).
 Both are persisted in the worker's changelog before the source offsets are committed.
 
 "Now" is the source record's timestamp (ingestion time), never the wall clock, so a replay

@@ -135,11 +135,6 @@ class IdTable:
         for item in range((2 * prefix + 1) << (spread - 1), (prefix + 1) << spread):
             self.dir[item] = new
 
-    def nbytes(self) -> int:
-        """Bytes held by the arrays' buffers (without the objects' headers)."""
-        return sum(a.buffer_info()[1] * a.itemsize for a in (*self.keys, *self.metas))
-
-
 def id_hashes(tenant: str, event_id: str) -> tuple[int, int]:
     """The (key, check) an id is held as (see the module docstring)."""
     return hash(f"{tenant}/{event_id}"), hash(event_id) & _MASK32
@@ -153,10 +148,10 @@ class DedupWindow:
     tables: dict[str, IdTable] = field(default_factory=dict)  # per bucket day label
     # Evicted buckets and how many segments each had, awaiting their tombstones.
     evicted: dict[str, int] = field(default_factory=dict)
-    # Segments of the per-tenant format (read back from older state), per (tenant,
-    # bucket): tombstoned when their bucket is evicted.
-    legacy_segments: dict[tuple[str, str], int] = field(default_factory=dict)
-    evicted_legacy: dict[tuple[str, str], int] = field(default_factory=dict)
+    # How many segments of the per-tenant format (read back from older state) each
+    # bucket has, per tenant: tombstoned when their bucket is evicted.
+    legacy_segments: dict[str, dict[str, int]] = field(default_factory=dict)
+    evicted_legacy: dict[str, dict[str, int]] = field(default_factory=dict)
     _legacy_read: dict[tuple[str, str], dict[str, int]] = field(default_factory=dict)
     _labels: dict[tuple[str, date], str] = field(default_factory=dict)  # bucket day names
     # The watermark last seen, and the oldest event time bucketed by event day under it.
@@ -243,8 +238,8 @@ class DedupWindow:
             # Pending ids never reached the changelog: only written segments need
             # tombstones (the ones being built are dropped with the bucket).
             self.evicted[label] = table.segments
-        for key in [k for k in self.legacy_segments if date.fromisoformat(k[1][1:]) < oldest]:
-            self.evicted_legacy[key] = self.legacy_segments.pop(key)
+        for label in [k for k in self.legacy_segments if date.fromisoformat(k[1:]) < oldest]:
+            self.evicted_legacy[label] = self.legacy_segments.pop(label)
 
     # --- changelog -------------------------------------------------------------------
 
@@ -266,9 +261,10 @@ class DedupWindow:
             for index in range(segments):
                 yield self.segment_key(label, index), None
         self.evicted.clear()
-        for (tenant, label), segments in self.evicted_legacy.items():
-            for index in range(segments):
-                yield f"d/{tenant}/{label}/{index}", None
+        for label, by_tenant in self.evicted_legacy.items():
+            for tenant, segments in by_tenant.items():
+                for index in range(segments):
+                    yield f"d/{tenant}/{label}/{index}", None
         self.evicted_legacy.clear()
 
     def restore_segment(self, key: str, value: dict[str, Any] | None) -> None:
@@ -276,14 +272,14 @@ class DedupWindow:
         `finish_restore` after the last one."""
         parts = key.split("/")  # neither tenant ids nor bucket names hold "/"
         if len(parts) == 4:  # d/<tenant>/<bucket>/<n>: the per-tenant format
-            bucket = (parts[1], parts[2])
+            tenant, label = parts[1], parts[2]
+            segments = self.legacy_segments.setdefault(label, {})
             if value is None:
-                self._legacy_read.pop(bucket, None)
-                self.legacy_segments.pop(bucket, None)
+                self._legacy_read.pop((tenant, label), None)
+                segments.pop(tenant, None)
                 return
-            self._legacy_read.setdefault(bucket, {}).update(value["ids"])
-            self.legacy_segments[bucket] = max(self.legacy_segments.get(bucket, 0),
-                                               int(parts[3]) + 1)
+            self._legacy_read.setdefault((tenant, label), {}).update(value["ids"])
+            segments[tenant] = max(segments.get(tenant, 0), int(parts[3]) + 1)
             return
         _, label, index = parts
         if value is None:  # a bucket is evicted whole: all its segments are tombstoned

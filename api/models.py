@@ -12,7 +12,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from schemas.events import MAX_QUANTITY, NAME_PATTERN, TENANT_PATTERN
+from schemas.events import NAME_PATTERN, TENANT_PATTERN
+from schemas.validation import MAX_QUANTITY
 
 Frozen = ConfigDict(frozen=True)
 Quantity = Annotated[Decimal, Field(gt=0, le=MAX_QUANTITY, max_digits=40, decimal_places=12)]

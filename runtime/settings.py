@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from datetime import timedelta
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -17,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from schemas.errors import TallyError
 from schemas.plans import format_validation_error
 from schemas.topics import DEFAULT_PREFIX, Topics
+from schemas.validation import DEFAULT_MAX_FUTURE
 
 
 class SettingsError(TallyError):
@@ -77,6 +79,9 @@ class Settings(BaseModel):
     kafka_ssl_cafile: str | None = None  # CA bundle; the system's trust store when unset
     kafka_ssl_certfile: str | None = None  # client certificate (mutual TLS)
     kafka_ssl_keyfile: str | None = None
+    # How far ahead of "now" a usage event's time may be (schemas/validation.py): now is
+    # the wall clock for the SDK and the gateway, the record's ingestion time for the worker.
+    max_future_seconds: int = Field(default=int(DEFAULT_MAX_FUTURE.total_seconds()), ge=0)
     stripe_api_key: str | None = None
     stripe_api_base: str | None = None  # set to the Stripe double's address in dev/tests
     # The tokens file every server with an HTTP surface reads (runtime/credentials.py): each
@@ -117,6 +122,10 @@ class Settings(BaseModel):
     @property
     def topics(self) -> Topics:
         return Topics(self.topic_prefix)
+
+    @property
+    def max_future(self) -> timedelta:
+        return timedelta(seconds=self.max_future_seconds)
 
     def require_kafka(self) -> str:
         if not self.kafka_bootstrap_servers:

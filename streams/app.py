@@ -164,9 +164,7 @@ class Worker:
         for q in fx.quota_states:
             sends.append((t.quota_state, f"{q.tenant_id}/{q.meter}", dumps(q), None))
         for d in fx.dead_letters:
-            dlq_headers = [("tally-dlq-reason", d.reason.encode()),
-                           ("tally-dlq-detail", d.detail[:1000].encode())]
-            sends.append((t.usage_dlq, d.key or "", dumps(d), dlq_headers))
+            sends.append((t.usage_dlq, d.key or "", dumps(d), d.headers()))
             metrics.DEAD_LETTERS.labels(d.reason).inc()
         for n in fx.notifications:
             sends.append((t.notifications, n.tenant_id, dumps(n), None))
@@ -363,7 +361,7 @@ def create_app(settings: Settings, web_port: int = 6066,
         store="memory://",
         datadir=str(datadir),
     )
-    worker = Worker(app, settings, config or ProcessorConfig())
+    worker = Worker(app, settings, config or ProcessorConfig(max_future=settings.max_future))
     app.tally_worker = worker  # type: ignore[attr-defined]
     # Usage arrives through the pre-batching stage (streams/prebatch.py): one Faust event
     # per frame of many records, so Faust's per-record cost does not bound throughput.

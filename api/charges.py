@@ -22,7 +22,9 @@ from domain.periods import Period
 from domain.rating import overage_charge
 from domain.subscriptions import derive_subscriptions
 from domain.usage_charges import UsageRecord, rate_cycle_usage, round_line
+from runtime import read_models
 from runtime.postgres import AsyncConnection
+from runtime.read_models import fetch_async
 from schemas.plans import Catalog
 
 BASIS = "the worker's period and the plan in force, overage priced by domain.rating"
@@ -33,58 +35,23 @@ BILLING_BASIS = ("the billing model's cycle (domain.usage_charges.rate_cycle_usa
 def _cycle(catalog: Catalog, tenant: str, plan_id: str, period: Period,
            used: dict[str, Decimal]) -> models.UsageCycle:
     plan = catalog.plans[plan_id]
-    meters = []
-    total: int | None = None
-    for meter in sorted(set(plan.meters) | set(used)):
-        spec = catalog.meters.get(meter)
-        terms = plan.meters.get(meter)
-        quantity = used.get(meter, Decimal(0))
-        amount: int | None = None
-        if terms is not None and terms.overage is not None and terms.included is not None:
-            over = max(Decimal(0), quantity - terms.included)
-            amount = round_line(overage_charge(terms.overage, over).exact_cents)
-            total = (total or 0) + amount
-        meters.append(models.MeterUsage(
-            meter=meter, unit=spec.unit if spec else "unit",
-            aggregation=spec.aggregation if spec else "sum", used=quantity,
-            included=terms.included if terms else None,
-            hard_limit=terms.hard_limit if terms else None,
-            remaining=quota.remaining(quantity, terms), state=quota.status(quantity, terms),
-            amount_cents=amount))
+    amounts: dict[str, int] = {}
+    for meter, terms in plan.meters.items():
+        if terms.overage is not None and terms.included is not None:
+            over = max(Decimal(0), used.get(meter, Decimal(0)) - terms.included)
+            amounts[meter] = round_line(overage_charge(terms.overage, over).exact_cents)
+    meters = _meters(catalog, plan_id, used, amounts)
+    total = sum(amounts.values()) if amounts else None
     return models.UsageCycle(tenant=tenant, plan_id=plan_id, currency=plan.currency,
                              period_start=period.start, period_end=period.end, meters=meters,
                              charges_cents=total, charges_basis=BASIS)
 
 
-async def billing_cycle(conn: AsyncConnection, catalog: Catalog, tenant: str, now: datetime
-                        ) -> models.UsageCycle | None:
-    """The cycle containing `now` as invoicing sees it (docs/billing.md): the live
-    subscription Tally invoices, derived from the tenant's whole subscription history, its
-    monthly cycle from the anchor, and the cycle's usage lines and minimum top-up rated by
-    `rate_cycle_usage` with `now` as the cutoff: what the cycle's invoice would carry were
-    nothing more counted. None without such a subscription (none, Stripe bills it, or in
-    its trial) or when the history cannot be billed (the invoice job reports that)."""
-    try:
-        subscriptions = derive_subscriptions(
-            tenant, await queries.subscription_history(conn, tenant, now), catalog)
-    except DomainError:
-        return None
-    live = next((s for s in subscriptions if s.invoiced_by_tally and s.anchor <= now
-                 and (s.end is None or now < s.end)), None)
-    if live is None:
-        return None
-    cycle = cycle_containing(live.anchor, now)
-    usage = await queries.usage_records(conn, tenant, now, cycle.start)
-    try:
-        rated = rate_cycle_usage(live, cycle, catalog, usage, cutoff=now)
-    except DomainError:
-        return None
-    plan_id = live.plan_at(now)
+def _meters(catalog: Catalog, plan_id: str, used: dict[str, Decimal],
+            amounts: dict[str, int]) -> list[models.MeterUsage]:
+    """Each meter of the plan or with usage: its usage against the plan's terms, and its
+    charge (`amounts`; None: not billed)."""
     plan = catalog.plans[plan_id]
-    used = _fold(catalog, [r for r in usage if cycle.start <= r.time < cycle.end])
-    amounts: dict[str, int] = defaultdict(int)
-    for (_, meter), (_, amount) in rated.amounts.items():
-        amounts[meter] += amount
     meters = []
     for meter in sorted(set(plan.meters) | set(used)):
         spec = catalog.meters.get(meter)
@@ -97,9 +64,43 @@ async def billing_cycle(conn: AsyncConnection, catalog: Catalog, tenant: str, no
             hard_limit=terms.hard_limit if terms else None,
             remaining=quota.remaining(quantity, terms), state=quota.status(quantity, terms),
             amount_cents=amounts.get(meter)))
+    return meters
+
+
+async def billing_cycle(conn: AsyncConnection, catalog: Catalog, tenant: str, now: datetime
+                        ) -> models.UsageCycle | None:
+    """The cycle containing `now` as invoicing sees it (docs/billing.md): the live
+    subscription Tally invoices, derived from the tenant's whole subscription history, its
+    monthly cycle from the anchor, and the cycle's usage lines and minimum top-up rated by
+    `rate_cycle_usage` with `now` as the cutoff: what the cycle's invoice would carry were
+    nothing more counted. None without such a subscription (none, Stripe bills it, or in
+    its trial) or when the history cannot be billed (the invoice job reports that)."""
+    try:
+        subscriptions = derive_subscriptions(
+            tenant, [e.event for e in await fetch_async(
+                conn, read_models.subscription_history(tenant, known_at=now))], catalog)
+    except DomainError:
+        return None
+    live = next((s for s in subscriptions if s.invoiced_by_tally and s.anchor <= now
+                 and (s.end is None or now < s.end)), None)
+    if live is None:
+        return None
+    cycle = cycle_containing(live.anchor, now)
+    usage = await fetch_async(conn, read_models.usage_records(
+        tenant, now, UsageRecord, since=cycle.start))
+    try:
+        rated = rate_cycle_usage(live, cycle, catalog, usage, cutoff=now)
+    except DomainError:
+        return None
+    plan_id = live.plan_at(now)
+    plan = catalog.plans[plan_id]
+    used = _fold(catalog, [r for r in usage if cycle.start <= r.time < cycle.end])
+    amounts: dict[str, int] = defaultdict(int)
+    for (_, meter), (_, amount) in rated.amounts.items():
+        amounts[meter] += amount
     return models.UsageCycle(
         tenant=tenant, plan_id=plan_id, currency=plan.currency, period_start=cycle.start,
-        period_end=cycle.end, meters=meters,
+        period_end=cycle.end, meters=_meters(catalog, plan_id, used, amounts),
         charges_cents=sum(line.amount_cents for line in rated.lines),
         charges_basis=BILLING_BASIS)
 

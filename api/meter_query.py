@@ -111,6 +111,16 @@ def _aware(moment: datetime) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
+def _where(q: MeterQuery) -> sql.Composed:
+    """The ledger rows of the query: its meter, range, tenants and dimension filters."""
+    conditions = [sql.SQL("(dimensions ->> {}) = ANY({})").format(sql.Literal(k),
+                                                                  sql.Literal(list(v)))
+                  for k, v in q.filters]
+    return sql.SQL(" AND ").join([
+        sql.SQL("meter = %(meter)s AND event_time >= %(start)s AND event_time < %(end)s"
+                " AND (%(all)s OR tenant_id = ANY(%(tenants)s))"), *conditions])
+
+
 def statement(q: MeterQuery) -> tuple[sql.Composed, dict[str, object]]:
     """The SQL of a query and its parameters."""
     params: dict[str, object] = {"meter": q.meter, "start": q.start, "end": q.end,
@@ -129,19 +139,13 @@ def statement(q: MeterQuery) -> tuple[sql.Composed, dict[str, object]]:
             " AT TIME ZONE %(tz)s AS window_end")
     groups = [sql.SQL("dimensions ->> {} AS {}").format(sql.Literal(k), sql.Identifier(f"g{i}"))
               for i, k in enumerate(q.group_by)]
-    conditions = [sql.SQL("(dimensions ->> {}) = ANY({})").format(sql.Literal(k),
-                                                                  sql.Literal(list(v)))
-                  for k, v in q.filters]
     columns = sql.SQL(", ").join([bucket, *groups])
     group_count = 2 + len(groups)
-    where = sql.SQL(" AND ").join([
-        sql.SQL("meter = %(meter)s AND event_time >= %(start)s AND event_time < %(end)s"
-                " AND (%(all)s OR tenant_id = ANY(%(tenants)s))"), *conditions])
     kind_sql = sql.SQL(KINDS[q.spec.aggregation].ledger_sql)
     query = sql.SQL(
         "SELECT {columns}, {value} AS value, count(*) AS events FROM tally.usage_events"
         " WHERE {where} GROUP BY {by} ORDER BY {by}").format(
-        columns=columns, value=kind_sql, where=where,
+        columns=columns, value=kind_sql, where=_where(q),
         by=sql.SQL(", ").join(sql.Literal(i) for i in range(1, group_count + 1)))
     return query, params
 
@@ -165,17 +169,11 @@ async def top_tenants(conn: AsyncConnection, q: MeterQuery, limit: int
                       ) -> list[tuple[str, Decimal, int]]:
     """The tenants with the greatest value of the meter over [start, end): (tenant, value,
     events), greatest first, ties by tenant id. Filters apply; windows and groups do not."""
-    conditions = [sql.SQL("(dimensions ->> {}) = ANY({})").format(sql.Literal(k),
-                                                                  sql.Literal(list(v)))
-                  for k, v in q.filters]
-    where = sql.SQL(" AND ").join([
-        sql.SQL("meter = %(meter)s AND event_time >= %(start)s AND event_time < %(end)s"
-                " AND (%(all)s OR tenant_id = ANY(%(tenants)s))"), *conditions])
     kind_sql = sql.SQL(KINDS[q.spec.aggregation].ledger_sql)
     query = sql.SQL(
         "SELECT tenant_id, {value} AS value, count(*) AS events FROM tally.usage_events"
         " WHERE {where} GROUP BY tenant_id ORDER BY value DESC, tenant_id LIMIT %(limit)s"
-    ).format(value=kind_sql, where=where)
+    ).format(value=kind_sql, where=_where(q))
     cur = await conn.execute(query, {"meter": q.meter, "start": q.start, "end": q.end,
                                      "all": q.tenants is None,
                                      "tenants": list(q.tenants or ()), "limit": limit})

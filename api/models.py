@@ -10,12 +10,14 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 from schemas.events import NAME_PATTERN, TENANT_PATTERN
 from schemas.validation import MAX_QUANTITY
 
 Frozen = ConfigDict(frozen=True)
+# Built from a read model's row by its attributes (`Model.model_validate(row)`).
+FromRow = ConfigDict(frozen=True, from_attributes=True)
 Quantity = Annotated[Decimal, Field(gt=0, le=MAX_QUANTITY, max_digits=40, decimal_places=12)]
 TenantId = Annotated[str, Field(pattern=f"^{TENANT_PATTERN.pattern}$")]
 MeterName = Annotated[str, Field(pattern=NAME_PATTERN)]
@@ -109,19 +111,30 @@ class Subscription(BaseModel):
 
 
 class InvoiceLine(BaseModel):
-    model_config = Frozen
+    """A line of an invoice (`runtime.read_models.InvoiceLineView`)."""
+
+    model_config = FromRow
     line_no: int
+    kind: str | None  # domain.usage_charges.LineKind; None: a line before the billing model
     meter: str | None
     description: str
     quantity: Decimal
-    unit_amount_cents: Decimal
+    unit_amount_cents: Decimal | None
     amount_cents: int
+    currency: str | None
 
 
 class Invoice(BaseModel):
-    model_config = Frozen
+    """An invoice Tally issued (`runtime.read_models.InvoiceView`, the invoice job's type,
+    read by the same statement); `tenant` is its `tenant_id`."""
+
+    model_config = FromRow
     invoice_id: str
-    tenant: str
+    tenant: str = Field(validation_alias=AliasChoices("tenant", "tenant_id"))
+    subscription_id: str | None
+    kind: str | None  # domain.invoices.InvoiceKind; None: an invoice before the model
+    issued_at: datetime | None
+    due_at: datetime | None
     period_start: datetime
     period_end: datetime
     currency: str

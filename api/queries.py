@@ -1,8 +1,10 @@
 """The API's reads of the Postgres read models (and `tally report`'s: the same figures).
 
 Every statement that reads a table for the API is here, except the meter query, which
-builds its statement from the aggregation kinds (`api.meter_query`), and the entitlement
-reservations, which `api.entitlements` owns. The tables are written by the projector
+builds its statement from the aggregation kinds (`api.meter_query`), the entitlement
+reservations, which `api.entitlements` owns, and the reads the invoice job makes too (a
+tenant's subscription history, its ledger rows for billing, the invoices), which are
+`runtime.read_models`, shared by both. The tables are written by the projector
 (ledger, rollups, subscriptions, quota states) and the billing jobs (invoices).
 """
 
@@ -17,9 +19,7 @@ from typing import Any, Literal, LiteralString, TypeVar
 from psycopg.abc import Params
 from psycopg.rows import class_row
 
-from domain.usage_charges import UsageRecord
 from runtime.postgres import AsyncConnection
-from schemas.events import SubscriptionData, SubscriptionEvent
 
 R = TypeVar("R")
 
@@ -140,66 +140,6 @@ async def quota_states(conn: AsyncConnection, tenants: Sequence[str] | None = No
         " ORDER BY tenant_id, meter", {"all": tenants is None, "t": list(tenants or ())})
 
 
-# --- invoices --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class InvoiceRow:
-    """An invoice Tally issued (`tally.invoices`)."""
-
-    invoice_id: str
-    tenant_id: str
-    period_start: datetime
-    period_end: datetime
-    currency: str
-    subtotal_cents: int
-    total_cents: int
-    status: str
-    stripe_invoice_id: str | None
-    hosted_invoice_url: str | None
-    invoice_pdf: str | None
-    created_at: datetime
-
-
-@dataclass(frozen=True)
-class InvoiceLineRow:
-    line_no: int
-    meter: str | None
-    description: str
-    quantity: Decimal
-    unit_amount_cents: Decimal
-    amount_cents: int
-
-
-_INVOICE_COLUMNS: LiteralString = (
-    "invoice_id, tenant_id, period_start, period_end, currency, subtotal_cents,"
-    " total_cents, status, stripe_invoice_id, hosted_invoice_url, invoice_pdf, created_at")
-
-
-async def invoices(conn: AsyncConnection, tenants: Sequence[str] | None, limit: int,
-                   offset: int = 0) -> list[InvoiceRow]:
-    """The newest invoices first (by period), of these tenants (None: every tenant)."""
-    return await rows(
-        conn, InvoiceRow,
-        "SELECT " + _INVOICE_COLUMNS + " FROM tally.invoices"
-        " WHERE %(all)s OR tenant_id = ANY(%(t)s)"
-        " ORDER BY period_start DESC, tenant_id, invoice_id LIMIT %(n)s OFFSET %(o)s",
-        {"all": tenants is None, "t": list(tenants or ()), "n": limit, "o": offset})
-
-
-async def invoice(conn: AsyncConnection, invoice_id: str) -> InvoiceRow | None:
-    found = await rows(conn, InvoiceRow, "SELECT " + _INVOICE_COLUMNS
-                       + " FROM tally.invoices WHERE invoice_id = %s", (invoice_id,))
-    return found[0] if found else None
-
-
-async def invoice_lines(conn: AsyncConnection, invoice_id: str) -> list[InvoiceLineRow]:
-    return await rows(
-        conn, InvoiceLineRow,
-        "SELECT line_no, meter, description, quantity, unit_amount_cents, amount_cents"
-        " FROM tally.invoice_lines WHERE invoice_id = %s ORDER BY line_no", (invoice_id,))
-
-
 # --- admin -----------------------------------------------------------------------------
 
 TenantSort = Literal["tenant", "usage_ratio", "events", "plan"]
@@ -286,29 +226,3 @@ class Lag:
 async def projection_offsets(conn: AsyncConnection) -> list[Lag]:
     return await rows(conn, Lag, "SELECT projection, topic, partition, next_offset"
                       " FROM tally.projection_offsets ORDER BY 1, 2, 3")
-
-
-# --- the billing model's inputs (the same reads as the invoice job's) --------------------
-
-
-async def subscription_history(conn: AsyncConnection, tenant: str, known_at: datetime
-                               ) -> list[SubscriptionEvent]:
-    """The tenant's subscription events that reached Tally by `known_at`, in log order."""
-    cur = await conn.execute(
-        "SELECT event_id, type, source, event_time, data FROM tally.subscription_events"
-        " WHERE tenant_id = %s AND record_timestamp <= %s"
-        ' ORDER BY partition, "offset", item', (tenant, known_at))
-    return [SubscriptionEvent(specversion="1.0", id=event_id, source=source, subject=tenant,
-                              time=time, type=kind, data=SubscriptionData.model_validate(data))
-            for event_id, kind, source, time, data in await cur.fetchall()]
-
-
-async def usage_records(conn: AsyncConnection, tenant: str, ingested_by: datetime,
-                        since: datetime) -> list[UsageRecord]:
-    """The tenant's counted usage with event time from `since`, ingested by `ingested_by`."""
-    cur = await conn.execute(
-        "SELECT event_time, meter, quantity, ingested_at, unique_value FROM tally.usage_events"
-        " WHERE tenant_id = %s AND ingested_at <= %s AND event_time >= %s"
-        " ORDER BY event_time, ingested_at", (tenant, ingested_by, since))
-    return [UsageRecord(time=t, meter=m, quantity=q, ingested_at=i, unique_value=u)
-            for t, m, q, i, u in await cur.fetchall()]

@@ -18,9 +18,10 @@ from typing import Any
 from aiokafka import TopicPartition
 
 from api import charges, models, queries
-from runtime import kafka
+from runtime import kafka, read_models
 from runtime.plans import read_catalog
 from runtime.postgres import connect_async
+from runtime.read_models import fetch_async
 from runtime.settings import Settings, SettingsError
 from schemas.codec import dumps
 
@@ -44,8 +45,9 @@ async def gather(settings: Settings, tenant: str | None, at: datetime) -> dict[s
             found = await queries.tenants_usage(conn, at, None, "tenant", False, 10_000, 0)
             tenants = [t.tenant_id for t in found]
         cycles = [await charges.current_cycle(conn, catalog, t, at) for t in tenants]
-        invoices = await queries.invoices(conn, tenants if tenant else None,
-                                          RECENT_INVOICES * (1 if tenant else 4))
+        invoices = await fetch_async(conn, read_models.invoices(
+            tenants if tenant else None, order="newest_period",
+            limit=RECENT_INVOICES * (1 if tenant else 4)))
         offsets = await queries.projection_offsets(conn)
     return {
         "at": at.isoformat(),

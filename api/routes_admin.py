@@ -3,7 +3,6 @@ Admin tokens only; each answers about the tenants the token acts for (`"*"`: all
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Query
@@ -11,7 +10,7 @@ from fastapi import APIRouter, Query
 from api import meter_query, models, queries
 from api.auth import Caller, CallerDep
 from api.context import CatalogDep, ConnDep, RuntimeDep
-from api.routes_usage import ERRORS, MeterPath, known_meter, query_meter
+from api.routes_usage import ERRORS, From, MeterPath, To, known_meter, query_meter
 
 router = APIRouter(prefix="/admin", tags=["admin"])
 
@@ -46,8 +45,8 @@ async def tenants(
             response_model_by_alias=True)
 async def top_consumers(
     caller: CallerDep, catalog: CatalogDep, conn: ConnDep, rt: RuntimeDep, meter: MeterPath,
-    from_: Annotated[datetime | None, Query(alias="from")] = None,
-    to: Annotated[datetime | None, Query()] = None,
+    from_: From = None,
+    to: To = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 10,
 ) -> models.TopConsumers:
     """The tenants that used the most of `meter` over the range (exact, from the ledger)."""
@@ -66,8 +65,8 @@ async def top_consumers(
             response_model_by_alias=True)
 async def trends(
     caller: CallerDep, catalog: CatalogDep, conn: ConnDep, rt: RuntimeDep, meter: MeterPath,
-    from_: Annotated[datetime | None, Query(alias="from")] = None,
-    to: Annotated[datetime | None, Query()] = None,
+    from_: From = None,
+    to: To = None,
     window: Annotated[meter_query.Window, Query()] = "day",
     tz: Annotated[str, Query(max_length=64)] = "UTC",
 ) -> models.QueryResult:

@@ -12,21 +12,10 @@ from api.context import CatalogDep, ConnDep, RuntimeDep
 from api.errors import Conflict, NotFound
 from api.routes_usage import ERRORS, Tenant, known_tenant
 from api.tenant_plan import tenant_plan
+from runtime import read_models
+from runtime.read_models import fetch_async
 
 router = APIRouter(tags=["billing"])
-
-
-def _invoice(row: queries.InvoiceRow, lines: list[queries.InvoiceLineRow] | None = None
-             ) -> models.Invoice:
-    return models.Invoice(
-        invoice_id=row.invoice_id, tenant=row.tenant_id, period_start=row.period_start,
-        period_end=row.period_end, currency=row.currency, subtotal_cents=row.subtotal_cents,
-        total_cents=row.total_cents, status=row.status, stripe_invoice_id=row.stripe_invoice_id,
-        hosted_invoice_url=row.hosted_invoice_url, invoice_pdf=row.invoice_pdf,
-        lines=None if lines is None else [models.InvoiceLine(
-            line_no=line.line_no, meter=line.meter, description=line.description,
-            quantity=line.quantity, unit_amount_cents=line.unit_amount_cents,
-            amount_cents=line.amount_cents) for line in lines])
 
 
 @router.get("/tenants/{tenant}/subscription", response_model=models.Subscription,
@@ -56,8 +45,9 @@ async def tenant_invoices(caller: CallerDep, conn: ConnDep, tenant: Tenant,
     """The tenant's invoices, newest period first."""
     caller.require_read(tenant)
     await known_tenant(conn, tenant)
-    return models.InvoiceList(data=[_invoice(r) for r in await queries.invoices(
-        conn, [tenant], limit, offset)])
+    heads = await fetch_async(conn, read_models.invoices(
+        [tenant], order="newest_period", limit=limit, offset=offset))
+    return models.InvoiceList(data=[models.Invoice.model_validate(h) for h in heads])
 
 
 @router.get("/invoices/{invoice_id}", response_model=models.Invoice, responses=ERRORS)
@@ -65,11 +55,12 @@ async def invoice(caller: CallerDep, conn: ConnDep,
                   invoice_id: Annotated[str, Path(max_length=512, pattern=r"^[^\x00]+$")]
                   ) -> models.Invoice:
     """One invoice with its lines and the customer's hosted copy."""
-    row = await queries.invoice(conn, invoice_id)
-    if row is None:
+    head = await fetch_async(conn, read_models.invoice(invoice_id))
+    if head is None:
         raise NotFound(f"no invoice {invoice_id!r}")
-    caller.require_read(row.tenant_id)
-    return _invoice(row, await queries.invoice_lines(conn, invoice_id))
+    caller.require_read(head.tenant_id)
+    lines = await fetch_async(conn, read_models.invoice_lines([invoice_id]))
+    return models.Invoice.model_validate(read_models.with_lines([head], lines)[0])
 
 
 @router.post("/billing/checkout-session", response_model=models.Session,

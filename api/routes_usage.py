@@ -23,6 +23,9 @@ from schemas.plans import Catalog
 router = APIRouter()
 Tenant = Annotated[str, Path(pattern=f"^{TENANT_PATTERN.pattern}$", max_length=128)]
 MeterPath = Annotated[str, Path(pattern=NAME_PATTERN)]
+From = Annotated[datetime | None, Query(alias="from", description="start, inclusive "
+                                        "(default: 30 days before `to`)")]
+To = Annotated[datetime | None, Query(description="end, exclusive (default: now)")]
 ERRORS: dict[int | str, dict[str, object]] = {
     code: {"model": models.ErrorBody} for code in (400, 401, 403, 404, 503)}
 
@@ -56,9 +59,8 @@ async def query_meter(
     tenant: Annotated[str | None, Query(pattern=f"^{TENANT_PATTERN.pattern}$",
                                         description="the tenant; admin tokens may omit it "
                                         "(every tenant they act for)")] = None,
-    from_: Annotated[datetime | None, Query(alias="from", description="start, inclusive "
-                                            "(default: 30 days before `to`)")] = None,
-    to: Annotated[datetime | None, Query(description="end, exclusive (default: now)")] = None,
+    from_: From = None,
+    to: To = None,
     window: Annotated[meter_query.Window | None, Query()] = None,
     group_by: Annotated[list[str] | None, Query(description="dimension keys")] = None,
     filter: Annotated[list[str] | None, Query(description="key=value: rows whose dimension "

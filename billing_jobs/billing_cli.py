@@ -32,7 +32,8 @@ def _iso(moment: datetime | None) -> str | None:
 
 
 def invoice_json(view: Any) -> dict[str, Any]:
-    """One invoice as `tally invoices list --json` prints it (a `billing_store.InvoiceView`)."""
+    """One invoice as `tally invoices list --json` prints it (a
+    `runtime.read_models.InvoiceView`)."""
     return {
         "id": view.invoice_id, "tenant": view.tenant_id, "subscription": view.subscription_id,
         "kind": view.kind, "issued_at": _iso(view.issued_at), "due_at": _iso(view.due_at),

@@ -1,8 +1,9 @@
 """Postgres for the subscription billing model: what the invoice job reads and writes.
 
-Reads (the projector writes them, `projections/`): a tenant's subscription history
-(`subscription_events`), its ledger rows (`usage_events`: event time, ingestion time,
-the unique value of unique-count meters) and the ledger's ingestion watermark.
+Reads (the projector writes them, `projections/`): the ledger's ingestion watermark and
+the tenants with a subscription history. The reads the API shares — a tenant's
+subscription history, its ledger rows for billing, the stored invoices — are
+`runtime.read_models`.
 Owns: coupons and redemptions, and the invoices of the model (`invoices` with their
 subscription, kind, date and due time; `invoice_lines` with kind and currency).
 
@@ -15,29 +16,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from decimal import Decimal
-from typing import Any, Final, LiteralString
+from typing import Any
 
 import psycopg
 
 from billing_jobs.errors import BillingError
-from domain.invoices import CouponRedemption, Invoice, UsageRecord
+from domain.invoices import CouponRedemption, Invoice
 from domain.rating import Coupon
 from domain.subscriptions import Segment
+from runtime import read_models
 from runtime.postgres import Connection, fetch_rows, fetch_value
-from schemas.events import SubscriptionData, SubscriptionEvent
+from runtime.read_models import InvoiceView
 
 
 class CouponError(BillingError):
     """A coupon that cannot be created or applied as asked."""
-
-
-@dataclass(frozen=True)
-class StoredEvent:
-    """A subscription event of the history, with when it reached Tally."""
-
-    event: SubscriptionEvent
-    record_timestamp: datetime
 
 
 # --- reads: the history, the ledger, the watermark -------------------------------------
@@ -55,32 +48,6 @@ def billed_tenants(conn: Connection, known_at: datetime) -> list[str]:
     return [str(row[0]) for row in conn.execute(
         "SELECT DISTINCT tenant_id FROM tally.subscription_events"
         " WHERE record_timestamp <= %s ORDER BY tenant_id", (known_at,))]
-
-
-def subscription_history(conn: Connection, tenant: str) -> list[StoredEvent]:
-    """The tenant's subscription events in log order (ties of one second keep it)."""
-    rows = conn.execute(
-        "SELECT event_id, type, source, event_time, data, record_timestamp"
-        " FROM tally.subscription_events WHERE tenant_id = %s"
-        ' ORDER BY partition, "offset", item', (tenant,)).fetchall()
-    return [StoredEvent(SubscriptionEvent(
-        specversion="1.0", id=event_id, source=source, subject=tenant, time=time,
-        type=kind, data=SubscriptionData.model_validate(data)), received)
-        for event_id, kind, source, time, data, received in rows]
-
-
-def usage_records(conn: Connection, tenant: str, ingested_by: datetime) -> list[UsageRecord]:
-    """The tenant's counted usage ingested at or before `ingested_by`, by event time.
-
-    Event time, not the period the worker counted an event in: an event too late for its
-    period is billed as an adjustment of its own cycle (docs/billing.md, rule 8).
-    """
-    rows = conn.execute(
-        "SELECT event_time, meter, quantity, ingested_at, unique_value FROM tally.usage_events"
-        " WHERE tenant_id = %s AND ingested_at <= %s ORDER BY event_time, ingested_at",
-        (tenant, ingested_by)).fetchall()
-    return [UsageRecord(time=t, meter=m, quantity=q, ingested_at=i, unique_value=u)
-            for t, m, q, i, u in rows]
 
 
 def store_segments(conn: Connection, tenant: str, segments: Sequence[Segment]) -> None:
@@ -220,72 +187,19 @@ def drafts(conn: Connection) -> list[tuple[str, str, str | None]]:
         " ORDER BY i.tenant_id, i.issued_at, i.invoice_id")]
 
 
-@dataclass(frozen=True)
-class InvoiceLineView:
-    line_no: int
-    kind: str | None
-    description: str
-    meter: str | None
-    quantity: Decimal
-    unit_amount_cents: Decimal | None
-    amount_cents: int
-
-
-@dataclass(frozen=True)
-class InvoiceView:
-    """An invoice as `tally invoices list/show` prints it."""
-
-    invoice_id: str
-    tenant_id: str
-    subscription_id: str | None
-    kind: str | None
-    issued_at: datetime | None
-    due_at: datetime | None
-    period_start: datetime
-    period_end: datetime
-    currency: str
-    total_cents: int
-    status: str
-    stripe_invoice_id: str | None
-    # What Stripe says about it (`invoice_records`): how it is collected and the
-    # customer's copy, once finalized.
-    collection_method: str | None
-    hosted_invoice_url: str | None
-    invoice_pdf: str | None
-    lines: tuple[InvoiceLineView, ...] = ()
-
-
-_VIEW_COLUMNS: Final[LiteralString] = (
-    "invoice_id, tenant_id, subscription_id, kind, issued_at, due_at, period_start,"
-    " period_end, currency, total_cents, status, stripe_invoice_id, collection_method,"
-    " hosted_invoice_url, invoice_pdf")
-
-
 def list_invoices(conn: Connection, tenant: str | None, issued_from: datetime | None,
                   issued_to: datetime | None) -> list[InvoiceView]:
     """Invoices by date (issued_from inclusive, issued_to exclusive), with their lines."""
-    heads = fetch_rows(
-        conn, InvoiceView,
-        "SELECT " + _VIEW_COLUMNS + " FROM tally.invoices"
-        " WHERE (%(t)s::text IS NULL OR tenant_id = %(t)s)"
-        " AND (%(f)s::timestamptz IS NULL OR coalesce(issued_at, period_end) >= %(f)s)"
-        " AND (%(u)s::timestamptz IS NULL OR coalesce(issued_at, period_end) < %(u)s)"
-        " ORDER BY tenant_id, coalesce(issued_at, period_end), invoice_id",
-        {"t": tenant, "f": issued_from, "u": issued_to})
-    return [_with_lines(conn, head) for head in heads]
+    heads = read_models.fetch(conn, read_models.invoices(
+        None if tenant is None else [tenant], issued_from=issued_from, issued_to=issued_to))
+    return _with_lines(conn, heads)
 
 
 def get_invoice(conn: Connection, invoice_id: str) -> InvoiceView | None:
-    heads = fetch_rows(
-        conn, InvoiceView,
-        "SELECT " + _VIEW_COLUMNS + " FROM tally.invoices WHERE invoice_id = %s",
-        (invoice_id,))
-    return _with_lines(conn, heads[0]) if heads else None
+    head = read_models.fetch(conn, read_models.invoice(invoice_id))
+    return None if head is None else _with_lines(conn, [head])[0]
 
 
-def _with_lines(conn: Connection, head: InvoiceView) -> InvoiceView:
-    lines = fetch_rows(
-        conn, InvoiceLineView,
-        "SELECT line_no, kind, description, meter, quantity, unit_amount_cents, amount_cents"
-        " FROM tally.invoice_lines WHERE invoice_id = %s ORDER BY line_no", (head.invoice_id,))
-    return InvoiceView(**{**head.__dict__, "lines": tuple(lines)})
+def _with_lines(conn: Connection, heads: list[InvoiceView]) -> list[InvoiceView]:
+    return read_models.with_lines(heads, read_models.fetch(
+        conn, read_models.invoice_lines([head.invoice_id for head in heads])))

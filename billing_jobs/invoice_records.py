@@ -1,6 +1,6 @@
 """What Tally records about each invoice it sent to Stripe, beside the amounts: how Stripe
 collects it, and the customer's copy (`hosted_invoice_url`, `invoice_pdf`), which
-`tally invoices list/show` print beside the invoice (`billing_store.InvoiceView`).
+`tally invoices list/show` print beside the invoice (`runtime.read_models.InvoiceView`).
 
 The links come from Stripe's answer to finalize and from the `invoice.finalized` /
 `invoice.paid` webhooks, whichever arrives first; a later answer without them never

@@ -43,8 +43,9 @@ from billing_jobs.invoicing import Invoicer
 from billing_jobs.push_usage import load_catalog
 from domain.cycles import whole_second
 from domain.errors import DomainError
-from domain.invoices import Invoice, invoice_schedule, invoices_due
+from domain.invoices import Invoice, UsageRecord, invoice_schedule, invoices_due
 from domain.subscriptions import Subscription, derive_subscriptions
+from runtime import read_models
 from runtime.postgres import Connection, connect, migrate
 from runtime.settings import Settings
 from schemas.plans import Catalog
@@ -111,12 +112,12 @@ def run_invoices(settings: Settings, now: datetime, policy: journal.RetryPolicy 
 def _due(conn: Connection, tenant: str, catalog: Catalog,
          known: datetime) -> list[tuple[Invoice, Subscription]]:
     """The tenant's new invoices due at `known`, each with its subscription."""
-    history = [e for e in billing_store.subscription_history(conn, tenant)
+    history = [e for e in read_models.fetch(conn, read_models.subscription_history(tenant))
                if e.record_timestamp <= known]
     subscriptions = derive_subscriptions(tenant, [e.event for e in history], catalog)
     billing_store.store_segments(conn, tenant, [
         segment for s in subscriptions for segment in s.segments(catalog)])
-    usage = billing_store.usage_records(conn, tenant, known)
+    usage = read_models.fetch(conn, read_models.usage_records(tenant, known, UsageRecord))
     coupons = billing_store.redemptions(conn, tenant)
     issued = billing_store.issued_invoices(conn, tenant)
     def late_for(invoice: billing_store.IssuedInvoice) -> list[str]:

@@ -10,12 +10,12 @@ import httpx
 import psycopg
 from psycopg.types.json import Jsonb
 
-from billing_jobs import billing_store
 from domain.cycles import cycle_containing
-from domain.invoices import invoice_schedule
+from domain.invoices import UsageRecord, invoice_schedule
 from domain.periods import add_months
 from domain.subscriptions import derive_subscriptions
 from projections.ledger import create_month_partitions
+from runtime import read_models
 from schemas.plans import default_catalog_path, load_catalog
 from tests.api.conftest import ApiServer
 
@@ -57,11 +57,13 @@ def test_current_usage_charges_equal_the_next_invoice_for_the_same_cycle(api: Ap
     # once the cycle has ended and its lateness window passed.
     catalog = load_catalog(default_catalog_path())
     with psycopg.connect(url) as conn:
-        events = [e.event for e in billing_store.subscription_history(conn, "acme")]
+        events = [e.event for e in read_models.fetch(
+            conn, read_models.subscription_history("acme"))]
         subscriptions = derive_subscriptions("acme", events, catalog)
         cycle = cycle_containing(subscriptions[0].anchor, now)
         issued_by = cycle.end + timedelta(hours=2)
-        records = billing_store.usage_records(conn, "acme", issued_by)
+        records = read_models.fetch(conn, read_models.usage_records(
+            "acme", issued_by, UsageRecord))
     invoices = invoice_schedule("acme", subscriptions, catalog, records, [], issued_by)
     cycle_invoice = next(i for i in invoices if i.kind == "cycle" and i.issued_at == cycle.end)
     usage_lines = [line for line in cycle_invoice.lines if line.kind in ("usage", "minimum")]

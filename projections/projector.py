@@ -662,6 +662,13 @@ class Projector:
                 if key == METERS_KEY:
                     meters = _METERS.validate_python(document["meters"]) if document else {}
                     conn.execute(f"DELETE FROM {s}.meters")
+                    # The record as published: with the plans' documents, the catalog's
+                    # copy that `restore_catalog` publishes back to an empty topic.
+                    conn.execute(f"DELETE FROM {s}.catalog_settings WHERE key = %s", (key,))
+                    if document:
+                        conn.execute(f"INSERT INTO {s}.catalog_settings (key, document)"
+                                     " VALUES (%s, %s)", (key, r.value.decode()
+                                                          if r.value else "null"))
                     with conn.cursor() as cur:
                         cur.executemany(
                             f"INSERT INTO {s}.meters (meter, aggregation, unit,"

@@ -18,10 +18,12 @@ import pytest
 from devtools import devstack
 from devtools.child import start_tally
 from runtime import kafka
+from runtime.plans import read_catalog
 from runtime.postgres import migrate
 from runtime.settings import Settings
 from schemas.records import AcceptedEvent
-from tests.kafka_helpers import wait_for
+from tests.conftest import WorkerProcess
+from tests.kafka_helpers import publish_seed_catalog, wait_for
 from tests.projections.support import (
     AGGREGATION_OF,
     accepted,
@@ -32,6 +34,7 @@ from tests.projections.support import (
     query,
     wait_for_offsets,
 )
+from tests.services import ProjectorThread
 
 METERS = list(AGGREGATION_OF)
 
@@ -205,3 +208,25 @@ def test_projector_resets_offsets_outside_a_restarted_empty_broker_and_counts_it
     stored = query(database_url, "SELECT sum(next_offset) FROM tally.projection_offsets"
                    " WHERE topic = %s", (settings.topics.usage_accepted,))[0][0]
     assert stored == len(new)
+
+
+def test_worker_restores_the_plan_catalog_from_postgres_when_the_broker_lost_it(
+    settings_factory: Callable[..., Settings], database_url: str,
+    worker_factory: Callable[[Settings], WorkerProcess],
+) -> None:
+    before = settings_factory(database_url=database_url)
+    publish_seed_catalog(before)
+    with ProjectorThread(before):
+        wait_for(lambda: query(database_url, "SELECT count(*) FROM tally.plans")[0][0]
+                 * query(database_url, "SELECT count(*) FROM tally.catalog_settings")[0][0],
+                 bool, timeout=60, what="the catalog projected")
+    published = asyncio.run(read_catalog(before))
+    assert published is not None
+
+    # The same database over topics that lost everything (a broker restarted empty).
+    after = settings_factory(database_url=database_url)
+    assert asyncio.run(read_catalog(after)) is None
+    worker = worker_factory(after)
+    wait_for(worker.healthy, bool, timeout=90,
+             what=f"the worker healthy with a restored catalog\n{worker.log()}")
+    assert asyncio.run(read_catalog(after)) == published

@@ -360,34 +360,42 @@ class Projector:
             log.info("projection %s.%s: log bounds unknown for now (%r)", self.schema,
                      self.projection, e)
             return
+        past = await self._log_ends({tp: end for tp, end in ends.items()
+                                     if tp in positions and positions[tp] > end})
         for tp, position in positions.items():
-            start, end = starts.get(tp), ends.get(tp)
-            if start is None or end is None:
-                continue
-            if position < start:
+            start = starts.get(tp)
+            if start is not None and position < start:
                 await self._outside_log(tp, position, f"before the log start {start}")
-            elif position > end and position > (true_end := await self._log_end(tp, end)):
-                await self._outside_log(tp, position, f"past the log end {true_end}")
+            elif tp in past and position > past[tp]:
+                await self._outside_log(tp, position, f"past the log end {past[tp]}")
 
-    async def _log_end(self, tp: TopicPartition, reported: int) -> int:
-        """The offset after the last record of `tp`: `reported` (ListOffsets), or more when
-        the last batch holds records past it (Tansu)."""
-        if reported <= 0:
-            return reported
+    async def _log_ends(self, reported: dict[TopicPartition, int]) -> dict[TopicPartition, int]:
+        """The offset after the last record of each partition: its `reported` end
+        (ListOffsets), or more when its last batch holds records past it (Tansu). Read by
+        one short-lived consumer from the last reported record of every partition."""
+        ends = dict(reported)
+        wanted = {tp: end for tp, end in reported.items() if end > 0}
+        if not wanted:
+            return ends
         probe = kafka.consumer(self.settings)
         try:
             await probe.start()
-            probe.assign([tp])
-            probe.seek(tp, reported - 1)
-            got = await probe.getmany(tp, timeout_ms=2000)
+            probe.assign(list(wanted))
+            for tp, end in wanted.items():
+                probe.seek(tp, end - 1)
+            pending, deadline = set(wanted), time.monotonic() + 3
+            while pending and time.monotonic() < deadline:
+                for tp, records in (await probe.getmany(timeout_ms=500)).items():
+                    if records:
+                        ends[tp] = max(ends[tp], records[-1].offset + 1)
+                        pending.discard(tp)
         except (KafkaError, OSError) as e:
-            log.info("projection %s.%s: cannot read the end of %s (%r)", self.schema,
-                     self.projection, tp, e)
-            return 1 << 62  # unknown: judge nothing
+            log.info("projection %s.%s: cannot read the log ends (%r)", self.schema,
+                     self.projection, e)
+            return {tp: 1 << 62 for tp in reported}  # unknown: judge nothing
         finally:
             await probe.stop()
-        records = got.get(tp, [])
-        return max(reported, records[-1].offset + 1) if records else reported
+        return ends
 
     async def _outside_log(self, tp: TopicPartition, offset: int, why: str) -> None:
         """Policy: count, log and reset to the log start. What the log holds now is new to

@@ -26,6 +26,7 @@ BENCHES = [
     ("bench.bench_compression", "compression.jsonl", ["--events", "500000"],
      ["--events", "50000", "--rounds", "1"]),
     ("bench.bench_latency", "latency.jsonl", ["--seconds", "15"], ["--seconds", "5"]),
+    ("bench.bench_dedup", "dedup.jsonl", [], ["--ids", "300000"]),
 ]
 
 

@@ -51,8 +51,9 @@ from aiokafka.structs import ConsumerRecord
 from pydantic import TypeAdapter
 
 from devtools import devstack
+from projections.batch import Batch
 from projections.ledger import create_month_partitions
-from projections.projector import Batch, Projector
+from projections.projector import Projector
 from projections.queries import usage_event_count
 from runtime.postgres import Connection, connect, migrate
 from runtime.settings import Settings

@@ -6,16 +6,27 @@ everything, 1 when something failed (the journal says what), 2 on a setup error.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import signal
 from datetime import datetime, timedelta
 from types import FrameType
 
 from billing_jobs.billing_cli import register_billing
-from runtime.commands import Subparsers, add_group, settings
+from runtime.commands import (
+    Subparsers,
+    add_group,
+    add_json_flag,
+    iso_time,
+    port_number,
+    positive_int,
+    print_json,
+    settings,
+)
 
 
 def _now(args: argparse.Namespace) -> datetime | None:
-    return datetime.fromisoformat(args.now) if getattr(args, "now", None) else None
+    now: datetime | None = getattr(args, "now", None)
+    return now
 
 
 def _push_usage(args: argparse.Namespace) -> int:
@@ -30,7 +41,7 @@ def _push_usage(args: argparse.Namespace) -> int:
 def _invoice(args: argparse.Namespace) -> int:
     from billing_jobs.invoice_run import parse_now, run_invoices
 
-    now = parse_now(args.now)  # a bad --now is one line and exit 2, before any work
+    now = args.now or parse_now(None)  # a bad --now was a usage error (iso_time)
     result = run_invoices(settings(), now, create_missing=not args.no_create)
     print(result.summary())
     return 0 if not result.failed and not result.skipped else 1
@@ -62,7 +73,9 @@ def _journal(args: argparse.Namespace) -> int:
         "failed", "pending", "succeeded", "replaced"]
     with connect(settings().require_database()) as conn:
         rows = entries(conn, statuses, args.limit)
-    for e in rows:
+    if args.json:
+        print_json([dataclasses.asdict(e) for e in rows])
+    for e in rows if not args.json else ():
         print(f"{e.updated_at:%Y-%m-%d %H:%M:%S} {e.status:<9} {e.kind:<16} {e.tenant_id:<20}"
               f" {e.idempotency_key} (attempts {e.attempts}) {e.detail}")
     return 1 if any(e.status == "failed" for e in rows) else 0
@@ -121,7 +134,7 @@ def register(sub: Subparsers) -> None:
     reconcile = jobs.add_parser("reconcile", help="compare Tally's totals with Stripe's; "
                                 "exit 1 on any mismatch")
     for p in (push, invoice, reconcile):
-        p.add_argument("--now", help="ISO time to act as of (default: now)")
+        p.add_argument("--now", type=iso_time, help="ISO time to act as of (default: now)")
     for p in (push, invoice):
         p.add_argument("--no-create", action="store_true",
                        help="never create Stripe customers or meters on demand")
@@ -132,11 +145,12 @@ def register(sub: Subparsers) -> None:
     journal = jobs.add_parser("journal", help="the Stripe calls that failed or are pending"
                               " (meter events Stripe rejected later included)")
     journal.add_argument("--all", action="store_true", help="succeeded and replaced calls too")
-    journal.add_argument("--limit", type=int, default=50)
+    journal.add_argument("--limit", type=positive_int, default=50)
+    add_json_flag(journal)
     journal.set_defaults(func=_journal)
 
     schedule = jobs.add_parser("schedule", help="run the jobs on their intervals")
-    schedule.add_argument("--metrics-port", type=int, default=0)
+    schedule.add_argument("--metrics-port", type=port_number, default=0)
     schedule.add_argument("--catalog-every", type=float, default=60, metavar="MINUTES")
     schedule.add_argument("--push-every", type=float, default=5, metavar="MINUTES")
     schedule.add_argument("--invoice-every", type=float, default=60, metavar="MINUTES")
@@ -153,7 +167,7 @@ def register(sub: Subparsers) -> None:
     webhooks = add_group(stripe_group, "webhooks", "the Stripe webhook receiver")
     serve = webhooks.add_parser("serve", help="serve POST /stripe/webhook "
                                 "(secret: STRIPE_WEBHOOK_SECRET)")
-    serve.add_argument("--port", type=int, default=8088)
+    serve.add_argument("--port", type=port_number, default=8088)
     serve.add_argument("--host", default=None,
                        help="address to listen on (default: $TALLY_WEBHOOKS_HOST, 127.0.0.1)")
     serve.set_defaults(func=_webhooks_serve)

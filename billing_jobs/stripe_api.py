@@ -34,10 +34,8 @@ from billing_jobs import stripe_ids
 from billing_jobs.errors import BillingError
 from domain.meters import KINDS
 from runtime.settings import Settings
-
-# The Stripe API version Tally speaks: the SDK's pinned version (its types are generated
-# from that version's OpenAPI document). Changing it is an upgrade, with a contract run.
-API_VERSION = "2026-10-28.endive"
+from runtime.stripe_client import API_VERSION as API_VERSION
+from runtime.stripe_client import stripe_client
 
 # Stripe's v2 stream takes at most this many events per request.
 STREAM_BATCH = 100
@@ -46,14 +44,7 @@ STREAM_BATCH = 100
 def client(settings: Settings, timeout: float = 30.0) -> stripe.StripeClient:
     if not settings.stripe_api_key:
         raise BillingError("no Stripe: set STRIPE_API_KEY (a test-mode key, sk_test_...)")
-    bases: dict[str, str] = {}
-    if settings.stripe_api_base:
-        bases = {"api": settings.stripe_api_base, "meter_events": settings.stripe_api_base}
-    return stripe.StripeClient(
-        settings.stripe_api_key, base_addresses=bases,  # type: ignore[arg-type]
-        stripe_version=API_VERSION, max_network_retries=0,
-        http_client=stripe.RequestsClient(timeout=timeout),
-    )
+    return stripe_client(settings, timeout)
 
 
 def meter_event_name(meter: str) -> str:

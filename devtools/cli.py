@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from runtime.commands import Subparsers, add_group
+from runtime.commands import Subparsers, add_group, positive_int
 from runtime.settings import read_env_file, state_dir
 
 
@@ -62,6 +62,6 @@ def register(sub: Subparsers) -> None:
     dev.add_parser("status", help="what runs where").set_defaults(func=_dev_status)
 
     demo = sub.add_parser("demo", help="run the whole pipeline on synthetic traffic")
-    demo.add_argument("--tenants", type=int, default=8)
-    demo.add_argument("--events", type=int, default=60000)
+    demo.add_argument("--tenants", type=positive_int, default=8)
+    demo.add_argument("--events", type=positive_int, default=60000)
     demo.set_defaults(func=_demo)

@@ -6,7 +6,7 @@ import argparse
 import asyncio
 from pathlib import Path
 
-from runtime.commands import Subparsers, add_group, settings
+from runtime.commands import Subparsers, add_group, port_number, positive_int, settings
 from runtime.credentials import Tokens
 from runtime.settings import SettingsError
 
@@ -30,9 +30,9 @@ def register(sub: Subparsers) -> None:
     serve = ingest.add_parser("serve", help="accept CloudEvents over HTTP (POST /v1/events)")
     serve.add_argument("--host", default=None,
                        help="address to listen on (default: $TALLY_GATEWAY_HOST, 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--port", type=port_number, default=8080)
     serve.add_argument("--tokens", default=None, metavar="FILE",
                        help='tokens file {"<token>": {"service": ..., "tenants": [...] | "*", '
                             '"scopes": [...]}} (default: $TALLY_TOKENS_FILE)')
-    serve.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    serve.add_argument("--max-body-bytes", type=positive_int, default=1 << 20)
     serve.set_defaults(func=_serve)

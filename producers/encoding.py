@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import time as _time
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Literal
 
@@ -20,12 +20,18 @@ from pydantic import ValidationError
 from producers.errors import InvalidEventError, Problem
 from producers.ids import new_event_id
 from schemas.events import (
-    MAX_QUANTITY,
     NAME_PATTERN,
     TENANT_PATTERN,
     USAGE_TYPE,
     SubscriptionEvent,
     UsageEvent,
+)
+from schemas.validation import (
+    DEFAULT_MAX_FUTURE,
+    EARLIEST_TIME,
+    future_problem,
+    read_quantity,
+    texts_acceptable,
 )
 
 SubscriptionKind = Literal["created", "plan_changed", "canceled", "renewed"]
@@ -66,8 +72,7 @@ _CLOCK = _UtcClock()
 # ---------------------------------------------------------------------------------------
 
 _NAME_RE = re.compile(NAME_PATTERN)
-_MAX_INT_QUANTITY = int(MAX_QUANTITY)
-_MAX_FLOAT_QUANTITY = float(MAX_QUANTITY)
+_EARLIEST_SECONDS = EARLIEST_TIME.timestamp()
 _KNOWN_CACHE_SIZE = 65_536
 _known_tenants: set[str] = set()
 _known_meters: set[str] = set()
@@ -90,12 +95,14 @@ def _remember(known: set[str], value: str) -> None:
 def fast_usage_event(
     tenant: object, meter: object, quantity: object, dimensions: object,
     event_id: object, time: object, source: str,
+    max_future: timedelta = DEFAULT_MAX_FUTURE,
 ) -> dict[str, Any] | None:
     """The wire form of a usage event if the input is plain and valid, else None.
 
     Plain means exact builtin types (str, int, float, Decimal, dict, UTC datetime). Returns
     exactly `UsageEvent(...).model_dump(mode="json")` for such input; None sends the
-    caller to the model, which decides (and explains) everything else.
+    caller to the model, which decides (and explains) everything else. The rules are those
+    of schemas/validation.py, called here; `max_future` bounds an explicit `time`.
     """
     if type(tenant) is not str or type(meter) is not str:
         return None
@@ -111,28 +118,18 @@ def fast_usage_event(
         _remember(_known_meters, meter)
 
     qtype = type(quantity)
-    if qtype is int:
-        if not 0 <= quantity <= _MAX_INT_QUANTITY:  # type: ignore[operator]
-            return None
-        amount = str(quantity)
-    elif qtype is Decimal:
-        q: Decimal = quantity  # type: ignore[assignment]
-        if not (q.is_finite() and 0 <= q <= MAX_QUANTITY):
-            return None
-        amount = str(q)
-    elif qtype is float:
-        # NaN fails both comparisons; the model reads a float through its repr.
-        if not 0.0 <= quantity <= _MAX_FLOAT_QUANTITY:  # type: ignore[operator]
-            return None
-        amount = str(Decimal(repr(quantity)))
-    else:
+    if qtype is not int and qtype is not float and qtype is not Decimal:
+        return None  # text (its grammar) and subclasses: the model
+    amount = read_quantity(quantity)
+    if amount is None:
         return None
 
     if dimensions is None:
         dims: dict[str, str] = {}
     elif type(dimensions) is dict and len(dimensions) <= 32:
         for k, v in dimensions.items():
-            if type(k) is not str or type(v) is not str or len(k) > 64 or len(v) > 256:
+            if (type(k) is not str or type(v) is not str or len(k) > 64 or len(v) > 256
+                    or not texts_acceptable(k, v)):
                 return None
         dims = dimensions
     else:
@@ -140,14 +137,19 @@ def fast_usage_event(
 
     if event_id is None:
         eid = new_event_id()
-    elif type(event_id) is str and 0 < len(event_id) <= 128:
+    elif type(event_id) is str and 0 < len(event_id) <= 128 and texts_acceptable(event_id):
         eid = event_id
     else:
+        return None
+    if not 0 < len(source) <= 256 or not texts_acceptable(source):
         return None
 
     if time is None:
         stamp = _CLOCK.now_text()
     elif type(time) is datetime and time.tzinfo is UTC:
+        seconds = time.timestamp()
+        if seconds < _EARLIEST_SECONDS or seconds > _time.time() + max_future.total_seconds():
+            return None  # the model and future_problem say why
         # isoformat of a UTC datetime ends in "+00:00"; the model writes "Z".
         stamp = time.isoformat()[:-6] + "Z"
     else:
@@ -161,7 +163,7 @@ def fast_usage_event(
         "time": stamp,
         "datacontenttype": "application/json",
         "type": USAGE_TYPE,
-        "data": {"meter": meter, "quantity": amount, "dimensions": dims},
+        "data": {"meter": meter, "quantity": str(amount), "dimensions": dims},
     }
 
 
@@ -183,15 +185,16 @@ def _problems(error: ValidationError, names: Mapping[str, str]) -> list[Problem]
 def build_usage_event(
     tenant: str, meter: str, quantity: int | float | Decimal | str, *,
     dimensions: Mapping[str, str] | None = None, event_id: str | None = None,
-    time: datetime | None = None, source: str,
+    time: datetime | None = None, source: str, max_future: timedelta = DEFAULT_MAX_FUTURE,
 ) -> dict[str, Any]:
     """The wire form of a usage event (as `UsageEvent.model_dump(mode="json")`).
 
     `dimensions=None` means no dimensions, `event_id=None` a new UUIDv7, `time=None` now
-    (to the millisecond).
+    (to the millisecond); an explicit `time` may be at most `max_future` ahead of now.
     Raises InvalidEventError naming every problem.
     """
-    fast = fast_usage_event(tenant, meter, quantity, dimensions, event_id, time, source)
+    fast = fast_usage_event(tenant, meter, quantity, dimensions, event_id, time, source,
+                            max_future)
     if fast is not None:
         return fast
     data: dict[str, Any] = {"meter": meter, "quantity": quantity}
@@ -212,6 +215,10 @@ def build_usage_event(
         )
     except ValidationError as e:
         raise InvalidEventError(_problems(e, _USAGE_FIELDS)) from None
+    if time is not None and (
+        problem := future_problem(event.time, datetime.now(UTC), max_future)
+    ) is not None:
+        raise InvalidEventError([Problem("time", problem)])
     return event.model_dump(mode="json")
 
 

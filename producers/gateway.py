@@ -65,6 +65,7 @@ import contextlib
 import logging
 import signal
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from aiohttp import web
@@ -80,6 +81,7 @@ from runtime.credentials import Credential, Tokens, authorize, scope_to_publish
 from runtime.settings import Settings, state_dir
 from schemas import codec
 from schemas.events import SUBSCRIPTION_TYPES, USAGE_TYPE, SubscriptionEvent, UsageEvent
+from schemas.validation import future_problem
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +100,7 @@ OTHER_ROUTE = "other"
 _PRODUCER_KEY = web.AppKey("producer", UsageProducer)
 _TOKENS_KEY = web.AppKey("tokens", Tokens)
 _MAX_BODY_KEY = web.AppKey("max_body_bytes", int)
+_MAX_FUTURE_KEY = web.AppKey("max_future", timedelta)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -133,8 +136,10 @@ def _report(index: int, raw: Any, problems: list[dict[str, str]]) -> dict[str, A
     return {"index": index, "id": _event_id(raw), "problems": shown}
 
 
-def _parse_event(raw: Any, service: str) -> TallyEvent | list[dict[str, str]]:
-    """The validated event, or its problems (every one the model finds)."""
+def _parse_event(raw: Any, service: str,
+                 max_future: timedelta) -> TallyEvent | list[dict[str, str]]:
+    """The validated event, or its problems (every one the model finds; a usage event's
+    time is also held to `max_future` ahead of the wall clock, schemas/validation.py)."""
     if not isinstance(raw, dict):
         return [_problem("", "an event must be a JSON object")]
     if "source" not in raw:
@@ -157,6 +162,10 @@ def _parse_event(raw: Any, service: str) -> TallyEvent | list[dict[str, str]]:
     if event.source != service and not event.source.startswith(service + "/"):
         return [_problem("source",
                          f"source must be {service!r} or start with {service + '/'!r}")]
+    if isinstance(event, UsageEvent) and (
+        problem := future_problem(event.time, datetime.now(UTC), max_future)
+    ) is not None:
+        return [_problem("time", problem)]
     return event
 
 
@@ -238,7 +247,7 @@ async def _post_events(request: web.Request) -> web.Response:
     accepted: list[TallyEvent] = []
     invalid = _Faults()
     for index, raw in enumerate(raws):
-        result = _parse_event(raw, credential.service)
+        result = _parse_event(raw, credential.service, request.app[_MAX_FUTURE_KEY])
         if isinstance(result, list):
             invalid.add(index, raw, result)
         else:
@@ -307,6 +316,7 @@ def create_gateway_app(
     app[_PRODUCER_KEY] = producer
     app[_TOKENS_KEY] = tokens
     app[_MAX_BODY_KEY] = max_body_bytes
+    app[_MAX_FUTURE_KEY] = producer.settings.max_future
     app.router.add_post("/v1/events", _post_events)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/metrics", _metrics)

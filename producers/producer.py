@@ -86,6 +86,7 @@ class UsageProducer(Delivery):
         o = self.options
         self.source = o.source
         self._usage_topic = settings.topics.usage
+        self._max_future = settings.max_future
         self._subscriptions_topic = settings.topics.subscriptions
         self._max_events = o.max_batch_events
         self._max_bytes = o.max_batch_bytes
@@ -213,10 +214,10 @@ class UsageProducer(Delivery):
         """
         # The hot path (target 150k events/s): the fast check inline, the model when needed.
         event = fast_usage_event(
-            tenant, meter, quantity, dimensions, event_id, time, self.source
+            tenant, meter, quantity, dimensions, event_id, time, self.source, self._max_future
         ) or build_usage_event(
             tenant, meter, quantity, dimensions=dimensions, event_id=event_id, time=time,
-            source=self.source,
+            source=self.source, max_future=self._max_future,
         )
         encoded = _encode(event)
         if self._state != "open" or len(encoded) + 2 > self._max_bytes or (

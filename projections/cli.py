@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from runtime.commands import Subparsers, add_group, run_until_signalled, settings
+from runtime.commands import (
+    Subparsers,
+    add_group,
+    port_number,
+    positive_int,
+    run_until_signalled,
+    settings,
+)
 
 
 def _project(args: argparse.Namespace) -> int:
@@ -60,8 +67,8 @@ def _db_migrate(args: argparse.Namespace) -> int:
 
 def register(sub: Subparsers) -> None:
     project = sub.add_parser("project", help="run the projector into Postgres")
-    project.add_argument("--metrics-port", type=int, default=9466)
-    project.add_argument("--max-records", type=int, default=20000,
+    project.add_argument("--metrics-port", type=port_number, default=9466)
+    project.add_argument("--max-records", type=positive_int, default=20000,
                          help="Kafka records per transaction at most")
     project.add_argument("--offsets-check-seconds", type=float, default=30.0,
                          help="how often, while nothing arrives, the stored offsets are"
@@ -72,7 +79,7 @@ def register(sub: Subparsers) -> None:
     projections = add_group(sub, "projections", "the Postgres read models")
     rebuild = projections.add_parser(
         "rebuild", help="rebuild the read models from offset 0 beside the live ones, then swap")
-    rebuild.add_argument("--max-records", type=int, default=20000)
+    rebuild.add_argument("--max-records", type=positive_int, default=20000)
     rebuild.set_defaults(func=_rebuild)
     projections.add_parser(
         "checksum", help="a digest per finance-facing table (equal after a rebuild)"

@@ -66,6 +66,9 @@ _COLUMNS = (
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 _DAY_US = 86_400_000_000
+# Postgres refuses numeric text whose exponent is beyond +-1000 (NUMERIC_MAX_PRECISION);
+# the worker's rules keep far inside it (schemas/validation.py), older workers' may not.
+_NUMERIC_EXPONENT_LIMIT = 1000
 
 @dataclass(frozen=True)
 class _Rollup:
@@ -177,6 +180,9 @@ def accepted_problems(e: Accepted) -> list[str]:
         problems.append(f"quantity {e.quantity} is not a finite number")
     elif e.quantity < Decimal(0):
         problems.append(f"quantity {e.quantity} is negative")
+    elif not (e.quantity.as_tuple().exponent >= -_NUMERIC_EXPONENT_LIMIT  # type: ignore[operator]
+              and e.quantity.adjusted() <= _NUMERIC_EXPONENT_LIMIT):
+        problems.append(f"quantity {e.quantity} is beyond what Postgres numeric input takes")
     if e.aggregation not in KINDS:
         problems.append(f"unknown aggregation {e.aggregation!r}")
     texts = [e.tenant_id, e.event_id, e.meter, e.source, e.plan_id, e.unique_value or "",

@@ -11,10 +11,21 @@ Loop, per fetched batch:
       event that still breaks a constraint is retried alone under a savepoint and becomes
       a Problem, so the good rows of the batch land and the partition is never blocked;
    c. write the Problems to `projection_errors` (keyed by log position: replays add none);
-   d. upsert `projection_offsets` to the next offset of every partition in the batch;
+   d. publish each Problem as a dead letter to `tally.usage.dlq` and wait until the
+      broker has it (see "Nothing disappears" below);
+   e. upsert `projection_offsets` to the next offset of every partition in the batch;
 3. commit; then log the Problems and count them in metrics. A crash before the commit
    leaves neither rows nor offsets; on restart the consumer seeks to the stored offsets,
    so every record is applied exactly once.
+
+Nothing disappears (DESIGN guarantee 3): an event the worker accepted but Postgres cannot
+store, and any other record the projector cannot apply, is not only a row of
+`projection_errors` (which finance reads) but also a dead letter on the same topic as the
+worker's, with `source_topic` naming where it was read: whoever accounts for every
+published event finds it where the worker's rejects are. The dead letters of a batch are
+acknowledged by the broker before its transaction commits, so a crash in between writes
+them again on restart, with the same source position (at least once: count dead letters
+by position, as `schemas.records.DeadLetter` says).
 Kafka consumer-group offsets are not used at all; Postgres holds the only offsets.
 
 Step 1 of the next batch overlaps step 2 of this one (`Projector.project`): the batch's
@@ -35,73 +46,43 @@ import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any, TypeAlias
+from datetime import datetime
+from functools import partial
+from typing import Any
 
 import psycopg
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError, OffsetOutOfRangeError
-from aiokafka.structs import ConsumerRecord
 from pydantic import TypeAdapter, ValidationError
 
 from projections import metrics
+from projections.batch import REJECTED, Batch, Problem, Record, Records
+from projections.current_state import project_plans, project_quota_states, project_subscriptions
 from projections.fast_accepted import from_model, read_accepted
-from projections.history import history_row, ingested_through, write_history, write_watermarks
+from projections.history import ingested_through, write_watermarks
 from projections.ledger import (
     Accepted,
     accepted_problems,
     ensure_month_partitions,
     fold_staged,
     load_staged,
-    stage_accepted,
     write_accepted,
 )
 from runtime import kafka
-from runtime.plans import METERS_KEY
 from runtime.postgres import Connection, DatabaseUnavailable, connect, migrate
 from runtime.settings import Settings
-from schemas.codec import RecordDecodeError, decode_record, loads
-from schemas.events import SubscriptionEvent
-from schemas.plans import MeterSpec, Plan, format_validation_error
-from schemas.records import AcceptedEvent, QuotaState
+from schemas.codec import RecordDecodeError, decode_record, dumps
+from schemas.plans import format_validation_error
+from schemas.records import AcceptedEvent
 
 log = logging.getLogger(__name__)
 
 PROJECTION = "read_models"
 _ACCEPTED = TypeAdapter(AcceptedEvent)
-_SUBSCRIPTION = TypeAdapter(SubscriptionEvent)
-_METERS = TypeAdapter(dict[str, MeterSpec])
-_STATUS = {
-    "tally.subscription.created.v1": "active",
-    "tally.subscription.plan_changed.v1": "active",
-    "tally.subscription.renewed.v1": "active",
-    "tally.subscription.canceled.v1": "canceled",
-}
-# Errors that mean "this data breaks a constraint", as opposed to a lost connection: the
-# rows are reported, the batch goes on. Anything else propagates and the process restarts
-# from the stored offsets.
-_REJECTED = (psycopg.DataError, psycopg.IntegrityError, psycopg.errors.CardinalityViolation)
 # Errors that mean "the connection is gone or unusable" (a Postgres restart ends sessions
 # with AdminShutdown, an OperationalError): `run` reconnects with backoff and re-seeks to
 # the offsets stored in Postgres, so nothing is applied twice or skipped.
 _CONNECTION_LOST = (psycopg.OperationalError, psycopg.InterfaceError, DatabaseUnavailable)
-
-Record: TypeAlias = ConsumerRecord[bytes, bytes]
-Records: TypeAlias = list[Record]
-
-
-@dataclass(frozen=True)
-class Problem:
-    """A record (item -1) or one event of a batch record that was not applied, and why."""
-
-    topic: str
-    partition: int
-    offset: int
-    item: int
-    reason: str
-    detail: str
-    record_timestamp: datetime
 
 
 def lock_key(schema: str, projection: str) -> int:
@@ -112,43 +93,6 @@ def lock_key(schema: str, projection: str) -> int:
 
 class _Fenced(Exception):
     """The stored offsets are not the ones this projector committed last."""
-
-
-def _timestamp(r: Record) -> datetime:
-    return datetime.fromtimestamp(r.timestamp / 1000, UTC)
-
-
-class Batch:
-    """What one transaction applies: a fetched batch, with its accepted events decoded and
-    staged (`Projector.prepare`).
-
-    It carries its own problems and counts: `Projector.project` prepares the next batch
-    while this one commits.
-    """
-
-    def __init__(self, fetched: dict[TopicPartition, Records]) -> None:
-        # The next offset of each (topic, partition) it covers.
-        self.offsets = {(tp.topic, tp.partition): records[-1].offset + 1
-                        for tp, records in fetched.items() if records}
-        self.records = sum(len(records) for records in fetched.values())
-        self.by_topic: dict[str, Records] = {}
-        for tp, records in fetched.items():
-            self.by_topic.setdefault(tp.topic, []).extend(records)
-        self.accepted: list[tuple[Record, list[tuple[int, Accepted]]]] = []
-        self.staged = stage_accepted([])
-        self.events = 0
-        self.new_rows = 0
-        self.problems: list[Problem] = []
-
-    def stage(self, accepted: list[tuple[Record, list[tuple[int, Accepted]]]]) -> None:
-        """Stage the applicable accepted events: (record, [(position in it, event)])."""
-        self.accepted = accepted
-        self.events = sum(len(pairs) for _, pairs in accepted)
-        self.staged = stage_accepted((r.offset, pairs) for r, pairs in accepted)
-
-    def report(self, r: Record, item: int, reason: str, detail: str) -> None:
-        self.problems.append(Problem(r.topic, r.partition, r.offset, item, reason,
-                                     detail[:2000], _timestamp(r)))
 
 
 # The end of a `Projector.project` input (an empty batch, so that it types as one).
@@ -181,14 +125,15 @@ class Projector:
         self.accepted_topic = t.usage_accepted
         # The accepted events have their own path (`_project_accepted`).
         self.handlers: dict[str, Callable[[Connection, Batch, Records], None]] = {
-            t.subscriptions: self._project_subscriptions,
-            t.quota_state: self._project_quota_states,
-            t.plans: self._project_plans,
+            t.subscriptions: partial(project_subscriptions, schema=schema),
+            t.quota_state: partial(project_quota_states, schema=schema),
+            t.plans: partial(project_plans, schema=schema),
         }
         self.topics = [self.accepted_topic, *self.handlers]
         self._months: set[datetime] = set()
         self._committed: dict[tuple[str, int], int] = {}
         self._consumer: AIOKafkaConsumer | None = None
+        self._producer: AIOKafkaProducer | None = None  # dead letters; started when needed
         self.stopping = asyncio.Event()
         self.projected = 0
 
@@ -275,6 +220,9 @@ class Projector:
         if self._consumer is not None:
             await self._consumer.stop()
             self._consumer = None
+        if self._producer is not None:
+            await self._producer.stop()
+            self._producer = None
 
     @property
     def committed(self) -> dict[tuple[str, int], int]:
@@ -449,6 +397,7 @@ class Projector:
                     if topic != self.accepted_topic:
                         self.handlers[topic](conn, batch, records)
                 self._write_problems(conn, batch.problems)
+                await self._publish_dead_letters(batch.problems)
                 with conn.cursor() as cur:
                     cur.executemany(
                         f"INSERT INTO {self.schema}.projection_offsets (projection, topic,"
@@ -504,6 +453,21 @@ class Projector:
 
     # --- problems ----------------------------------------------------------------------
 
+    async def _publish_dead_letters(self, problems: list[Problem]) -> None:
+        """Step 2d: every problem as a dead letter, acknowledged by the broker."""
+        if not problems:
+            return
+        if self._producer is None:
+            self._producer = kafka.producer(self.settings)
+            await self._producer.start()
+        topic = self.settings.topics.usage_dlq
+        sent = []
+        for p in problems:
+            letter = p.dead_letter()
+            sent.append(await self._producer.send(
+                topic, dumps(letter), (p.key or "").encode(), headers=letter.headers()))
+        await asyncio.gather(*sent)
+
     def _write_problems(self, conn: Connection, problems: list[Problem]) -> None:
         if not problems:
             return
@@ -544,10 +508,10 @@ class Projector:
         try:
             event = from_model(_ACCEPTED.validate_python(item))
         except ValidationError as e:
-            batch.report(r, index, "invalid_event", format_validation_error(e))
+            batch.report(r, index, "invalid_event", format_validation_error(e), item)
             return None
         if problems := accepted_problems(event):
-            batch.report(r, index, "constraint_violation", "; ".join(problems))
+            batch.report(r, index, "constraint_violation", "; ".join(problems), item)
             return None
         return event
 
@@ -566,7 +530,7 @@ class Projector:
             # A ledger key written by another transaction meanwhile (see ledger.py): not
             # the data's fault. Restarting from the stored offsets applies the batch once.
             raise
-        except _REJECTED:
+        except REJECTED:
             self._write_accepted_one_by_one(conn, batch)
 
     def _write_accepted_one_by_one(self, conn: Connection, batch: Batch) -> None:
@@ -577,137 +541,13 @@ class Projector:
                 with conn.transaction():
                     batch.new_rows += write_accepted(conn, [(r.offset, pairs)], self.schema)
                 continue
-            except _REJECTED:
+            except REJECTED:
                 pass
             for index, event in pairs:
                 try:
                     with conn.transaction():
                         batch.new_rows += write_accepted(conn, [(r.offset, [(index, event)])],
                                                          self.schema)
-                except _REJECTED as e:
-                    batch.report(r, index, "rejected_by_database", str(e).splitlines()[0])
-
-    def _project_subscriptions(self, conn: Connection, batch: Batch, records: Records) -> None:
-        rows, history = [], []
-        for r in records:
-            try:
-                items = decode_record(r.value)
-            except RecordDecodeError as e:
-                batch.report(r, -1, "unreadable_record", str(e))
-                continue
-            for index, item in enumerate(items):
-                try:
-                    ev = _SUBSCRIPTION.validate_python(item)
-                except ValidationError as err:
-                    batch.report(r, index, "invalid_event", format_validation_error(err))
-                    continue
-                history.append(history_row(ev, _timestamp(r), r.topic, r.partition, r.offset,
-                                           index))
-                rows.append((ev.subject, ev.data.plan_id, _STATUS[ev.type],
-                             ev.data.period_start, ev.data.period_end,
-                             ev.data.stripe_customer_id, ev.data.stripe_subscription_id,
-                             ev.time))
-        # Last write wins in log order; updated_at is the event's time, not now(), so a
-        # rebuild reproduces it.
-        with conn.cursor() as cur:
-            cur.executemany(
-                f"INSERT INTO {self.schema}.subscriptions AS s (tenant_id, plan_id, status,"
-                " current_period_start, current_period_end, stripe_customer_id,"
-                " stripe_subscription_id, updated_at) VALUES (%s,%s,%s,%s,%s,%s,%s,%s)"
-                " ON CONFLICT (tenant_id) DO UPDATE SET plan_id = excluded.plan_id,"
-                " status = excluded.status,"
-                " current_period_start = excluded.current_period_start,"
-                " current_period_end = excluded.current_period_end,"
-                " stripe_customer_id = coalesce(excluded.stripe_customer_id, s.stripe_customer_id),"
-                " stripe_subscription_id = coalesce(excluded.stripe_subscription_id,"
-                " s.stripe_subscription_id), updated_at = excluded.updated_at",
-                rows,
-            )
-        write_history(conn, history, self.schema)
-
-    def _project_quota_states(self, conn: Connection, batch: Batch, records: Records) -> None:
-        # A compacted topic: only the latest value per key matters, and a tombstone deletes
-        # (a rebuild after compaction sees no record for that key at all).
-        latest: dict[tuple[str, str], tuple[QuotaState, datetime] | None] = {}
-        for r in records:
-            if r.value is None:
-                tenant, _, meter = (r.key or b"").decode("utf-8", "replace").rpartition("/")
-                latest[(tenant, meter)] = None
-                continue
-            try:
-                q = QuotaState.model_validate(loads(r.value))
-            except (ValueError, ValidationError) as e:
-                detail = format_validation_error(e) if isinstance(e, ValidationError) else str(e)
-                batch.report(r, -1, "invalid_quota_state", detail)
-                continue
-            latest[(q.tenant_id, q.meter)] = (q, _timestamp(r))
-        with conn.cursor() as cur:
-            cur.executemany(
-                f"DELETE FROM {self.schema}.quota_state WHERE tenant_id = %s AND meter = %s",
-                [key for key, value in latest.items() if value is None],
-            )
-            # updated_at is the record's timestamp, so a rebuild reproduces it.
-            cur.executemany(
-                f'INSERT INTO {self.schema}.quota_state (tenant_id, meter, period_start, used,'
-                ' "limit", state, updated_at) VALUES (%s,%s,%s,%s,%s,%s,%s)'
-                " ON CONFLICT (tenant_id, meter) DO UPDATE SET"
-                ' period_start = excluded.period_start, used = excluded.used,'
-                ' "limit" = excluded."limit", state = excluded.state,'
-                " updated_at = excluded.updated_at",
-                [(q.tenant_id, q.meter, q.period_start, q.used, q.limit, q.state, at)
-                 for value in latest.values() if value is not None for q, at in [value]],
-            )
-
-    def _project_plans(self, conn: Connection, batch: Batch, records: Records) -> None:
-        # Compacted too: each key's latest value replaces what it described.
-        latest: dict[str, Record] = {}
-        for r in records:
-            latest[(r.key or b"").decode("utf-8", "replace")] = r
-        s = self.schema
-        for key, r in latest.items():
-            try:
-                document = loads(r.value) if r.value is not None else None
-                if key == METERS_KEY:
-                    meters = _METERS.validate_python(document["meters"]) if document else {}
-                    conn.execute(f"DELETE FROM {s}.meters")
-                    # The record as published: with the plans' documents, the catalog's
-                    # copy that `restore_catalog` publishes back to an empty topic.
-                    conn.execute(f"DELETE FROM {s}.catalog_settings WHERE key = %s", (key,))
-                    if document:
-                        conn.execute(f"INSERT INTO {s}.catalog_settings (key, document)"
-                                     " VALUES (%s, %s)", (key, r.value.decode()
-                                                          if r.value else "null"))
-                    with conn.cursor() as cur:
-                        cur.executemany(
-                            f"INSERT INTO {s}.meters (meter, aggregation, unit,"
-                            " unique_dimension, lateness_seconds) VALUES (%s,%s,%s,%s,%s)",
-                            [(name, m.aggregation, m.unit, m.unique_dimension,
-                              m.lateness_seconds) for name, m in sorted(meters.items())],
-                        )
-                    continue
-                plan = Plan.model_validate(document) if document is not None else None
-            except ValidationError as e:
-                batch.report(r, -1, "invalid_plan", format_validation_error(e))
-                continue
-            except (ValueError, TypeError, KeyError) as e:
-                batch.report(r, -1, "unreadable_record", repr(e))
-                continue
-            conn.execute(f"DELETE FROM {s}.plan_meters WHERE plan_id = %s", (key,))
-            conn.execute(f"DELETE FROM {s}.plans WHERE plan_id = %s", (key,))
-            if plan is None:
-                continue
-            conn.execute(
-                f"INSERT INTO {s}.plans (plan_id, name, currency, monthly_fee_cents,"
-                " yearly_fee_cents, minimum_cents, tier, document)"
-                " VALUES (%s,%s,%s,%s,%s,%s,%s,%s)",
-                (key, plan.name, plan.currency, plan.monthly_fee_cents, plan.yearly_fee_cents,
-                 plan.minimum_cents, plan.tier, r.value.decode() if r.value else "null"),
-            )
-            with conn.cursor() as cur:
-                cur.executemany(
-                    f"INSERT INTO {s}.plan_meters (plan_id, meter, included, hard_limit,"
-                    " overage) VALUES (%s,%s,%s,%s,%s)",
-                    [(key, meter, pm.included, pm.hard_limit,
-                      pm.overage.model_dump_json() if pm.overage else None)
-                     for meter, pm in sorted(plan.meters.items())],
-                )
+                except REJECTED as e:
+                    batch.report(r, index, "rejected_by_database", str(e).splitlines()[0],
+                                 event._asdict())

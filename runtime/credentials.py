@@ -10,8 +10,10 @@ The file (setting `TALLY_TOKENS_FILE`) maps each bearer token to what it may do:
   prefix of the events the token publishes.
 - `tenants`: the tenants the token acts for: a list of tenant ids, or `"*"` for every
   tenant.
-- `scopes`: what it may do, at least one of `SCOPES` (see `SCOPE_MEANINGS`); `read` and
-  `admin` are for the API to come and grant nothing on today's servers.
+- `scopes`: what it may do, at least one of `SCOPES` (see `SCOPE_MEANINGS`). The API
+  (`api/`) takes `read` for a tenant's data, `admin` for that and its admin views,
+  `usage` to consume entitlements, `quota` to check them and `subscriptions` to open
+  checkout and portal sessions.
 
 The old form, `{"<token>": "<service>"}`, gave every token every tenant and every kind of
 event; it is refused, with each entry written out in the new form (same rights: all
@@ -45,9 +47,10 @@ SCOPES: tuple[Scope, ...] = get_args(Scope)
 SCOPE_MEANINGS: Mapping[Scope, str] = {
     "usage": "publish usage events (tally.usage.v1) for its tenants",
     "subscriptions": "publish subscription events (tally.subscription.*.v1) for its tenants",
-    "quota": "read its tenants' quota decisions (the worker's GET /quota)",
-    "read": "read its tenants' data (reserved for the API; grants nothing yet)",
-    "admin": "administer Tally (reserved for the API; grants nothing yet)",
+    "quota": "read its tenants' quota decisions (the worker's GET /quota, the API's "
+             "entitlement checks)",
+    "read": "read its tenants' usage, subscription and invoices (the API, `tally api serve`)",
+    "admin": "read every tenant it acts for and the API's /v1/admin views",
 }
 ALL_TENANTS = "*"
 # What the old form's tokens could do: publish any event for any tenant.

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.helpers import create_ssl_context
 
 from runtime.settings import Settings
 from schemas import topics as topic_specs
@@ -24,9 +26,33 @@ class KafkaUnavailable(TallyError):
     """The broker could not be reached or refused an admin request."""
 
 
-def producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
+def ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    """The TLS context of the settings' security protocol; None when it has no TLS."""
+    if not settings.kafka_security_protocol.endswith("SSL"):
+        return None
+    context: ssl.SSLContext = create_ssl_context(cafile=settings.kafka_ssl_cafile,
+                                                 certfile=settings.kafka_ssl_certfile,
+                                                 keyfile=settings.kafka_ssl_keyfile)
+    return context
+
+
+def connection(settings: Settings) -> dict[str, Any]:
+    """Where the brokers are and how to authenticate: the options every client shares."""
     options: dict[str, Any] = {
         "bootstrap_servers": settings.require_kafka(),
+        "security_protocol": settings.kafka_security_protocol,
+        "ssl_context": ssl_context(settings),
+    }
+    if settings.kafka_security_protocol.startswith("SASL_"):
+        options.update(sasl_mechanism=settings.kafka_sasl_mechanism,
+                       sasl_plain_username=settings.kafka_sasl_username,
+                       sasl_plain_password=settings.kafka_sasl_password)
+    return options
+
+
+def producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
+    options: dict[str, Any] = {
+        **connection(settings),
         "acks": "all",
         "enable_idempotence": settings.kafka_idempotence,
         "linger_ms": 5,
@@ -42,7 +68,7 @@ def producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
 
 def consumer(settings: Settings, *topic_names: str, **overrides: Any) -> AIOKafkaConsumer:
     options: dict[str, Any] = {
-        "bootstrap_servers": settings.require_kafka(),
+        **connection(settings),
         "enable_auto_commit": False,
         "auto_offset_reset": "earliest",
         "max_partition_fetch_bytes": 8 << 20,
@@ -57,12 +83,14 @@ def consumer(settings: Settings, *topic_names: str, **overrides: Any) -> AIOKafk
 
 async def ensure_topics(settings: Settings) -> list[str]:
     """Create every Tally topic that is missing, with its cleanup policy; return those created."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.require_kafka())
+    admin = AIOKafkaAdminClient(**connection(settings))
     try:
         await admin.start()
     except KafkaError as e:
         address = settings.kafka_bootstrap_servers
-        raise KafkaUnavailable(f"cannot reach Kafka at {address}: {e}") from e
+        raise KafkaUnavailable(
+            f"cannot reach Kafka at {address}: start the dev stack with `tally dev up`, or "
+            f"point KAFKA_BOOTSTRAP_SERVERS at a running broker ({e})") from e
     try:
         existing = set(await admin.list_topics())
         wanted = [
@@ -92,7 +120,7 @@ async def read_topic(settings: Settings, topic: str, idle_ms: int = 500) -> list
     writes pause.
     """
     c = consumer(settings)
-    await c.start()
+    await start(c)
     try:
         tps = [TopicPartition(topic, p) for p in sorted(c.partitions_for_topic(topic) or ())]
         if not tps:
@@ -105,7 +133,29 @@ async def read_topic(settings: Settings, topic: str, idle_ms: int = 500) -> list
                 records.extend(part)
         return records
     finally:
-        await c.stop()
+        await stop(c)
+
+
+async def start(client: AIOKafkaConsumer | AIOKafkaProducer) -> None:
+    """Start a client; on failure close it (no "Unclosed" warning) and let the error go."""
+    try:
+        await client.start()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await client.stop()
+        raise
+
+
+async def stop(client: AIOKafkaConsumer | AIOKafkaProducer) -> None:
+    """Stop a client. A consumer stopped right after it started (a topic found empty or
+    missing) has aiokafka cancel its coordinator's first task, and that CancelledError
+    escapes `stop()` although nobody cancelled the caller: swallow that one only."""
+    try:
+        await client.stop()
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
 
 
 async def _wait_for_metadata(admin: AIOKafkaAdminClient, names: list[str]) -> None:

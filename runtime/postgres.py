@@ -27,6 +27,14 @@ class DatabaseUnavailable(TallyError):
     """Postgres could not be reached."""
 
 
+def _unavailable(error: psycopg.OperationalError) -> DatabaseUnavailable:
+    # The driver's message runs over several lines; a person needs its first and a way on.
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return DatabaseUnavailable(
+        f"cannot connect to Postgres: {lines[0] if lines else error}: start the dev stack "
+        "with `tally dev up`, or point DATABASE_URL at a running server")
+
+
 # Errors of a value Postgres cannot take (a NUL in text, a number out of range): the data's
 # fault, not the database's, so retrying the same data cannot succeed.
 VALUE_ERRORS: tuple[type[Exception], ...] = (psycopg.DataError,)
@@ -49,7 +57,7 @@ def connect(database_url: str, **kwargs: Any) -> Connection:
     try:
         return psycopg.connect(database_url, **kwargs)
     except psycopg.OperationalError as e:
-        raise DatabaseUnavailable(f"cannot connect to Postgres: {e}") from e
+        raise _unavailable(e) from e
 
 
 async def connect_async(database_url: str, **kwargs: Any) -> AsyncConnection:
@@ -57,7 +65,7 @@ async def connect_async(database_url: str, **kwargs: Any) -> AsyncConnection:
     try:
         return await psycopg.AsyncConnection.connect(database_url, **kwargs)
     except psycopg.OperationalError as e:
-        raise DatabaseUnavailable(f"cannot connect to Postgres: {e}") from e
+        raise _unavailable(e) from e
 
 
 def fetch_rows(conn: Connection, row_type: type[R], query: LiteralString,

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from datetime import timedelta
 from pathlib import Path
 from typing import Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from schemas.errors import TallyError
 from schemas.plans import format_validation_error
 from schemas.topics import DEFAULT_PREFIX, Topics
+from schemas.validation import DEFAULT_MAX_FUTURE
 
 
 class SettingsError(TallyError):
@@ -43,6 +45,8 @@ def read_env_file(path: Path) -> dict[str, str]:
 
 
 KafkaCompression = Literal["none", "gzip", "snappy", "lz4", "zstd"]
+KafkaSecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+KafkaSaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 COMPRESSIONS: tuple[KafkaCompression, ...] = get_args(KafkaCompression)
 
 
@@ -65,6 +69,19 @@ class Settings(BaseModel):
     # third less CPU to send and the broker a fifth of the work to store
     # (bench/bench_compression.py). Every Kafka client reads snappy.
     kafka_compression: KafkaCompression = "snappy"
+    # How every Tally client (producers, consumers, admin, the Faust worker) authenticates
+    # to a production cluster: TLS with an optional CA bundle and client certificate, and
+    # SASL (PLAIN or SCRAM) over it. runtime/kafka.py turns these into client options.
+    kafka_security_protocol: KafkaSecurityProtocol = "PLAINTEXT"
+    kafka_sasl_mechanism: KafkaSaslMechanism = "PLAIN"
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: str | None = None
+    kafka_ssl_cafile: str | None = None  # CA bundle; the system's trust store when unset
+    kafka_ssl_certfile: str | None = None  # client certificate (mutual TLS)
+    kafka_ssl_keyfile: str | None = None
+    # How far ahead of "now" a usage event's time may be (schemas/validation.py): now is
+    # the wall clock for the SDK and the gateway, the record's ingestion time for the worker.
+    max_future_seconds: int = Field(default=int(DEFAULT_MAX_FUTURE.total_seconds()), ge=0)
     stripe_api_key: str | None = None
     stripe_api_base: str | None = None  # set to the Stripe double's address in dev/tests
     # The tokens file every server with an HTTP surface reads (runtime/credentials.py): each
@@ -79,6 +96,9 @@ class Settings(BaseModel):
     projector_metrics_host: str = "127.0.0.1"  # `tally project`: /metrics
     scheduler_metrics_host: str = "127.0.0.1"  # `tally jobs schedule`: /metrics
     webhooks_host: str = "127.0.0.1"  # `tally stripe webhooks serve`
+    api_host: str = "127.0.0.1"  # `tally api serve`
+    # Postgres connections one API process holds at most (reads and entitlement decisions).
+    api_pool_size: int = Field(default=10, ge=1, le=1000)
     # The mail server the notifier sends customer alerts through (streams/channels/mail.py).
     # No host: e-mail channels cannot be delivered (each goes to the dead letters).
     smtp_host: str | None = None
@@ -91,9 +111,21 @@ class Settings(BaseModel):
     # due this many days after finalization; with one, Stripe charges it.
     stripe_days_until_due: int = Field(default=30, ge=0, le=730)
 
+    @model_validator(mode="after")
+    def _sasl_has_credentials(self) -> Settings:
+        if self.kafka_security_protocol.startswith("SASL_") and not (
+                self.kafka_sasl_username and self.kafka_sasl_password):
+            raise ValueError(f"TALLY_KAFKA_SECURITY_PROTOCOL={self.kafka_security_protocol} "
+                             "needs TALLY_KAFKA_SASL_USERNAME and TALLY_KAFKA_SASL_PASSWORD")
+        return self
+
     @property
     def topics(self) -> Topics:
         return Topics(self.topic_prefix)
+
+    @property
+    def max_future(self) -> timedelta:
+        return timedelta(seconds=self.max_future_seconds)
 
     def require_kafka(self) -> str:
         if not self.kafka_bootstrap_servers:

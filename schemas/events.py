@@ -11,7 +11,24 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    field_validator,
+)
+
+from schemas.validation import (
+    QUANTITY_JSON_SCHEMA,
+    check_text,
+    check_time,
+    quantity_of,
+    time_text_only,
+)
 
 USAGE_TYPE = "tally.usage.v1"
 SUBSCRIPTION_TYPES = (
@@ -28,12 +45,16 @@ SubscriptionType = Literal[
 ]
 
 NAME_PATTERN = r"^[a-z][a-z0-9_]{0,63}$"
-MAX_QUANTITY = Decimal("1e15")
 # A tenant id becomes a Kafka key and part of compacted keys joined with "/".
 TENANT_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")  # use fullmatch
 
-DimensionKey = Annotated[str, Field(max_length=64)]
-DimensionValue = Annotated[str, Field(max_length=256)]
+# Free text and times, held to the rules of schemas/validation.py (what every stage can
+# store: no NUL or unpaired surrogate; times from 1970 that convert to UTC).
+Text = Annotated[str, AfterValidator(check_text)]
+EventTime = Annotated[AwareDatetime, BeforeValidator(time_text_only),
+                      AfterValidator(check_time)]
+DimensionKey = Annotated[Text, Field(max_length=64)]
+DimensionValue = Annotated[Text, Field(max_length=256)]
 
 Frozen = ConfigDict(frozen=True, extra="forbid", str_strip_whitespace=False)
 
@@ -53,29 +74,15 @@ class UsageData(BaseModel):
     model_config = Frozen
 
     meter: Annotated[str, Field(pattern=NAME_PATTERN)]
-    quantity: Decimal
+    quantity: Annotated[Decimal, WithJsonSchema(QUANTITY_JSON_SCHEMA)]
     dimensions: dict[DimensionKey, DimensionValue] = Field(default_factory=dict, max_length=32)
 
     @field_validator("quantity", mode="before")
     @classmethod
-    def _no_float_arithmetic(cls, value: Any) -> Any:
-        # A JSON number arrives as float: go through its shortest decimal text.
-        if isinstance(value, float):
-            return Decimal(repr(value))
-        if isinstance(value, bool):
-            raise ValueError("quantity must be a decimal string or number, not a boolean")
-        return value
-
-    @field_validator("quantity")
-    @classmethod
-    def _quantity_in_range(cls, value: Decimal) -> Decimal:
-        if not value.is_finite():
-            raise ValueError("quantity must be finite")
-        if value < 0:
-            raise ValueError("quantity must not be negative")
-        if value > MAX_QUANTITY:
-            raise ValueError(f"quantity must be at most {MAX_QUANTITY}")
-        return value
+    def _acceptable_quantity(cls, value: Any) -> Decimal:
+        # A JSON number arrives as float: read through its shortest decimal text, never
+        # used as a float. Text must be in JSON's number grammar (schemas/validation.py).
+        return quantity_of(value)
 
 
 class CloudEvent(BaseModel):
@@ -84,10 +91,10 @@ class CloudEvent(BaseModel):
     model_config = Frozen
 
     specversion: Literal["1.0"]
-    id: Annotated[str, Field(min_length=1, max_length=128)]
-    source: Annotated[str, Field(min_length=1, max_length=256)]
+    id: Annotated[Text, Field(min_length=1, max_length=128)]
+    source: Annotated[Text, Field(min_length=1, max_length=256)]
     subject: str
-    time: AwareDatetime
+    time: EventTime
     datacontenttype: Literal["application/json"] | None = "application/json"
 
     @field_validator("subject")
@@ -113,12 +120,12 @@ class SubscriptionData(BaseModel):
     model_config = Frozen
 
     plan_id: Annotated[str, Field(pattern=NAME_PATTERN)]
-    period_start: AwareDatetime
-    period_end: AwareDatetime
-    stripe_customer_id: str | None = None
-    stripe_subscription_id: str | None = None
+    period_start: EventTime
+    period_end: EventTime
+    stripe_customer_id: Text | None = None
+    stripe_subscription_id: Text | None = None
     cancel_at_period_end: bool | None = None
-    trial_end: AwareDatetime | None = None
+    trial_end: EventTime | None = None
 
     @field_validator("period_end")
     @classmethod

@@ -22,16 +22,19 @@ from decimal import Decimal
 from typing import Any, NamedTuple, TypeVar
 
 from schemas.codec import RecordDecodeError, decode_record, dumps, is_batch_value, loads
-from schemas.events import MAX_QUANTITY, NAME_PATTERN, TENANT_PATTERN, USAGE_TYPE, UsageEvent
+from schemas.events import NAME_PATTERN, TENANT_PATTERN, USAGE_TYPE, UsageEvent
+from schemas.validation import read_quantity, texts_acceptable
 
-# What both the model's parser and datetime.fromisoformat read the same way; anything
-# else (other separators, more digits, no offset) goes to the model.
-_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,6})?(?:Z|[+-]\d\d:\d\d)", re.ASCII)
-# Plain decimal text; exponents, signs, spaces and underscores go to the model.
+# What both the model's parser and datetime.fromisoformat read the same way, in years that
+# any UTC offset keeps inside 1970..9999 (schemas/validation.py: no overflow, not before
+# 1970); anything else (other separators, more digits, no offset, 1970 or 9999 whose
+# offset decides) goes to the model.
+_TIME = re.compile(r"(?:19[7-9]\d|[2-9]\d{3})-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,6})?"
+                   r"(?:Z|[+-]\d\d:\d\d)", re.ASCII)
+# Plain decimal text, as the worker writes quantities for the projector (fast_accepted).
 _DECIMAL = re.compile(r"\d{1,16}(?:\.\d{1,20})?", re.ASCII)
+_YEARS_FOR_THE_MODEL = ("1970", "9999")
 _METER_NAME = re.compile(NAME_PATTERN.strip("^$"), re.ASCII)
-_MAX_INT = int(MAX_QUANTITY)
-_MAX_FLOAT = float(MAX_QUANTITY)
 _JSON = "application/json"
 
 # Texts already read, and what they read as: events of a batch often share a timestamp
@@ -65,6 +68,8 @@ class Usage(NamedTuple):
 
 
 _new_tuple = tuple.__new__
+# The types a JSON quantity decodes to (read_quantity also takes Decimals).
+_JSON_NUMBERS = frozenset((str, int, float))
 
 
 def read_time(text: str) -> datetime | None:
@@ -72,7 +77,7 @@ def read_time(text: str) -> datetime | None:
     else (the model then decides)."""
     moment = _times.get(text)
     if moment is None:
-        if _TIME.fullmatch(text) is None:
+        if _TIME.fullmatch(text) is None or text[:4] in _YEARS_FOR_THE_MODEL:
             return None
         try:
             moment = datetime.fromisoformat(text)
@@ -123,7 +128,8 @@ def read_usage(item: Any, tenant: str | None, meters: Container[str]) -> Usage |
         return None
     if (type(event_id) is not str or not 0 < len(event_id) <= 128
             or type(source) is not str or not 0 < len(source) <= 256
-            or type(time_text) is not str or type(data) is not dict):
+            or type(time_text) is not str or type(data) is not dict
+            or not texts_acceptable(event_id, source)):
         return None
     moment = read_time(time_text)
     if moment is None:
@@ -139,24 +145,13 @@ def read_usage(item: Any, tenant: str | None, meters: Container[str]) -> Usage |
         dimensions = {}
     elif type(dimensions) is not dict or len(dimensions) > 32 or not all(
         type(k) is str and type(v) is str and len(k) <= 64 and len(v) <= 256
+        and texts_acceptable(k, v)
         for k, v in dimensions.items()
     ):
         return None
 
-    qtype = type(quantity)
-    if qtype is str:
-        amount = read_decimal(quantity)
-        if amount is None or amount > MAX_QUANTITY:
-            return None
-    elif qtype is int:
-        if not 0 <= quantity <= _MAX_INT:
-            return None
-        amount = Decimal(quantity)
-    elif qtype is float:
-        if not 0.0 <= quantity <= _MAX_FLOAT:  # NaN fails both
-            return None
-        amount = Decimal(repr(quantity))
-    else:
+    amount = read_quantity(quantity)
+    if amount is None or type(quantity) not in _JSON_NUMBERS:
         return None
     # tuple.__new__: a NamedTuple's own constructor is a Python function, and this is
     # once per event.
@@ -214,23 +209,23 @@ def check_record(key: bytes | None, value: bytes | None) -> bytes | None:
     return dumps((is_batch_value(value), rows))
 
 
-def read_checked(payload: bytes, tenant: str) -> tuple[bool, list[Row], list[Usage]]:
+def read_checked(payload: bytes, tenant: str) -> tuple[bool, list[Row], list[Usage | None]]:
     """Whether the record was a batch, its rows, and their events, from what
     `check_record` wrote for a record keyed `tenant`: the same events `read_usage` reads
-    from the record."""
+    from the record. A row whose time or quantity the rules refuse (written by an earlier
+    version of the stage, whose rules were looser) reads as None: the worker then has the
+    model judge the event (`item_of_row`) and dead-letters it."""
     is_batch, rows = loads(payload)
-    times, amounts = _times, _amounts
-    events = []
+    times = _times
+    events: list[Usage | None] = []
     for event_id, source, time_text, meter, quantity, dimensions, _ in rows:
         moment = times.get(time_text)
         if moment is None:
-            moment = _remember(times, time_text, datetime.fromisoformat(time_text))
-        if type(quantity) is str:
-            amount = amounts.get(quantity)
-            if amount is None:
-                amount = _remember(amounts, quantity, Decimal(quantity))
-        else:
-            amount = Decimal(quantity if type(quantity) is int else repr(quantity))
+            moment = read_time(time_text)
+        amount = read_quantity(quantity)
+        if moment is None or amount is None:
+            events.append(None)
+            continue
         events.append(_new_tuple(Usage, (event_id, source, tenant, moment, meter, amount,
                                          {} if dimensions is None else dimensions)))
     return is_batch, rows, events

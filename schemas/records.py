@@ -7,9 +7,11 @@ from __future__ import annotations
 
 from datetime import datetime
 from decimal import Decimal
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
+
+from schemas.codec import dumps
 
 Frozen = ConfigDict(frozen=True, extra="forbid")
 
@@ -80,7 +82,14 @@ class QuotaState(BaseModel):
 
 
 class DeadLetter(BaseModel):
-    """A record, or one event of a batch record, that could not be counted."""
+    """A record, or one event of a batch record, that could not be counted (by the worker)
+    or stored (by the projector, which names `tally.usage.accepted` or the topic it read
+    as `source_topic`).
+
+    A dead letter is identified by its source position (`source_topic`, `source_partition`,
+    `source_offset`, `index`): a stage that restarts may write one again, with the same
+    position, so counting dead letters means counting distinct positions.
+    """
 
     model_config = Frozen
 
@@ -92,6 +101,32 @@ class DeadLetter(BaseModel):
     index: int | None  # position in a batch record; None for the whole record
     key: str | None
     value: str  # the offending event (or whole record) as text
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        """The Kafka headers of its record: reason and detail, readable without the body."""
+        return [(DLQ_REASON_HEADER, self.reason.encode()),
+                (DLQ_DETAIL_HEADER, self.detail[:1000].encode("utf-8", "replace"))]
+
+
+DLQ_REASON_HEADER = "tally-dlq-reason"
+DLQ_DETAIL_HEADER = "tally-dlq-detail"
+# A dead letter carries the offending event as text, cut to this many characters: the
+# whole record stays in the source topic at the partition and offset the letter names.
+MAX_DEAD_LETTER_TEXT = 64_000
+
+
+def dead_letter_text(raw: Any) -> str:
+    """The offending record or event as a dead letter carries it (cut, see above)."""
+    if isinstance(raw, bytes):
+        text = raw.decode("utf-8", "replace")
+    else:
+        try:
+            text = dumps(raw).decode()
+        except TypeError:
+            text = repr(raw)
+    if len(text) > MAX_DEAD_LETTER_TEXT:
+        return text[:MAX_DEAD_LETTER_TEXT] + f"... [cut; {len(text)} characters in all]"
+    return text
 
 
 class Notification(BaseModel):

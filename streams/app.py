@@ -164,9 +164,7 @@ class Worker:
         for q in fx.quota_states:
             sends.append((t.quota_state, f"{q.tenant_id}/{q.meter}", dumps(q), None))
         for d in fx.dead_letters:
-            dlq_headers = [("tally-dlq-reason", d.reason.encode()),
-                           ("tally-dlq-detail", d.detail[:1000].encode())]
-            sends.append((t.usage_dlq, d.key or "", dumps(d), dlq_headers))
+            sends.append((t.usage_dlq, d.key or "", dumps(d), d.headers()))
             metrics.DEAD_LETTERS.labels(d.reason).inc()
         for n in fx.notifications:
             sends.append((t.notifications, n.tenant_id, dumps(n), None))
@@ -274,6 +272,29 @@ def _refuse_quota(tokens: Tokens, authorization: str | None, tenant: str
     return None
 
 
+def _unknown_quota_subject(worker: Worker, view: QuotaView, tenant: str, meter: str
+                           ) -> str | None:
+    """Why /quota cannot answer for this tenant and meter (404), or None.
+
+    A meter is known when the plan catalog in force defines it. A tenant is known when the
+    pipeline has heard of it: a quota state of any meter (it has used something), or a
+    subscription held by this worker's partitions. Limit: with several workers, a tenant
+    that has a subscription but has never used anything is known only to the worker that
+    owns its partition; the others answer 404 until its first usage is counted.
+    Until the catalog and the quota states are loaded nothing is judged unknown (the
+    answer is then the view's "not caught up", 503).
+    """
+    catalog = worker.catalog_follower.catalog
+    if catalog is not None and meter not in catalog.meters:
+        return (f"unknown meter {meter!r}: the plan catalog defines "
+                f"{', '.join(sorted(catalog.meters))}")
+    if not view.ready or view.knows_tenant(tenant):
+        return None
+    if any(tenant in p.subscriptions for p in worker.processors.values()):
+        return None
+    return f"unknown tenant {tenant!r}: no usage or subscription of it has been counted"
+
+
 def _counter_record(c: Any, p: int) -> dict[str, Any]:
     return {
         "tenant_id": c.tenant_id, "meter": c.meter,
@@ -281,6 +302,17 @@ def _counter_record(c: Any, p: int) -> dict[str, Any]:
         "aggregation": c.aggregation, "value": str(c.value), "event_count": c.event_count,
         "partition": p, "applied_offset": c.applied_offset,
     }
+
+
+def _broker_credentials(settings: Settings) -> faust.types.auth.CredentialsT | None:
+    """The settings' TLS and SASL in Faust's terms (its clients take no aiokafka options)."""
+    context = kafka.ssl_context(settings)
+    if settings.kafka_security_protocol.startswith("SASL_"):
+        return faust.SASLCredentials(username=settings.kafka_sasl_username,
+                                     password=settings.kafka_sasl_password,
+                                     ssl_context=context,
+                                     mechanism=settings.kafka_sasl_mechanism)
+    return faust.SSLCredentials(context) if context is not None else None
 
 
 def create_app(settings: Settings, web_port: int = 6066,
@@ -303,6 +335,7 @@ def create_app(settings: Settings, web_port: int = 6066,
     app = App(
         settings.worker_id,
         broker=f"kafka://{settings.require_kafka()}",
+        broker_credentials=_broker_credentials(settings),
         key_serializer="raw",
         value_serializer="raw",
         topic_partitions=settings.partitions,
@@ -328,7 +361,7 @@ def create_app(settings: Settings, web_port: int = 6066,
         store="memory://",
         datadir=str(datadir),
     )
-    worker = Worker(app, settings, config or ProcessorConfig())
+    worker = Worker(app, settings, config or ProcessorConfig(max_future=settings.max_future))
     app.tally_worker = worker  # type: ignore[attr-defined]
     # Usage arrives through the pre-batching stage (streams/prebatch.py): one Faust event
     # per frame of many records, so Faust's per-record cost does not bound throughput.
@@ -393,6 +426,10 @@ def create_app(settings: Settings, web_port: int = 6066,
         except ValueError as e:
             return web.bytes(dumps({"error": str(e)}), content_type="application/json",
                              status=400)
+        unknown = _unknown_quota_subject(worker, quota_view, tenant, meter)
+        if unknown is not None:
+            return web.bytes(dumps({"error": unknown}), content_type="application/json",
+                             status=404)
         body = dumps(quota_view.check(tenant, meter, quantity).to_json())
         return web.bytes(body, content_type="application/json",
                          status=200 if quota_view.ready else 503)

@@ -7,7 +7,15 @@ import asyncio
 import os
 from pathlib import Path
 
-from runtime.commands import Subparsers, add_group, settings
+from runtime.commands import (
+    Subparsers,
+    add_group,
+    add_json_flag,
+    port_number,
+    positive_int,
+    print_json,
+    settings,
+)
 from runtime.settings import SettingsError
 
 
@@ -80,7 +88,10 @@ def _channels_list(args: argparse.Namespace) -> int:
 
     with connect(settings().require_database()) as conn:
         channels = list_channels(conn, args.tenant)
-    for c in channels:
+    if args.json:  # never the signing secret: it is shown once, when the channel is added
+        print_json([{"channel_id": c.channel_id, "tenant_id": c.tenant_id, "kind": c.kind,
+                     "enabled": c.enabled, "target": c.shown()} for c in channels])
+    for c in channels if not args.json else ():
         print(f"{c.channel_id:>6}  {c.tenant_id:<20} {c.kind:<8} "
               f"{'enabled ' if c.enabled else 'disabled'} {c.shown()}")
     return 0
@@ -114,7 +125,12 @@ def _dead_letters(args: argparse.Namespace) -> int:
 
     with connect(settings().require_database()) as conn:
         rows = dead_letters(conn, args.tenant, args.limit)
-    for d in rows:
+    if args.json:
+        print_json([{"failed_at": d.failed_at, "tenant_id": d.tenant_id, "kind": d.kind,
+                     "channel_id": d.channel_id, "notification_key": d.notification_key,
+                     "reason": d.reason, "attempts": d.attempts, "last_error": d.last_error}
+                    for d in rows])
+    for d in rows if not args.json else ():
         print(f"{d.failed_at:%Y-%m-%d %H:%M:%S} {d.tenant_id:<20} {d.kind:<8} channel "
               f"{d.channel_id} {d.notification_key} {d.reason} after {d.attempts} attempts: "
               f"{d.last_error}")
@@ -123,7 +139,7 @@ def _dead_letters(args: argparse.Namespace) -> int:
 
 def register(sub: Subparsers) -> None:
     worker = sub.add_parser("worker", help="run the stream processor (Faust)")
-    worker.add_argument("--web-port", type=int, default=6066,
+    worker.add_argument("--web-port", type=port_number, default=6066,
                         help="port of /metrics, /healthz, /quota (default 6066)")
     worker.add_argument("--loglevel", default="info")
     worker.set_defaults(func=_worker)
@@ -135,11 +151,11 @@ def register(sub: Subparsers) -> None:
                        "gets every notification (optional with DATABASE_URL)")
     serve.add_argument("--secret", help="HMAC key of X-Tally-Signature "
                        "(default: $TALLY_WEBHOOK_SECRET, which keeps it out of `ps`)")
-    serve.add_argument("--max-attempts", type=int, default=None,
+    serve.add_argument("--max-attempts", type=positive_int, default=None,
                        help="give up on a notification after N attempts (default: never)")
-    serve.add_argument("--web-port", type=int, default=6067,
+    serve.add_argument("--web-port", type=port_number, default=6067,
                        help="port of /metrics and /healthz (default 6067; 0: none)")
-    serve.add_argument("--channel-max-attempts", type=int, default=8,
+    serve.add_argument("--channel-max-attempts", type=positive_int, default=8,
                        help="attempts at a tenant channel's delivery before it goes to the "
                        "dead letters (default 8, about 2 minutes)")
     serve.add_argument("--no-channels", action="store_true",
@@ -156,6 +172,7 @@ def register(sub: Subparsers) -> None:
     add.set_defaults(func=_channels_add)
     listing = channels.add_parser("list", help="the channels (webhook URLs shortened)")
     listing.add_argument("--tenant")
+    add_json_flag(listing)
     listing.set_defaults(func=_channels_list)
     for action, func, help_text in [
         ("remove", _channels_remove, "delete a channel and its delivery records"),
@@ -168,7 +185,8 @@ def register(sub: Subparsers) -> None:
     dead = notify.add_parser("dead-letters", help="channel deliveries given up on, newest "
                              "first (exit 1 if any)")
     dead.add_argument("--tenant")
-    dead.add_argument("--limit", type=int, default=50)
+    dead.add_argument("--limit", type=positive_int, default=50)
+    add_json_flag(dead)
     dead.set_defaults(func=_dead_letters)
 
     plans = add_group(sub, "plans", "the plan catalog")

@@ -1,15 +1,14 @@
 """How the worker names and describes a record it cannot count (DESIGN guarantee 3: a
 dead letter with a reason, never a silent drop). The processor decides that a record or
-event is dead (streams/processor.py); this module says with which reason and text.
+event is dead (streams/processor.py); this module says with which reason and text
+(the dead letter itself, and its text, are `schemas.records.DeadLetter`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import ValidationError
-
-from schemas.codec import dumps
 
 DlqReason = Literal[
     "missing_key",
@@ -20,12 +19,8 @@ DlqReason = Literal[
     "unknown_meter",
     "quantity_out_of_range",
     "time_in_future",
+    "invalid_timestamp",
 ]
-
-# A dead letter carries the offending event as text, cut to this many characters: the
-# whole record stays in the source topic at the partition and offset the letter names.
-MAX_DEAD_LETTER_TEXT = 64_000
-
 
 def reason_of(error: ValidationError) -> DlqReason:
     """The reason for a usage event the model refused: a quantity out of range has its
@@ -41,17 +36,3 @@ def detail_of(error: ValidationError) -> str:
     return "; ".join(
         f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in error.errors()
     )
-
-
-def as_text(raw: Any) -> str:
-    """The offending record or event as a dead letter carries it (cut, see above)."""
-    if isinstance(raw, bytes):
-        text = raw.decode("utf-8", "replace")
-    else:
-        try:
-            text = dumps(raw).decode()
-        except TypeError:
-            text = repr(raw)
-    if len(text) > MAX_DEAD_LETTER_TEXT:
-        return text[:MAX_DEAD_LETTER_TEXT] + f"... [cut; {len(text)} characters in all]"
-    return text

@@ -10,8 +10,9 @@ letters in streams/dead_letters.py.
 Exactly-once effect over at-least-once delivery rests on two facts kept here:
 1. a counter remembers the last source offset folded into it, so a replayed record is
    not folded twice (`Counter.applied_offset`);
-2. the dedup window remembers the offset that first carried each id, so a replayed record
-   is told apart from a genuine duplicate (`DedupWindow`).
+2. the dedup window remembers the offset that first carried each id (its low 32 bits,
+   streams/dedup.py), so a replayed record is told apart from a genuine duplicate
+   (`DedupWindow`).
 Both are persisted in the worker's changelog before the source offsets are committed.
 
 "Now" is the source record's timestamp (ingestion time), never the wall clock, so a replay
@@ -40,7 +41,8 @@ from schemas.events import (
 )
 from schemas.fast_usage import Usage, from_model, item_of_row, read_checked, read_usage
 from schemas.plans import Catalog, PlanMeter
-from schemas.records import DeadLetter, Notification, QuotaState
+from schemas.records import DeadLetter, Notification, QuotaState, dead_letter_text
+from schemas.validation import EARLIEST_TIME, time_problem
 from streams import dead_letters
 from streams.dead_letters import DlqReason
 from streams.dedup import DedupWindow
@@ -143,14 +145,19 @@ class PartitionProcessor:
 
         `checked`: the value is what `check_record` made of the record in the pre-batching
         stage (schemas/fast_usage.py), not the record's own value."""
+        tenant = key.decode("utf-8", "replace") if key else None
         ingested = self._ingestion_times.get(timestamp_ms)
         if ingested is None:  # records of a batch often share a timestamp
-            moment = datetime.fromtimestamp(timestamp_ms / 1000, UTC)
-            ingested = self._ingestion_times[timestamp_ms] = (
-                moment, moment.isoformat(), moment + self.config.max_future)
+            ingested = self._ingestion_time(timestamp_ms)
+            if ingested is None:
+                self._dead(topic, offset, tenant, "invalid_timestamp",
+                           f"record timestamp {timestamp_ms} ms is not between "
+                           f"{EARLIEST_TIME.isoformat()} and {_LATEST_INGESTION.isoformat()}",
+                           None, value or b"")
+                return
+            self._ingestion_times[timestamp_ms] = ingested
         if ingested[0] > self.watermark:
             self.watermark = ingested[0]
-        tenant = key.decode("utf-8", "replace") if key else None
         if not tenant:
             self._dead(topic, offset, tenant, "missing_key", "record has no key (the tenant id)",
                        None, value or b"")
@@ -178,6 +185,18 @@ class PartitionProcessor:
         meters = self.catalog.meters
         events = [read_usage(item, valid_tenant, meters) for item in items]
         self._fold_usage(topic, offset, tenant, ingested, is_batch, events, items.__getitem__)
+
+    def _ingestion_time(self, timestamp_ms: int) -> tuple[datetime, str, datetime] | None:
+        """(ingestion time, its ISO text, the latest event time allowed) of a record
+        timestamp; None for a timestamp no period arithmetic can use (a producer may set
+        any: it must not crash the worker, nor move its watermark to the end of time)."""
+        try:
+            moment = datetime.fromtimestamp(timestamp_ms / 1000, UTC)
+        except (OverflowError, ValueError, OSError):
+            return None
+        if not EARLIEST_TIME <= moment < _LATEST_INGESTION:
+            return None
+        return moment, moment.isoformat(), moment + self.config.max_future
 
     def _fold_usage(
         self, topic: str, offset: int, tenant: str, ingested: tuple[datetime, str, datetime],
@@ -222,12 +241,17 @@ class PartitionProcessor:
                 continue
             in_utc = utc_times.get(aware_time)
             if in_utc is None:  # events of a batch often share a timestamp
+                problem = time_problem(aware_time)  # the readers checked it: a safety net
+                if problem is not None:
+                    self._dead(topic, offset, tenant, "invalid_event", f"time: {problem}",
+                               index if is_batch else None, item_at(index))
+                    continue
                 moment = aware_time.astimezone(UTC)
                 in_utc = utc_times[aware_time] = (moment, moment.isoformat())
             event_time, event_time_text = in_utc
             # Dedup: first sight, a replay of the same record, or a real duplicate.
             bucket = dedup.bucket_for(tenant, event_time, watermark)
-            if dedup.claim(bucket, event_id, offset) != offset or event_id in ids_here:
+            if not dedup.claim(bucket, event_id, offset) or event_id in ids_here:
                 self._effects.duplicates += 1
                 continue
             ids_here.add(event_id)
@@ -410,7 +434,7 @@ class PartitionProcessor:
     ) -> None:
         self._effects.dead_letters.append(DeadLetter(
             reason=reason, detail=detail, source_topic=topic, source_partition=self.partition,
-            source_offset=offset, index=index, key=tenant, value=dead_letters.as_text(raw),
+            source_offset=offset, index=index, key=tenant, value=dead_letter_text(raw),
         ))
 
     # --- catalog -----------------------------------------------------------------------
@@ -506,7 +530,8 @@ class PartitionProcessor:
 
         Keys: `c/<counter key>` a counter's state, `u/<counter key>/<n>` segment n of a
         unique_count counter's distinct values, `s/<tenant>` a subscription,
-        `d/<tenant>/<day>/<n>` a dedup segment, `w/` the watermark.
+        `d/<day>/<n>` a dedup segment (`d/<tenant>/<day>/<n>` in older state), `w/` the
+        watermark.
         """
         kind = key[:2]
         if kind == "c/":
@@ -535,6 +560,7 @@ class PartitionProcessor:
         Either way the values count, and are written again with the counter's next
         segment: the replayed records would not add them anew, since they are known.
         """
+        self.dedup.finish_restore()
         for counter_id, counter in self.counters.items():
             segments = self._distinct_read.get(counter_id, {})
             for index, values in sorted(segments.items()):
@@ -547,6 +573,9 @@ class PartitionProcessor:
 
 
 _BEGINNING = datetime.min.replace(tzinfo=UTC)
+# Record timestamps from here on are refused: periods, lateness windows and the dedup
+# horizon are worked out from ingestion time, and must stay far from datetime's end.
+_LATEST_INGESTION = datetime(9000, 1, 1, tzinfo=UTC)
 
 
 def counter_key(tenant: str, meter: str, period_start: datetime) -> str:

@@ -55,8 +55,9 @@ from pydantic import ValidationError
 from domain import quota
 from runtime import kafka
 from runtime.settings import Settings
-from schemas.events import MAX_QUANTITY, NAME_PATTERN, check_tenant
+from schemas.events import NAME_PATTERN, check_tenant
 from schemas.records import QuotaState
+from schemas.validation import quantity_of
 from streams.errors import StreamsError
 
 log = logging.getLogger(__name__)
@@ -193,6 +194,7 @@ class QuotaView:
         self._fetch_wait_ms = fetch_wait_ms
         self._retry_seconds = retry_seconds
         self._entries: dict[tuple[str, str], _Entry] = {}
+        self._keys_of_tenant: dict[str, int] = {}  # how many entries each tenant has
         self._ready = asyncio.Event()
         self._unknown = QuotaDecision(on_unknown == "allow", REASON_UNKNOWN, None, None)
         self._not_ready = QuotaDecision(on_unknown == "allow", REASON_NOT_READY, None, None)
@@ -218,6 +220,10 @@ class QuotaView:
         entry = self._entries.get((tenant, meter))
         return entry.state if entry else None
 
+    def knows_tenant(self, tenant: str) -> bool:
+        """Whether the view holds a quota state of `tenant` for any meter."""
+        return tenant in self._keys_of_tenant
+
     # --- loading -----------------------------------------------------------------------
 
     def apply(self, key: str, value: bytes | None) -> None:
@@ -230,6 +236,7 @@ class QuotaView:
             tenant, _, meter = key.rpartition("/")
             if self._entries.pop((tenant, meter), None) is not None:
                 KEYS.dec()
+                self._count_key(tenant, -1)
             RECORDS.labels("deleted").inc()
             return
         try:
@@ -241,9 +248,17 @@ class QuotaView:
         k = (state.tenant_id, state.meter)
         if k not in self._entries:
             KEYS.inc()
+            self._count_key(state.tenant_id, 1)
         self._entries[k] = _Entry(state)
         self._records_applied += 1
         RECORDS.labels("applied").inc()
+
+    def _count_key(self, tenant: str, change: int) -> None:
+        left = self._keys_of_tenant.get(tenant, 0) + change
+        if left:
+            self._keys_of_tenant[tenant] = left
+        else:
+            self._keys_of_tenant.pop(tenant, None)
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -347,12 +362,7 @@ class QuotaView:
             waited += 0.5
 
 
-# What `?quantity=` accepts: JSON's number grammar without a sign, ASCII digits only (no
-# blanks, `+`, `_`, `5.`, `.5`, NaN or other scripts' digits), and no more digits after
-# the point than a quantity may have.
-_QUANTITY_TEXT = re.compile(r"(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?", re.ASCII)
 MAX_QUANTITY_TEXT = 64
-MAX_FRACTION_DIGITS = 12
 QUOTA_QUERY_PARAMETERS = ("quantity",)
 
 
@@ -361,27 +371,18 @@ def _shown(text: str) -> str:
 
 
 def parse_quantity(text: str | None) -> Decimal:
-    """A `?quantity=` value: a positive decimal up to MAX_QUANTITY with at most
-    MAX_FRACTION_DIGITS digits after the point, 1 when absent; ValueError otherwise.
-
-    Bounded so that no answer needs arithmetic beyond the decimal context (a quantity of
-    1e999999999 would overflow it)."""
+    """A `?quantity=` value, 1 when absent: a positive quantity as every stage accepts it
+    (schemas/validation.py: JSON's number grammar, at most 1e15 and 12 digits after the
+    point, so no answer needs arithmetic beyond the decimal context); ValueError otherwise."""
     if text is None or text == "":
         return _ONE
-    if len(text) > MAX_QUANTITY_TEXT or not _QUANTITY_TEXT.fullmatch(text):
-        raise ValueError(f"quantity must be a positive decimal number such as 25 or 0.5, "
+    try:
+        value = quantity_of(text[:MAX_QUANTITY_TEXT + 1])
+    except ValueError as e:
+        raise ValueError(f"{e}, not {_shown(text)}") from None
+    if len(text) > MAX_QUANTITY_TEXT or value <= 0:
+        raise ValueError(f"quantity must be a positive number such as 25 or 0.5, "
                          f"not {_shown(text)}")
-    value = Decimal(text)
-    if value <= 0:
-        raise ValueError(f"quantity must be a positive number, not {_shown(text)}")
-    if value > MAX_QUANTITY:
-        raise ValueError(f"quantity must be at most {MAX_QUANTITY}, not {_shown(text)}")
-    _, digits, exponent = value.as_tuple()
-    assert isinstance(exponent, int)  # finite: the grammar has no NaN or Infinity
-    trailing_zeros = len(digits) - len("".join(map(str, digits)).rstrip("0"))
-    if -(exponent + trailing_zeros) > MAX_FRACTION_DIGITS:
-        raise ValueError(f"quantity may have at most {MAX_FRACTION_DIGITS} digits after the "
-                         f"point, not {_shown(text)}")
     return value
 
 

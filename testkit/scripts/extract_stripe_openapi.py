@@ -50,6 +50,8 @@ OPERATIONS: list[tuple[str, str, str]] = [
     ("post", "/v1/invoices/{invoice}/finalize", V1),
     ("post", "/v1/invoices/{invoice}/pay", V1),
     ("post", "/v1/invoices/{invoice}/void", V1),
+    ("post", "/v1/checkout/sessions", V1),
+    ("post", "/v1/billing_portal/sessions", V1),
     ("post", "/v2/billing/meter_event_session", V2),
     ("get", "/v2/core/events/{id}", V2),
 ]

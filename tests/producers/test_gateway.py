@@ -538,3 +538,34 @@ def _closed_port() -> int:
     from devtools.devstack import free_port
 
     return free_port()
+
+
+# -- what every stage can store (schemas/validation.py; issue 17, defects 1 and 2) ----------
+
+
+def test_events_no_later_stage_could_store_are_refused_with_400_naming_the_field() -> None:
+    """Each of these was answered 202 and then crashed the worker (a time that overflows
+    in UTC) or vanished between the worker and the ledger (NUL, a quantity of huge scale)."""
+    nul_dimension = event()
+    nul_dimension["data"]["dimensions"] = {"region": "eu\u0000west"}
+    wrong = [
+        event(time="0001-01-01T00:00:00+14:00"),
+        event(time="9999-12-31T23:59:59-14:00"),
+        event(time="1969-12-31T23:59:59Z"),
+        event(time=(datetime.now(UTC) + timedelta(hours=1)).isoformat()),
+        event(id="evt\u0000"),
+        nul_dimension,
+        event(quantity="1e-20000"),
+        event(quantity="+5"),
+        event(quantity="1_000"),
+        event(quantity="\uff15"),  # a full-width 5
+    ]
+    fields = ["time"] * 4 + ["id", "data.dimensions.region", *["data.quantity"] * 4]
+
+    async def scenario(client: TestClient[Any, Any]) -> tuple[int, Any]:
+        return await post(client, wrong, BATCH)
+
+    status, body = run(with_gateway(OFFLINE, scenario, start=False))
+    assert status == 400
+    assert body["accepted"] == 0
+    assert [e["problems"][0]["field"] for e in body["errors"]] == fields

@@ -26,6 +26,7 @@ from producers import (
 from producers.encoding import fast_usage_event
 from schemas.errors import TallyError
 from schemas.events import USAGE_TYPE, UsageEvent
+from schemas.validation import DEFAULT_MAX_FUTURE, future_problem
 
 SOURCE = "svc/test"
 T0 = datetime(2026, 11, 21, 10, 0, 0, 123000, tzinfo=UTC)
@@ -210,27 +211,48 @@ def test_fast_path_accepts_only_what_the_model_accepts_and_builds_the_same_event
         model_time = (datetime.fromisoformat(made["time"]) if made is not None and time is None
                       else time)
         try:
-            return model_dump(tenant, meter, quantity, dims,
-                              "x" if model_id is None else model_id,
-                              T0 if model_time is None else model_time)
+            dumped = model_dump(tenant, meter, quantity, dims,
+                                "x" if model_id is None else model_id,
+                                T0 if model_time is None else model_time)
         except ValidationError:
             return None
+        # An explicit time is also held to the allowed future skew (the model has no clock).
+        if time is not None and future_problem(
+                datetime.fromisoformat(dumped["time"]), datetime.now(UTC),
+                DEFAULT_MAX_FUTURE) is not None:
+            return None
+        return dumped
 
     if fast is not None:
         assert fast == expected(fast)
     assert built == expected(built)
 
 
+def storable_text(min_size: int = 0, max_size: int = 256) -> st.SearchStrategy[str]:
+    """Text every stage can store: no NUL, no surrogate (schemas/validation.py)."""
+    return st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
+                   min_size=min_size, max_size=max_size)
+
+
+def within_places(amount: Any) -> bool:
+    exponent = Decimal(repr(amount) if isinstance(amount, float) else amount).as_tuple()[2]
+    return isinstance(exponent, int) and -12 <= exponent <= 15
+
+
 @settings(max_examples=700, deadline=None)
 @given(
     st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}\Z"),
     st.from_regex(r"\A[a-z][a-z0-9_]{0,63}\Z"),
-    st.one_of(st.integers(0, 10**15), st.floats(0, 1e15),
-              st.decimals(0, 10**15, allow_nan=False, allow_infinity=False)),
-    st.one_of(st.none(), st.dictionaries(st.text(max_size=64), st.text(max_size=256),
+    st.one_of(st.integers(0, 10**15), st.floats(0, 1e15).filter(within_places),
+              st.decimals(0, 10**15, allow_nan=False, allow_infinity=False)
+              .filter(lambda d: within_places(d) and not d.is_signed())),
+    st.one_of(st.none(), st.dictionaries(storable_text(max_size=64), storable_text(),
                                          max_size=32)),
-    st.one_of(st.none(), st.text(min_size=1, max_size=128)),
-    st.one_of(st.none(), st.datetimes(timezones=st.just(UTC))),
+    st.one_of(st.none(), storable_text(min_size=1, max_size=128)),
+    st.one_of(st.none(), st.datetimes(min_value=datetime(1970, 1, 1),
+                                      max_value=datetime(2030, 1, 1),
+                                      timezones=st.just(UTC))
+              .filter(lambda t: t <= datetime.now(UTC))),
 )
 def test_fast_path_takes_plain_valid_input_and_builds_what_the_model_builds(
     tenant: str, meter: str, quantity: Any, dims: Any, event_id: Any, time: Any,

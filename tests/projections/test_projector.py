@@ -17,9 +17,9 @@ from projections.fast_accepted import from_model
 from projections.ledger import ensure_month_partitions, stage_accepted, write_staged
 from runtime.postgres import migrate
 from runtime.settings import Settings
-from schemas.codec import dumps
+from schemas.codec import dumps, loads
 from schemas.records import AcceptedEvent
-from tests.kafka_helpers import publish, wait_for
+from tests.kafka_helpers import publish, read_records, wait_for
 from tests.projections.support import (
     AGGREGATION_OF,
     PERIOD_START,
@@ -213,3 +213,44 @@ def test_an_event_written_by_a_concurrent_transaction_fails_the_batch_not_counte
     assert [type(e) for e in errors] == [psycopg.errors.UniqueViolation]
     assert by_period(database_url) == {("acme", "api_calls"): (Decimal(5), 1)}
     assert query(database_url, "SELECT count(*) FROM tally.usage_events") == [(1,)]
+
+
+def test_rows_postgres_cannot_store_become_dead_letters_and_the_projector_goes_on(
+    settings_factory: Callable[..., Settings], database_url: str
+) -> None:
+    """Issue 17, defect 2: an accepted event with a NUL in a dimension, or a quantity of
+    huge scale, was found only in projection_errors; a quota state of huge scale stopped
+    the projector (NumericValueOutOfRange). Each is now a dead letter on tally.usage.dlq
+    too, and the good rows around it land."""
+    settings = settings_factory(database_url=database_url, partitions=1)
+    good = [accepted("acme", f"good-{i}", quantity="2") for i in range(3)]
+    nul = accepted("acme", "nul", dimensions={"region": "eu\x00west"})
+    tiny = accepted("acme", "tiny").model_dump(mode="json")
+    tiny["quantity"] = "1E-20000"  # written by a worker that did not hold the rules
+    topic = settings.topics.usage_accepted
+    publish(settings, topic, [("acme", dumps([good[0], nul, good[1], tiny, good[2]]))])
+    state = {"tenant_id": "acme", "meter": "api_calls", "plan_id": "starter",
+             "period_start": PERIOD_START.isoformat(),
+             "period_end": (PERIOD_START + timedelta(days=30)).isoformat(),
+             "used": "1E-20000", "included": None, "limit": None, "remaining": None,
+             "state": "ok"}
+    fine = {**state, "tenant_id": "globex", "used": "6"}
+    publish(settings, settings.topics.quota_state,
+            [("acme/api_calls", dumps(state)), ("globex/api_calls", dumps(fine))])
+
+    with ProjectorThread(settings):
+        wait_for_offsets(database_url, topic, 1)
+        wait_for(lambda: query(database_url, "SELECT tenant_id, used FROM tally.quota_state"),
+                 lambda rows: rows == [("globex", Decimal(6))], what="the good quota state")
+        letters = wait_for(
+            lambda: read_records(settings, settings.topics.usage_dlq),
+            lambda got: len(got) >= 3, what="three dead letters")
+
+    assert by_period(database_url) == {("acme", "api_calls"): (Decimal(6), 3)}
+    found = sorted((loads(r.value)["source_topic"], loads(r.value)["index"],
+                    dict(r.headers)["tally-dlq-reason"].decode()) for r in letters)
+    assert found == sorted([(topic, 1, "constraint_violation"),
+                            (topic, 3, "constraint_violation"),
+                            (settings.topics.quota_state, None, "rejected_by_database")])
+    errors = query(database_url, "SELECT topic, item, reason FROM tally.projection_errors")
+    assert len(errors) == 3  # finance's view of the same problems

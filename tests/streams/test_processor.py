@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -340,3 +341,103 @@ def test_shuffled_order_gives_the_same_totals() -> None:
             feed(p, offset, e["subject"], e)
         totals.append({t: total(p, t) for t in ("t0", "t1", "t2")})
     assert totals[0] == totals[1] == totals[2]
+
+
+# --- what every stage can store (issue 17, defects 1 and 2) ------------------------------
+
+
+def dead_reasons(p: PartitionProcessor) -> list[str]:
+    return [d.reason for d in p.drain().dead_letters]
+
+
+@pytest.mark.parametrize("moment", ["0001-01-01T00:00:00+14:00", "9999-12-31T23:59:59-14:00",
+                                    "1969-12-31T23:59:59Z", "1970-01-01T05:00:00+06:00"])
+def test_an_event_time_that_overflows_in_utc_or_precedes_1970_is_dead_lettered(
+    moment: str,
+) -> None:
+    """Defect 1: `0001-01-01T00:00:00+14:00` made the worker raise OverflowError on every
+    restart. It is refused, and the good event beside it is counted."""
+    p = processor()
+    bad = usage("t1", time=NOW)
+    bad["time"] = moment
+    feed(p, 0, "t1", bad, usage("t1", quantity="2", time=NOW))
+    assert total(p, "t1") == Decimal(2)
+    assert dead_reasons(p) == ["invalid_event"]
+
+
+def test_the_same_event_as_checked_rows_is_dead_lettered_too() -> None:
+    """Rows that an earlier pre-batching stage checked under looser rules are held to the
+    rules again by the worker, so an upgrade cannot let them crash it."""
+    p = processor()
+    good = usage("t1", event_id="good", quantity="2", time=NOW)
+    row = ["bad", "svc/test", "0001-01-01T00:00:00+14:00", "api_calls", "1", None, True]
+    good_row = [good["id"], good["source"], good["time"], "api_calls", "2", {}, True]
+    p.process_usage(TOPIC, 0, b"t1", orjson.dumps([True, [row, good_row]]), ms(NOW),
+                    checked=True)
+    assert total(p, "t1") == Decimal(2)
+    assert dead_reasons(p) == ["invalid_event"]
+
+
+@pytest.mark.parametrize("field", ["id", "source", "dimension key", "dimension value"])
+def test_a_nul_character_postgres_cannot_store_is_dead_lettered(field: str) -> None:
+    """Defect 2: NUL in a dimension or id was counted, then refused by Postgres and found
+    only in tally.projection_errors."""
+    p = processor()
+    bad = usage("t1", time=NOW, dimensions={"region": "eu"})
+    if field == "id":
+        bad["id"] = "evt\x00"
+    elif field == "source":
+        bad["source"] = "svc\x00"
+    elif field == "dimension key":
+        bad["data"]["dimensions"] = {"reg\x00ion": "eu"}
+    else:
+        bad["data"]["dimensions"] = {"region": "eu\x00"}
+    feed(p, 0, "t1", bad, usage("t1", quantity="2", time=NOW))
+    assert total(p, "t1") == Decimal(2)
+    assert dead_reasons(p) == ["invalid_event"]
+
+
+REFUSED_QUANTITIES = [
+    "1e-20000", "-0", "-0.0", "1_000", " 5 ", "5 ", "+5", "5.", ".5", ".5e1", "05",
+    "\u0661\u0662", "\uff15", "1e16", "1000000000000000.1", "0.0000000000001", "0e16",
+    "NaN", "Infinity", "", "0x10", -0.0, -1, 1e16, 1e-13, True, None, [], {},
+]
+
+
+@pytest.mark.parametrize("quantity", REFUSED_QUANTITIES, ids=repr)
+def test_quantities_outside_json_number_grammar_or_the_limits_are_dead_lettered(
+    quantity: Any,
+) -> None:
+    """Defect 2: Decimal read all of these (or could not store them: 1e-20000); each is
+    refused with quantity_out_of_range."""
+    p = processor()
+    feed(p, 0, "t1", usage("t1", quantity=quantity, time=NOW),
+         usage("t1", quantity="2", time=NOW))
+    assert total(p, "t1") == Decimal(2)
+    assert dead_reasons(p) == ["quantity_out_of_range"]
+
+
+@pytest.mark.parametrize("quantity, value", [
+    ("0", "0"), ("1e3", "1E+3"), ("1E+15", "1E+15"), ("0.000000000001", "1E-12"),
+    ("999999999999999.999999999999", "999999999999999.999999999999"), (7, "7"),
+    (2.5, "2.5"), (1e15, "1E+15"), ("0e15", "0E+15"),
+])
+def test_quantities_in_json_number_grammar_within_the_limits_are_counted(
+    quantity: Any, value: str,
+) -> None:
+    p = processor()
+    feed(p, 0, "t1", usage("t1", quantity=quantity, time=NOW))
+    assert total(p, "t1") == Decimal(value)
+    assert dead_reasons(p) == []
+
+
+def test_a_record_timestamp_no_period_arithmetic_can_use_is_dead_lettered() -> None:
+    """A producer sets any record timestamp it likes: the worker neither crashes on one
+    past year 9999 nor moves its watermark to one."""
+    p = processor()
+    for offset, timestamp_ms in enumerate([2**62, -(2**40), 253402300799999]):
+        p.process_usage(TOPIC, offset, b"t1", record(usage("t1", time=NOW)), timestamp_ms)
+    feed(p, 3, "t1", usage("t1", quantity="2", time=NOW))
+    assert p.watermark == NOW
+    assert total(p, "t1") == Decimal(2)
+    assert dead_reasons(p) == ["invalid_timestamp"] * 3

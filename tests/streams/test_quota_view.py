@@ -348,8 +348,13 @@ def test_worker_answers_get_quota_with_the_decision(
                     "period_end": body["period_end"]}
     status, body = answer("t-free/api_calls?quantity=101")
     assert (status, body["allowed"], body["remaining"]) == (200, False, "100")
+    # A tenant the pipeline never heard of and a meter the catalog lacks: 404, not
+    # "allowed" (a typo in either must not read as permission).
     status, body = answer("nobody/api_calls")
-    assert (status, body["allowed"], body["reason"]) == (200, True, REASON_UNKNOWN)
+    assert (status, body["error"]) == (404, "unknown tenant 'nobody': no usage or "
+                                            "subscription of it has been counted")
+    status, body = answer("t-free/no_such_meter")
+    assert status == 404 and body["error"].startswith("unknown meter 'no_such_meter'")
     assert answer("t-free/api_calls", "tok-quota-free")[0] == 200
 
     # Bad query values: 400 with a message, never a 500 (1e999999999 overflowed the

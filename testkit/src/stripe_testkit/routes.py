@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
-from stripe_testkit import customers, events, invoices, meters, prices
+from stripe_testkit import customers, events, invoices, meters, prices, sessions
 from stripe_testkit.errors import JSON
 from stripe_testkit.openapi import Operation, operation
 from stripe_testkit.state import Call, State
@@ -67,6 +67,8 @@ ROUTES: Final[tuple[Route, ...]] = (
     Route("POST", "/v1/invoices/{id}/finalize", invoices.finalize_invoice),
     Route("POST", "/v1/invoices/{id}/pay", invoices.pay_invoice),
     Route("POST", "/v1/invoices/{id}/void", invoices.void_invoice),
+    Route("POST", "/v1/checkout/sessions", sessions.create_checkout_session),
+    Route("POST", "/v1/billing_portal/sessions", sessions.create_portal_session),
     Route("POST", "/v2/billing/meter_event_session", meters.create_meter_event_session,
           body="json"),
     Route("POST", "/v2/billing/meter_event_stream", meters.create_meter_event_stream,

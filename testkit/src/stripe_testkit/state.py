@@ -35,6 +35,8 @@ class State:
         self.prices: dict[str, JSON] = {}
         self.products: dict[str, JSON] = {}
         self.sessions: dict[str, float] = {}
+        self.checkout_sessions: dict[str, JSON] = {}
+        self.portal_sessions: dict[str, JSON] = {}
         self.rejected_meter_events: list[JSON] = []
         self.events: dict[str, JSON] = {}  # v2 (thin) events, as GET /v2/core/events/{id}
         self.outbox: list[JSON] = []  # thin event notifications not yet handed to delivery

@@ -1,0 +1,110 @@
+"""What the API's routes share while it serves: the Postgres pool, the plan catalog
+(followed on the compacted plans topic, as the worker does), the producer SDK client that
+publishes consumed entitlements, the entitlement owner and the clock; and the FastAPI
+dependencies that hand them to a route."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Annotated
+
+from fastapi import Depends, Request
+from psycopg_pool import AsyncConnectionPool
+
+from api.entitlements import Entitlements
+from api.errors import Unavailable
+from producers import ProducerOptions, UsageProducer, build_usage_event
+from runtime.plans import CatalogFollower
+from runtime.postgres import AsyncConnection
+from runtime.settings import Settings
+from schemas.events import UsageEvent
+from schemas.plans import Catalog
+
+log = logging.getLogger(__name__)
+Clock = Callable[[], datetime]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Context:
+    """What the routes use: the pool, the catalog, the entitlement owner, the clock."""
+
+    def __init__(self, settings: Settings, clock: Clock) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.pool = AsyncConnectionPool(
+            settings.require_database(), min_size=1, max_size=settings.api_pool_size,
+            open=False, kwargs={"autocommit": True}, timeout=10)
+        self.follower = CatalogFollower(settings, lambda _: None)
+        self.producer = UsageProducer(settings, ProducerOptions(source="tally/api"))
+        self.entitlements = Entitlements(self.pool.connection, self._publish, self.catalog,
+                                         clock)
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def catalog(self) -> Catalog:
+        """The catalog in force; 503 until one was read."""
+        if self.follower.catalog is None:
+            raise Unavailable("no plan catalog yet: publish one with `tally plans publish`")
+        return self.follower.catalog
+
+    async def _publish(self, tenant: str, meter: str, quantity: Decimal, event_id: str,
+                       time: datetime, dimensions: dict[str, str]) -> None:
+        event = UsageEvent.model_validate(build_usage_event(
+            tenant, meter, quantity, dimensions=dimensions, event_id=event_id, time=time,
+            source="tally/api"))
+        await self.producer.publish([event], wait=True)
+
+    async def start(self) -> None:
+        await self.pool.open()
+        await self.producer.start()
+        self._tasks.append(asyncio.create_task(self._follow()))
+
+    async def _follow(self) -> None:
+        while True:  # the broker may be down at start or go away: keep trying
+            try:
+                await self.follower.run()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning("following the plan catalog failed, retrying: %r", e)
+                await asyncio.sleep(2)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        with contextlib.suppress(Exception):
+            await self.producer.close(timeout=10)
+        await self.pool.close()
+
+
+def context_of(request: Request) -> Context:
+    rt: Context = request.app.state.runtime
+    return rt
+
+
+RuntimeDep = Annotated[Context, Depends(context_of)]
+
+
+async def connection(rt: RuntimeDep) -> AsyncIterator[AsyncConnection]:
+    """A pooled connection for one request."""
+    async with rt.pool.connection() as conn:
+        yield conn
+
+
+ConnDep = Annotated[AsyncConnection, Depends(connection)]
+
+
+def catalog(rt: RuntimeDep) -> Catalog:
+    return rt.catalog()
+
+
+CatalogDep = Annotated[Catalog, Depends(catalog)]

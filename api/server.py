@@ -1,0 +1,14 @@
+"""Serving the API with uvicorn until SIGTERM/SIGINT (uvicorn drains requests, then the
+app's lifespan closes the producer, flushing what it holds, and the pool)."""
+
+from __future__ import annotations
+
+import uvicorn
+
+from api.app import create_app
+from runtime.settings import Settings
+
+
+def serve(settings: Settings, host: str, port: int) -> None:
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning",
+                access_log=False, proxy_headers=False, server_header=False)

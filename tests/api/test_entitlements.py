@@ -1,0 +1,110 @@
+"""Entitlements: check records nothing; consume checks and records as one step, idempotent
+by id, and concurrent consumers never pass a hard limit, in one API process or several."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import httpx
+import psycopg
+
+from runtime import kafka
+from runtime.settings import Settings
+from schemas.codec import decode_record
+from tests.api.conftest import ApiServer
+
+HARD_LIMIT = 1000  # api_calls on the seed catalog's free plan, the default plan
+
+
+def reserved(settings: Settings) -> int:
+    assert settings.database_url is not None
+    with psycopg.connect(settings.database_url) as conn:
+        row = conn.execute("SELECT count(*) FROM tally.entitlement_reservations").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def published_ids(settings: Settings) -> list[str]:
+    records = asyncio.run(kafka.read_topic(settings, settings.topics.usage))
+    return [event["id"] for r in records for event in decode_record(r.value)]
+
+
+async def race(urls: list[str], consumers: int) -> tuple[int, int, list[int]]:
+    """`consumers` tasks, spread over the API processes at `urls`, each consuming one
+    api_call at a time until refused: (allowed, refused, other statuses)."""
+    allowed = refused = 0
+    others: list[int] = []
+    headers = {"Authorization": "Bearer tok-acme"}
+
+    async def consumer(n: int, client: httpx.AsyncClient) -> None:
+        nonlocal allowed, refused
+        i = 0
+        while True:
+            i += 1
+            answer = await client.post("/v1/entitlements/consume", headers=headers, json={
+                "tenant": "acme", "meter": "api_calls", "id": f"c{n}-{i}"})
+            if answer.status_code == 200:
+                allowed += 1
+            elif answer.status_code == 402:
+                refused += 1
+                body = answer.json()
+                assert body["allowed"] is False and body["limit"] == str(HARD_LIMIT)
+                return
+            else:
+                others.append(answer.status_code)
+                return
+
+    clients = [httpx.AsyncClient(base_url=url, timeout=60,
+                                 limits=httpx.Limits(max_connections=consumers))
+               for url in urls]
+    try:
+        await asyncio.gather(*(consumer(n, clients[n % len(clients)])
+                               for n in range(consumers)))
+    finally:
+        for client in clients:
+            await client.aclose()
+    return allowed, refused, others
+
+
+def test_64_concurrent_consumers_racing_for_a_hard_limit_of_1000_record_exactly_1000(
+        api_settings: Settings, api_factory: Callable[[Settings], ApiServer]) -> None:
+    # Two API processes on one database: the advisory lock, not only the in-process lock,
+    # must keep them to one decision at a time.
+    servers = [api_factory(api_settings), api_factory(api_settings)]
+    allowed, refused, others = asyncio.run(race([s.url for s in servers], 64))
+    assert others == []
+    assert (allowed, refused) == (HARD_LIMIT, 64)
+    assert reserved(api_settings) == HARD_LIMIT
+    ids = published_ids(api_settings)
+    assert len(set(ids)) == HARD_LIMIT  # every allowed use was published, once per id
+
+
+def test_consume_is_idempotent_by_id_and_check_records_nothing(api: ApiServer) -> None:
+    client = httpx.Client(base_url=api.url, timeout=10, headers=api.headers("tok-acme"))
+    use = {"tenant": "acme", "meter": "api_calls", "quantity": "400", "id": "order-1"}
+    first = client.post("/v1/entitlements/consume", json=use)
+    assert first.status_code == 200 and first.json()["duplicate"] is False
+    again = client.post("/v1/entitlements/consume", json=use)
+    assert again.status_code == 200 and again.json()["duplicate"] is True
+    assert again.json()["used"] == "400"  # counted once
+    check = client.post("/v1/entitlements/check",
+                        json={"tenant": "acme", "meter": "api_calls", "quantity": "601"})
+    assert check.status_code == 200
+    assert (check.json()["allowed"], check.json()["used"]) == (False, "400")
+    over = client.post("/v1/entitlements/consume", json={**use, "id": "order-2",
+                                                          "quantity": "601"})
+    assert over.status_code == 402
+    assert over.json() | {"period_start": None, "period_end": None} == {
+        "tenant": "acme", "meter": "api_calls", "quantity": "601", "allowed": False,
+        "reason": "hard limit 1000 reached (400 used)", "used": "400", "limit": "1000",
+        "remaining": "600", "plan_id": "free", "period_start": None, "period_end": None,
+        "id": "order-2", "duplicate": False}
+    assert reserved(api.settings) == 1
+
+
+def test_only_additive_meters_can_be_consumed(api: ApiServer) -> None:
+    client = httpx.Client(base_url=api.url, timeout=10, headers=api.headers("tok-acme"))
+    answer = client.post("/v1/entitlements/consume",
+                         json={"tenant": "acme", "meter": "storage_mb", "quantity": "5"})
+    assert answer.status_code == 400 and "only sum and count" in answer.json()["error"]

@@ -1,0 +1,59 @@
+"""`tally report`: the API's figures in a terminal, as a table, JSON or CSV."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import psycopg
+
+from runtime.settings import Settings
+
+AT = datetime(2026, 11, 15, tzinfo=UTC)
+
+
+def report(settings: Settings, *args: str, home: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tally.cli", "report", "--cycle", AT.isoformat(), *args],
+        capture_output=True, text=True, timeout=90,
+        env={**os.environ, **settings.to_env(), "TALLY_HOME": str(home)})
+
+
+def test_report_shows_usage_against_limits_in_each_format(api_settings: Settings,
+                                                          tmp_path: Path) -> None:
+    assert api_settings.database_url is not None
+    with psycopg.connect(api_settings.database_url) as conn:
+        conn.execute(
+            "INSERT INTO tally.usage_by_period (tenant_id, meter, period_start, period_end,"
+            " plan_id, quantity, event_count) VALUES"
+            " ('acme', 'api_calls', '2026-11-01Z', '2026-12-01Z', 'free', 900, 9),"
+            " ('globex', 'api_calls', '2026-11-01Z', '2026-12-01Z', 'free', 1000, 10)")
+    table = report(api_settings, home=tmp_path)
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    acme = next(line for line in lines if line.startswith("acme") and "api_calls" in line)
+    assert acme.split()[3:7] == ["900", "1000", "1000", "warning"]
+    globex = next(line for line in lines if line.startswith("globex") and "api_calls" in line)
+    assert "blocked" in globex
+    assert "Pipeline lag" in table.stdout
+
+    data = json.loads(report(api_settings, "--json", "--tenant", "acme", home=tmp_path).stdout)
+    assert [t["tenant"] for t in data["tenants"]] == ["acme"]
+    calls = next(m for m in data["tenants"][0]["meters"] if m["meter"] == "api_calls")
+    assert (calls["used"], calls["state"], calls["remaining"]) == ("900", "warning", "100")
+
+    rows = list(csv.DictReader(io.StringIO(
+        report(api_settings, "--format", "csv", home=tmp_path).stdout)))
+    assert {(r["tenant"], r["meter"], r["used"]) for r in rows} >= {
+        ("acme", "api_calls", "900"), ("globex", "api_calls", "1000")}
+
+
+def test_report_for_an_unknown_tenant_says_so(api_settings: Settings, tmp_path: Path) -> None:
+    result = report(api_settings, "--tenant", "nobody", home=tmp_path)
+    assert result.returncode == 2 and "unknown tenant 'nobody'" in result.stderr

@@ -71,9 +71,11 @@ def tansu_binary() -> Path:
     return path
 
 
-def start_kafka(home: Path) -> tuple[str, int]:
-    """Start Tansu on a free loopback port; return (bootstrap address, pid)."""
-    port = free_port()
+def start_kafka(home: Path, port: int | None = None) -> tuple[str, int]:
+    """Start Tansu on `port` (default: a free loopback port); return (bootstrap address,
+    pid). Tansu is memory-only: started again on the same port, it is a broker that lost
+    every topic (the fault tests use that)."""
+    port = port or free_port()
     url = f"tcp://127.0.0.1:{port}"
     log = home / "tansu.log"
     with log.open("ab") as out:
@@ -152,6 +154,18 @@ def start_postgres(home: Path) -> tuple[str, Path]:
         tail = log.read_text()[-2000:] if log.exists() else ""
         raise DevStackError(f"Postgres did not start: {result.stderr.strip()}\n{tail}")
     return f"postgresql://postgres@127.0.0.1:{port}/postgres", pg_data
+
+
+def restart_postgres(pg_data: Path) -> None:
+    """`pg_ctl restart -m fast` on the same port: every session ends (AdminShutdown)."""
+    log = pg_data / "server.log"
+    result = subprocess.run(
+        [_pg_bin("pg_ctl"), "-D", str(pg_data), "-l", str(log), "-m", "fast", "-w", "-t", "60",
+         "restart"],
+        capture_output=True, text=True, **_as_pg_user(),  # type: ignore[call-overload]
+    )
+    if result.returncode != 0:
+        raise DevStackError(f"Postgres did not restart: {result.stderr.strip()}")
 
 
 def stop_kafka(pid: int) -> None:

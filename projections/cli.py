@@ -25,7 +25,8 @@ def _project(args: argparse.Namespace) -> int:
     s.require_database()
     asyncio.run(kafka.ensure_topics(s))
     start_http_server(args.metrics_port, addr=s.projector_metrics_host)
-    run_until_signalled(lambda: Projector(s, max_records=args.max_records))
+    run_until_signalled(lambda: Projector(s, max_records=args.max_records,
+                                          bounds_check_seconds=args.offsets_check_seconds))
     return 0
 
 
@@ -69,6 +70,10 @@ def register(sub: Subparsers) -> None:
     project.add_argument("--metrics-port", type=port_number, default=9466)
     project.add_argument("--max-records", type=positive_int, default=20000,
                          help="Kafka records per transaction at most")
+    project.add_argument("--offsets-check-seconds", type=float, default=30.0,
+                         help="how often, while nothing arrives, the stored offsets are"
+                              " checked against the log's bounds (docs/operations.md,"
+                              " TallyOffsetsOutsideLog)")
     project.set_defaults(func=_project)
 
     projections = add_group(sub, "projections", "the Postgres read models")

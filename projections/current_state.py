@@ -152,6 +152,12 @@ def _project_plan(conn: Connection, key: str, r: Record, schema: str) -> None:
                 [(name, m.aggregation, m.unit, m.unique_dimension,
                   m.lateness_seconds) for name, m in sorted(meters.items())],
             )
+        # The record as published: with the plans' documents, the catalog's copy that
+        # `restore_catalog` publishes back to an empty topic (runtime/plans.py).
+        conn.execute(f"DELETE FROM {s}.catalog_settings WHERE key = %s", (key,))
+        if document:
+            conn.execute(f"INSERT INTO {s}.catalog_settings (key, document) VALUES (%s, %s)",
+                         (key, r.value.decode() if r.value else "null"))
         return
     plan = Plan.model_validate(document) if document is not None else None
     conn.execute(f"DELETE FROM {s}.plan_meters WHERE plan_id = %s", (key,))

@@ -32,3 +32,16 @@ LAG_RECORDS = Gauge("tally_projection_lag_records", "Records behind the log end 
                     ["topic", "partition"])
 LAG_SECONDS = Gauge("tally_projection_lag_seconds",
                     "Age of the last projected record (0 when caught up)", ["topic"])
+UP = Gauge("tally_projector_up",
+           "1 while the projector holds a Postgres connection and projects; 0 while it is"
+           " reconnecting (it retries with backoff, resuming from the offsets in Postgres)")
+RECONNECTS = Counter("tally_projector_reconnects_total",
+                     "Times the projector lost (or could not get) its Postgres connection and"
+                     " reconnected after a backoff")
+OFFSETS_OUTSIDE_LOG = Counter(
+    "tally_projection_offsets_outside_log_total",
+    "Partitions whose stored offset lay outside the log (past its end: the broker lost"
+    " records or the topic was recreated; before its start: retention); the projector"
+    " resets them to the log start and goes on",
+    ["topic", "partition"],
+)

@@ -41,6 +41,7 @@ projector with offsets that differ from its own (projections/rebuild.py).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import time
@@ -51,6 +52,7 @@ from typing import Any
 
 import psycopg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError, OffsetOutOfRangeError
 from pydantic import TypeAdapter, ValidationError
 
 from projections import metrics
@@ -67,7 +69,7 @@ from projections.ledger import (
     write_accepted,
 )
 from runtime import kafka
-from runtime.postgres import Connection, connect, migrate
+from runtime.postgres import Connection, DatabaseUnavailable, connect, migrate
 from runtime.settings import Settings
 from schemas.codec import RecordDecodeError, decode_record, dumps
 from schemas.plans import format_validation_error
@@ -77,6 +79,10 @@ log = logging.getLogger(__name__)
 
 PROJECTION = "read_models"
 _ACCEPTED = TypeAdapter(AcceptedEvent)
+# Errors that mean "the connection is gone or unusable" (a Postgres restart ends sessions
+# with AdminShutdown, an OperationalError): `run` reconnects with backoff and re-seeks to
+# the offsets stored in Postgres, so nothing is applied twice or skipped.
+_CONNECTION_LOST = (psycopg.OperationalError, psycopg.InterfaceError, DatabaseUnavailable)
 
 
 def lock_key(schema: str, projection: str) -> int:
@@ -101,8 +107,17 @@ class Projector:
     """
 
     def __init__(self, settings: Settings, max_records: int = 20000, *,
-                 schema: str = "tally", projection: str = PROJECTION) -> None:
+                 schema: str = "tally", projection: str = PROJECTION,
+                 reconnect_delay: tuple[float, float] = (0.5, 30.0),
+                 bounds_check_seconds: float = 30.0) -> None:
         self.settings = settings
+        # First and longest wait between Postgres connection attempts (doubling).
+        self.reconnect_delay = reconnect_delay
+        # How often, while nothing arrives, the stored offsets are checked against the log.
+        self.bounds_check_seconds = bounds_check_seconds
+        self._last_bounds_check = time.monotonic()
+        # Partitions reset to the log start, and where to, until a batch of theirs commits.
+        self._reset: dict[tuple[str, int], int] = {}
         self.max_records = max_records
         self.schema = schema
         self.projection = projection
@@ -123,15 +138,48 @@ class Projector:
         self.projected = 0
 
     async def run(self) -> None:
-        """Project until `stop()` is called; the batch in progress is finished first."""
+        """Project until `stop()` is called; the batch in progress is finished first.
+
+        A lost Postgres connection (a restart, a failover, a network cut) does not end the
+        projector: it reconnects with exponential backoff (`reconnect_delay`), counts it in
+        `tally_projector_reconnects_total`, reads `tally_projector_up` 0 meanwhile, and
+        re-seeks to the offsets stored in Postgres. The transaction that was open is lost
+        whole (rows and offsets together), so every record is still applied once.
+        """
         database_url = self.settings.require_database()
         migrate(database_url)
-        with connect(database_url) as conn:
-            await self.open(conn)
-            try:
-                await self.project(conn, self._fetched())
-            finally:
-                await self.close()
+        self._consumer = self._new_consumer()
+        await self._consumer.start()
+        first, longest = self.reconnect_delay
+        delay = first
+        lost = False
+        try:
+            while not self.stopping.is_set():
+                try:
+                    with connect(database_url) as conn:
+                        await self._assign(conn)
+                        if lost:
+                            log.warning("projection %s.%s: connected to Postgres; resuming"
+                                        " from the stored offsets", self.schema,
+                                        self.projection)
+                        metrics.UP.set(1)
+                        delay, lost = first, False
+                        await self.project(conn, self._fetched())
+                except _CONNECTION_LOST as e:
+                    metrics.UP.set(0)
+                    metrics.RECONNECTS.inc()
+                    lost = True
+                    self._months.clear()
+                    log.warning("projection %s.%s: lost Postgres (%s); reconnecting in %.1fs",
+                                self.schema, self.projection,
+                                str(e).strip().splitlines()[0] if str(e).strip() else
+                                type(e).__name__, delay)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.stopping.wait(), delay)
+                    delay = min(delay * 2, longest)
+        finally:
+            metrics.UP.set(0)
+            await self.close()
 
     async def project(self, conn: Connection, batches: AsyncIterator[Batch | None]) -> None:
         """Commit the batches in order (None: nothing fetched this time).
@@ -159,9 +207,14 @@ class Projector:
 
     async def open(self, conn: Connection) -> None:
         """Start the consumer at the stored offsets of this projection."""
-        self._consumer = kafka.consumer(self.settings)
+        self._consumer = self._new_consumer()
         await self._consumer.start()
         await self._assign(conn)
+
+    def _new_consumer(self) -> AIOKafkaConsumer:
+        # No automatic reset: an offset the broker calls out of range is counted and reset
+        # by `_outside_log`, not silently.
+        return kafka.consumer(self.settings, auto_offset_reset="none")
 
     async def close(self) -> None:
         if self._consumer is not None:
@@ -195,12 +248,21 @@ class Projector:
 
     async def _fetch(self) -> dict[TopicPartition, Records]:
         assert self._consumer is not None, "open() first"
-        fetched: dict[TopicPartition, Records] = await self._consumer.getmany(
-            timeout_ms=200, max_records=self.max_records)
+        try:
+            fetched: dict[TopicPartition, Records] = await self._consumer.getmany(
+                timeout_ms=200, max_records=self.max_records)
+        except OffsetOutOfRangeError as e:
+            # A broker that knows its log bounds says so on fetch (Kafka does).
+            out = e.args[0] if e.args and isinstance(e.args[0], dict) else {}
+            for tp, offset in out.items():
+                await self._outside_log(tp, offset, "the broker answered OffsetOutOfRange")
+            return {}
         if fetched:
             self._observe_lag(fetched)
         else:
             self._observe_caught_up()
+            if time.monotonic() - self._last_bounds_check >= self.bounds_check_seconds:
+                await self._check_log_bounds()
         return fetched
 
     async def _assign(self, conn: Connection) -> None:
@@ -208,6 +270,7 @@ class Projector:
         consumer = self._consumer
         with conn.transaction():
             self._committed = self._stored_offsets(conn)
+        self._reset.clear()
         tps = []
         for topic in self.topics:
             for p in sorted(consumer.partitions_for_topic(topic) or ()):
@@ -218,6 +281,82 @@ class Projector:
                 consumer.seek(tp, self._committed[(tp.topic, tp.partition)])
             else:
                 await consumer.seek_to_beginning(tp)
+        await self._check_log_bounds()
+
+    # --- offsets outside the log (DESIGN.md: a broker restart loses every topic) -------
+
+    async def _check_log_bounds(self) -> None:
+        """Reset every assigned partition whose stored offset lies outside its log.
+
+        Before the log start: retention removed records never read. Past the log end: the
+        broker lost records (restarted empty, topic recreated). Tansu under-reports the
+        end (DESIGN.md), so an offset past the reported end is only judged outside after a
+        fetch from the last reported record shows the log really ends before it.
+        """
+        assert self._consumer is not None
+        self._last_bounds_check = time.monotonic()
+        positions = {tp: self._reset.get(key, self._committed[key])
+                     for tp in self._consumer.assignment()
+                     if (key := (tp.topic, tp.partition)) in self._committed}
+        if not positions:
+            return
+        try:
+            starts, ends = await asyncio.wait_for(asyncio.gather(
+                self._consumer.beginning_offsets(list(positions)),
+                self._consumer.end_offsets(list(positions))), 15)
+        except (KafkaError, TimeoutError, OSError) as e:
+            log.info("projection %s.%s: log bounds unknown for now (%r)", self.schema,
+                     self.projection, e)
+            return
+        past = await self._log_ends({tp: end for tp, end in ends.items()
+                                     if tp in positions and positions[tp] > end})
+        for tp, position in positions.items():
+            start = starts.get(tp)
+            if start is not None and position < start:
+                await self._outside_log(tp, position, f"before the log start {start}")
+            elif tp in past and position > past[tp]:
+                await self._outside_log(tp, position, f"past the log end {past[tp]}")
+
+    async def _log_ends(self, reported: dict[TopicPartition, int]) -> dict[TopicPartition, int]:
+        """The offset after the last record of each partition: its `reported` end
+        (ListOffsets), or more when its last batch holds records past it (Tansu). Read by
+        one short-lived consumer from the last reported record of every partition."""
+        ends = dict(reported)
+        wanted = {tp: end for tp, end in reported.items() if end > 0}
+        if not wanted:
+            return ends
+        probe = kafka.consumer(self.settings)
+        try:
+            await probe.start()
+            probe.assign(list(wanted))
+            for tp, end in wanted.items():
+                probe.seek(tp, end - 1)
+            pending, deadline = set(wanted), time.monotonic() + 3
+            while pending and time.monotonic() < deadline:
+                for tp, records in (await probe.getmany(timeout_ms=500)).items():
+                    if records:
+                        ends[tp] = max(ends[tp], records[-1].offset + 1)
+                        pending.discard(tp)
+        except (KafkaError, OSError) as e:
+            log.info("projection %s.%s: cannot read the log ends (%r)", self.schema,
+                     self.projection, e)
+            return {tp: 1 << 62 for tp in reported}  # unknown: judge nothing
+        finally:
+            await probe.stop()
+        return ends
+
+    async def _outside_log(self, tp: TopicPartition, offset: int, why: str) -> None:
+        """Policy: count, log and reset to the log start. What the log holds now is new to
+        the projector (what the lost log held is already in Postgres), and the ledger's
+        unique key makes any record seen before a no-op, so nothing is applied twice."""
+        assert self._consumer is not None
+        metrics.OFFSETS_OUTSIDE_LOG.labels(tp.topic, str(tp.partition)).inc()
+        log.error("projection %s.%s: offset %s of %s/%s lies outside the log (%s); resetting"
+                  " to the log start", self.schema, self.projection, offset, tp.topic,
+                  tp.partition, why)
+        await self._consumer.seek_to_beginning(tp)
+        start = (await self._consumer.beginning_offsets([tp])).get(tp, 0)
+        self._reset[(tp.topic, tp.partition)] = start
 
     def _stored_offsets(self, conn: Connection) -> dict[tuple[str, int], int]:
         return {
@@ -277,6 +416,8 @@ class Projector:
             self._months.clear()
             raise
         self._committed.update(batch.offsets)
+        for key in batch.offsets:
+            self._reset.pop(key, None)
         self.projected += batch.records
         for topic, records in batch.by_topic.items():
             metrics.RECORDS.labels(topic).inc(len(records))

@@ -47,7 +47,7 @@ REBUILT_TABLES = (
     "usage_event_keys", "usage_events", "usage_daily", "usage_by_period",
     "usage_daily_uniques", "usage_period_uniques", "subscriptions", "quota_state",
     "meters", "plans", "plan_meters", "projection_errors", "subscription_events",
-    "ingestion_watermarks",
+    "ingestion_watermarks", "catalog_settings",
 )
 
 # Finance-facing tables -> columns left out of their digest because they are wall-clock,

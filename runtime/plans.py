@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psycopg
 from aiokafka import TopicPartition
 
 from runtime import kafka
@@ -121,3 +122,42 @@ async def publish_catalog(settings: Settings, catalog: Catalog) -> int:
 
 async def publish_file(settings: Settings, path: Path) -> int:
     return await publish_catalog(settings, load_catalog(path))
+
+
+async def restore_catalog(settings: Settings) -> int:
+    """Publish the catalog's Postgres copy (tally.plans + tally.catalog_settings, written
+    by the projector) when the broker has no catalog: a broker that lost its topics leaves
+    the worker waiting for one forever. Returns the records published (0: the broker had a
+    catalog, there is no database, or Postgres holds no complete catalog either)."""
+    if settings.database_url is None or await read_catalog(settings) is not None:
+        return 0
+    from runtime.postgres import DatabaseUnavailable, connect
+
+    try:
+        with connect(settings.database_url) as conn:
+            records: dict[str, Any] = {
+                plan_id: document for plan_id, document in conn.execute(
+                    "SELECT plan_id, document FROM tally.plans")}
+            for key, document in conn.execute(
+                    "SELECT key, document FROM tally.catalog_settings WHERE key = %s",
+                    (METERS_KEY,)):
+                records[key] = document
+    except psycopg.errors.UndefinedTable:
+        return 0  # not migrated yet: nothing was ever projected
+    except (DatabaseUnavailable, psycopg.Error) as e:
+        log.warning("no plan catalog on %s and its Postgres copy is out of reach: %s",
+                    settings.topics.plans, e)
+        return 0
+    try:
+        catalog = assemble(records)
+    except CatalogError as e:
+        log.error("the plan catalog in Postgres is invalid, not restored: %s", e)
+        return 0
+    if catalog is None:
+        log.warning("no plan catalog on %s nor in Postgres: run `tally plans publish`",
+                    settings.topics.plans)
+        return 0
+    written = await publish_catalog(settings, catalog)
+    log.warning("the broker had no plan catalog on %s: restored %d plans from Postgres",
+                settings.topics.plans, len(catalog.plans))
+    return written

@@ -21,10 +21,12 @@ from runtime.settings import SettingsError
 
 def _worker(args: argparse.Namespace) -> int:
     from runtime import kafka
+    from runtime.plans import restore_catalog
     from streams.app import run_worker
 
     s = settings()
     asyncio.run(kafka.ensure_topics(s))
+    asyncio.run(restore_catalog(s))  # the broker lost tally.plans: its Postgres copy
     run_worker(s, args.web_port, args.loglevel)
     return 0
 

@@ -40,6 +40,7 @@ import statistics
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -145,11 +146,59 @@ def percentiles(latencies: list[float]) -> dict[str, float]:
             "samples": len(ordered)}
 
 
+# The stages' own counters, read before and after a phase: (metric, its label text).
+STAGE_METRICS = {
+    "worker_batches": "tally_worker_batch_seconds_count",
+    "worker_batch_seconds": "tally_worker_batch_seconds_sum",
+    "worker_source_records": 'tally_worker_prebatch_records_total',
+    "projector_transactions": "tally_projection_write_seconds_count",
+    "projector_transaction_seconds": "tally_projection_write_seconds_sum",
+    "projector_records": "tally_projection_batch_records_sum",
+}
+
+
+def scrape(ports: list[int]) -> dict[str, float]:
+    """The STAGE_METRICS of the stages' /metrics pages (a stage that does not answer
+    counts nothing)."""
+    values: dict[str, float] = {}
+    for port in ports:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+                text = r.read().decode()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            name, _, value = line.rpartition(" ")
+            for key, metric in STAGE_METRICS.items():
+                if name == metric:
+                    values[key] = values.get(key, 0.0) + float(value)
+    return values
+
+
+def per_second(before: dict[str, float], after: dict[str, float],
+               seconds: float) -> dict[str, float]:
+    """Rates of the stage counters over a phase, and the mean time per batch and per
+    transaction."""
+    delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in STAGE_METRICS}
+    out = {f"{k}_per_s": round(delta[k] / seconds, 1) for k in
+           ("worker_batches", "worker_source_records", "projector_transactions",
+            "projector_records")}
+    if delta["worker_batches"]:
+        out["worker_ms_per_batch"] = round(
+            1000 * delta["worker_batch_seconds"] / delta["worker_batches"], 1)
+    if delta["projector_transactions"]:
+        out["projector_ms_per_transaction"] = round(
+            1000 * delta["projector_transaction_seconds"] / delta["projector_transactions"], 1)
+    return out
+
+
 class Pipeline:
     """The running stages, the producer and both observers, for all phases."""
 
-    def __init__(self, settings: Settings, tenants: int, pids: dict[str, int | None]) -> None:
+    def __init__(self, settings: Settings, tenants: int, pids: dict[str, int | None],
+                 metrics_ports: list[int] | None = None) -> None:
         self.settings = settings
+        self.metrics_ports = metrics_ports or []
         self.tenants = [f"tenant-{t}" for t in range(tenants)]
         self.totals = dict.fromkeys(self.tenants, 0.0)
         self.quota = End("quota_state")
@@ -189,6 +238,7 @@ class Pipeline:
         cpu = CpuMeter({**self.pids, BENCH: os.getpid()}, alone=frozenset({BENCH}))
         sent = 0
         sent_measured_from = 0
+        counters: dict[str, float] = {}
         next_lag = measured_from
         producer, tenants, totals = self.producer, self.tenants, self.totals
         count_per_tenant: dict[str, int] = {}
@@ -198,6 +248,7 @@ class Pipeline:
                 measuring = True
                 sent_measured_from = sent
                 cpu.start()
+                counters = scrape(self.metrics_ports)
             due = int((now - started) * rate)
             count_per_tenant.clear()
             while sent < due:
@@ -216,6 +267,7 @@ class Pipeline:
                 next_lag += SAMPLE_LAG_SECONDS
             await asyncio.sleep(TICK_SECONDS)
         cores = cpu.stop()
+        stages = per_second(counters, scrape(self.metrics_ports), seconds)
         sent_rate = (sent - sent_measured_from) / seconds
         if profile is not None:
             for profiler in profilers.values():
@@ -232,7 +284,7 @@ class Pipeline:
             "sent_events_per_s": round(sent_rate),
             "quota_state": percentiles(self.quota.latencies),
             "ledger": percentiles(self.ledger.latencies),
-            "cpu_cores": cores,
+            "cpu_cores": cores, "stages": stages,
         }
         row.update(self._lag_verdict(lag, rate, sent_rate, drained))
         return row
@@ -289,7 +341,7 @@ def plan_phases(rates: list[int], seconds: float, warmup: float, hold_seconds: f
         rows += tried
         best = low
         hold: dict[str, Any] | None = None
-        while best > 0:
+        while best > 0 and hold_seconds > 0:
             hold = report(await pipeline.phase(best, hold_seconds, warmup), "hold")
             if hold["held"]:
                 break
@@ -308,7 +360,8 @@ def report(row: dict[str, Any], kind: str) -> dict[str, Any]:
     print(f"{kind} {row['rate_events_per_s']:>6}/s (sent {row['sent_events_per_s']}/s): quota "
           f"p50 {q.get('p50_ms')} p99 {q.get('p99_ms')} ms, ledger p50 {ledger.get('p50_ms')} "
           f"p99 {ledger.get('p99_ms')} ms, lag {row['quota_state_lag_s']} "
-          f"{row['ledger_lag_s']} s, held {row['held']}, cores {row['cpu_cores']}", flush=True)
+          f"{row['ledger_lag_s']} s, held {row['held']}, cores {row['cpu_cores']}, "
+          f"stages {row['stages']}", flush=True)
     return row
 
 
@@ -369,7 +422,8 @@ def run(args: argparse.Namespace, home: Path) -> list[dict[str, Any]]:
         try:
             wait_healthy(port)
             pipeline = Pipeline(settings, args.tenants, {
-                "worker": worker.pid, "projector": projector.pid, **pids})
+                "worker": worker.pid, "projector": projector.pid, **pids},
+                [port, metrics_port])
             plan = plan_phases(args.rates, args.seconds, args.warmup, args.hold_seconds,
                                args.probes, args.profile_dir)
             return asyncio.run(pipeline.run_phases(plan))

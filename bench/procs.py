@@ -8,6 +8,7 @@ Processes that end between two readings drop out of the sum: read often enough.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from collections.abc import Mapping
@@ -59,6 +60,17 @@ def postgres_pid(pg_data: Path) -> int | None:
         return None
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine has spent busy (all processes, ours and others'),
+    from /proc/stat; 0 where there is none."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0.0
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 class CpuMeter:
     """CPU cores used by each named process tree between `start()` and `stop()`; the
     processes named in `alone` count without their children (the benchmark itself, whose
@@ -78,14 +90,19 @@ class CpuMeter:
     def start(self) -> None:
         self._at = time.monotonic()
         self._started = self._read()
+        self._machine = machine_busy_seconds()
 
     def stop(self) -> dict[str, float]:
         """Cores used per tree (CPU seconds / wall seconds), and their `total`."""
         wall = max(time.monotonic() - self._at, 1e-9)
         cores = {name: (cpu - self._started[name]) / wall
                  for name, cpu in self._read().items()}
+        ours = sum(cores.values())
         cores = {name: round(c, 2) for name, c in cores.items()}
-        cores["total"] = round(sum(cores.values()), 2)
+        cores["total"] = round(ours, 2)
+        # What else ran meanwhile: the machine's busy cores less ours.
+        cores["other processes"] = round(
+            max((machine_busy_seconds() - self._machine) / wall - ours, 0.0), 2)
         return cores
 
 

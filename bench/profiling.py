@@ -87,7 +87,8 @@ class Profile:
         total = sum(stacks.values())
         by_process: dict[str, Counter[str]] = {}
         for stack, n in stacks.items():
-            process = stack[0] if stack and stack[0].startswith("process ") else "?"
+            # A child's stacks hang under its parent's process frame: the last one names it.
+            process = next((f for f in reversed(stack) if f.startswith("process ")), "?")
             by_process.setdefault(process, Counter())[stack[-1] if stack else "?"] += n
         processes = []
         for process, own in sorted(by_process.items(), key=lambda p: -sum(p[1].values())):

@@ -69,7 +69,8 @@ POLL_SECONDS = 0.02
 SAMPLE_LAG_SECONDS = 0.5
 LAG_GROWTH_SECONDS = 0.5
 KEPT_RATE = 0.97
-DRAIN_SECONDS = 60
+DRAIN_SECONDS = 45
+HOLD_ATTEMPTS = 2  # the long window, then once more a quarter lower (the time budget)
 PROFILED_RATE = 20_000
 METER = "api_calls"
 BENCH = "bench (producer SDK, observers)"
@@ -196,8 +197,10 @@ class Pipeline:
     """The running stages, the producer and both observers, for all phases."""
 
     def __init__(self, settings: Settings, tenants: int, pids: dict[str, int | None],
-                 metrics_ports: list[int] | None = None) -> None:
+                 metrics_ports: list[int] | None = None,
+                 options: ProducerOptions | None = None) -> None:
         self.settings = settings
+        self.options = options or ProducerOptions(source="bench/latency")
         self.metrics_ports = metrics_ports or []
         self.tenants = [f"tenant-{t}" for t in range(tenants)]
         self.totals = dict.fromkeys(self.tenants, 0.0)
@@ -208,7 +211,7 @@ class Pipeline:
     async def run_phases(self, plan: Callable[[Pipeline], Any]) -> list[dict[str, Any]]:
         view = ObservedQuotaView(self.settings, self.quota)
         stop = asyncio.Event()
-        self.producer = UsageProducer(self.settings, ProducerOptions(source="bench/latency"))
+        self.producer = UsageProducer(self.settings, self.options)
         await self.producer.start()
         await view.start()
         poller = asyncio.create_task(poll_ledger(self.settings.require_database(),
@@ -341,11 +344,16 @@ def plan_phases(rates: list[int], seconds: float, warmup: float, hold_seconds: f
         rows += tried
         best = low
         hold: dict[str, Any] | None = None
-        while best > 0 and hold_seconds > 0:
+        for _ in range(HOLD_ATTEMPTS if hold_seconds > 0 else 0):
+            if best <= 0:
+                break
             hold = report(await pipeline.phase(best, hold_seconds, warmup), "hold")
+            rows.append(hold)
             if hold["held"]:
                 break
             best = best * 3 // 4 // 1000 * 1000  # not held for the long window: step down
+        else:
+            best = 0 if hold is None or not hold["held"] else best
         rows.append({"bench": "freshness_highest_held", "rate_events_per_s": best,
                      "seconds": hold_seconds, "probed": [r["rate_events_per_s"] for r in tried],
                      "hold": hold})
@@ -423,7 +431,9 @@ def run(args: argparse.Namespace, home: Path) -> list[dict[str, Any]]:
             wait_healthy(port)
             pipeline = Pipeline(settings, args.tenants, {
                 "worker": worker.pid, "projector": projector.pid, **pids},
-                [port, metrics_port])
+                [port, metrics_port],
+                ProducerOptions(source="bench/latency", **(
+                    {} if args.linger_ms is None else {"linger_ms": args.linger_ms})))
             plan = plan_phases(args.rates, args.seconds, args.warmup, args.hold_seconds,
                                args.probes, args.profile_dir)
             return asyncio.run(pipeline.run_phases(plan))
@@ -444,6 +454,8 @@ def main() -> int:
     parser.add_argument("--hold-seconds", type=float, default=60)
     parser.add_argument("--probes", type=int, default=2)
     parser.add_argument("--tenants", type=int, default=100)
+    parser.add_argument("--linger-ms", type=float, default=None,
+                        help="the SDK's linger (default: ProducerOptions' default)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/latency.jsonl"))
     parser.add_argument("--profile-dir", type=Path, default=None,
                         help=f"profile the worker and projector at {PROFILED_RATE:,}/s")

@@ -139,7 +139,12 @@ def figures(rows: dict[str, list[dict[str, Any]]]) -> list[Figure]:
                     f"other processes used {row['cpu_cores'].get('other processes', '?')} "
                     f"of the {os.cpu_count()} cores") if n)))
     held = _find(rows.get("latency", []), bench="freshness_highest_held")
-    if held:
+    if held and not held["rate_events_per_s"]:
+        out.append(Figure(
+            f"highest rate held {held['seconds']:.0f} s without growing lag", 0, "events/s",
+            "rates tried", max(held.get("probed", []), default=0), 0.0,
+            note="no rate held for the long window"))
+    elif held:
         hold = held.get("hold") or {}
         out.append(Figure(
             f"highest rate held {held['seconds']:.0f} s without growing lag",
@@ -197,6 +202,46 @@ def _fmt(value: float, unit: str) -> str:
     return f"{value:g} {unit}"
 
 
+README_START = "<!-- make bench: start -->"
+README_END = "<!-- make bench: end -->"
+
+
+def headline(doc: dict[str, Any], image: str) -> str:
+    """The ratios table and the chart, for the README."""
+    lines = [f"Last run: {doc['date'][:10]}, commit `{doc['git']['commit'][:10]}`, "
+             f"{doc['machine']['cpus']} shared cores, {doc['total_seconds'] / 60:.1f} min "
+             "(full results, the freshness table and profiles: "
+             "[bench/results/latest.md](bench/results/latest.md)).", ""]
+    lines += _figures_table(doc)
+    lines += ["", f"![scaling curves and freshness]({image})"]
+    return "\n".join(lines)
+
+
+def update_readme(readme: Path, doc: dict[str, Any]) -> bool:
+    """Replace the text between the README's markers with `headline`; False if it has
+    none."""
+    text = readme.read_text()
+    start, end = text.find(README_START), text.find(README_END)
+    if start < 0 or end < start:
+        return False
+    readme.write_text(text[:start + len(README_START)] + "\n"
+                      + headline(doc, "bench/results/latest.png") + "\n" + text[end:])
+    return True
+
+
+def _figures_table(doc: dict[str, Any]) -> list[str]:
+    lines = ["| ratio | figure | Tally | baseline | target |",
+             "| ---: | --- | ---: | --- | --- |"]
+    for f in doc["figures"]:
+        mark = "" if f["met"] is None else (" ✅" if f["met"] else " ❌")
+        note = f" ({f['note']})" if f["note"] else ""
+        lines.append(
+            f"| **{f['ratio']:.2f}x** | {f['name']}{note} | {_fmt(f['value'], f['unit'])} | "
+            f"{f['baseline']}: {_fmt(f['baseline_value'], f['unit'])} | "
+            f"{f['target']}{mark} |")
+    return lines
+
+
 def markdown(doc: dict[str, Any], profiles: str) -> str:
     lines = [
         "# Benchmark results (`make bench`)",
@@ -209,16 +254,8 @@ def markdown(doc: dict[str, Any], profiles: str) -> str:
         "The machine is shared and its speed drifts: every figure is a ratio against a "
         "baseline measured in the same run.",
         "",
-        "| ratio | figure | Tally | baseline | target |",
-        "| ---: | --- | ---: | --- | --- |",
+        *_figures_table(doc),
     ]
-    for f in doc["figures"]:
-        mark = "" if f["met"] is None else (" ✅" if f["met"] else " ❌")
-        note = f" ({f['note']})" if f["note"] else ""
-        lines.append(
-            f"| **{f['ratio']:.2f}x** | {f['name']}{note} | {_fmt(f['value'], f['unit'])} | "
-            f"{f['baseline']}: {_fmt(f['baseline_value'], f['unit'])} | "
-            f"{f['target']}{mark} |")
     fresh = [r for r in doc["raw"].get("latency", []) if r.get("bench") == "freshness"]
     if fresh:
         lines += [
@@ -270,7 +307,9 @@ def markdown(doc: dict[str, Any], profiles: str) -> str:
                          f"{r['of_ceiling']} | {r['peak_rss_mib']} MiB |")
     lines += ["", "![scaling and freshness](latest.png)", ""]
     if doc.get("notes"):
-        lines += ["## Targets missed, and why", ""] + [f"- {n}" for n in doc["notes"]] + [""]
+        lines += ["## Targets missed, and why", "",
+                  "From [notes.md](notes.md), the analysis behind these tables:", ""]
+        lines += [f"- {n}" for n in doc["notes"]] + [""]
     lines += ["## Time per benchmark", "", "| benchmark | seconds |", "| --- | ---: |"]
     lines += [f"| {k} | {v:.0f} |" for k, v in doc["bench_seconds"].items()]
     if profiles:
@@ -332,13 +371,18 @@ def chart(doc: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def notes(doc: dict[str, Any], extra: Path | None) -> list[str]:
-    """What the run says about each missed target (from `bench/results/notes.md`, written
-    by whoever analysed the profile: one bullet per line)."""
-    if extra is None or not extra.exists():
+def notes(path: Path) -> list[str]:
+    """The bullets of `notes.md` beside the results: why each missed target is missed,
+    written by whoever read the profiles (a bullet's continuation lines are indented)."""
+    if not path.exists():
         return []
-    return [line[2:].strip() for line in extra.read_text().splitlines()
-            if line.startswith("- ")]
+    bullets: list[str] = []
+    for line in path.read_text().splitlines():
+        if line.startswith("- "):
+            bullets.append(line[2:].strip())
+        elif line.startswith("  ") and bullets:
+            bullets[-1] += " " + line.strip()
+    return bullets
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -348,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=0.0, help="total run time")
     parser.add_argument("--bench-seconds", type=str, default="{}",
                         help="JSON object: seconds per benchmark")
+    parser.add_argument("--readme", type=Path, default=None,
+                        help="a README whose marked section gets the table and chart")
     args = parser.parse_args(argv)
     rows = read_rows(args.raw)
     profiles = "\n\n".join(p.read_text().strip() for p in sorted(args.raw.glob("profile-*.txt")))
@@ -357,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         "bench_seconds": orjson.loads(args.bench_seconds),
     }
     doc["figures"] = [asdict(f) for f in figures(rows)]
-    doc["notes"] = notes(doc, args.out / "notes.md")
+    doc["notes"] = notes(args.out / "notes.md")
     doc["raw"] = rows
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "latest.json").write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2)
@@ -366,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     if profiles:
         (args.out / "profiles.txt").write_text(profiles + "\n")
     chart(doc, args.out / "latest.png")
+    if args.readme is not None and update_readme(args.readme, doc):
+        print(f"updated the results in {args.readme}")
     print(f"wrote {args.out / 'latest.json'}, latest.md, latest.png")
     return 0
 

@@ -22,9 +22,13 @@ Phases, each after the pipeline has caught up with the one before:
    p50/p95/p99/max to quota state and to the ledger, CPU cores used by each stage;
 2. the highest rate held: short probes (`--seconds` each) between the highest rate of
    phase 1 that held and the lowest that did not (at most `--probes`), then the best for
-   `--hold-seconds`. A phase holds when the producer kept the rate (97%), every event
-   reached both ends, and the lag (events recorded but not yet counted, in seconds of
-   traffic) at the end of the phase is within LAG_GROWTH_SECONDS of the lag at its start.
+   `--hold-seconds` (and, if that does not hold, once more a quarter lower: at most
+   HOLD_ATTEMPTS long windows fit the time budget). A phase holds when the producer kept
+   the rate (97%), every event reached both ends, and the lag (events recorded but not yet
+   counted, in seconds of traffic) at the end of the phase is within LAG_GROWTH_SECONDS of
+   the lag at its start.
+Each phase also reports the cores each stage used, what other processes on the machine
+used meanwhile, and the stages' own counters (worker batches, projector transactions).
 
 Starts its own Tansu and Postgres unless KAFKA_BOOTSTRAP_SERVERS / DATABASE_URL are set.
 Appends one JSON object per phase (JSON lines) to `--out` and prints each.

@@ -29,10 +29,14 @@ from schemas.events import (
 from schemas.validation import (
     DEFAULT_MAX_FUTURE,
     EARLIEST_TIME,
+    MAX_QUANTITY,
     future_problem,
     read_quantity,
     texts_acceptable,
 )
+
+# The largest int quantity the shared rules accept (schemas/validation.py).
+_MAX_INT_QUANTITY = int(MAX_QUANTITY)
 
 SubscriptionKind = Literal["created", "plan_changed", "canceled", "renewed"]
 TallyEvent = UsageEvent | SubscriptionEvent
@@ -165,6 +169,30 @@ def fast_usage_event(
         "type": USAGE_TYPE,
         "data": {"meter": meter, "quantity": str(amount), "dimensions": dims},
     }
+
+
+def fast_usage_json(tenant: object, meter: object, quantity: object,
+                    source_json: str) -> bytes | None:
+    """The encoded wire form of the commonest event, or None for any other.
+
+    The commonest event: a tenant and meter already seen valid, an int quantity, no
+    dimensions, id or time given. Its bytes are written straight from a template, skipping
+    the dict and its encoding (a third of the SDK's cost per event): every text in it is
+    one JSON writes as it is (tenant ids and meter names admit no character that JSON
+    escapes; the id, time and quantity are ours), and `source_json` is the source already
+    encoded. Byte for byte what `codec.dumps(fast_usage_event(...))` writes for the same
+    id and time (tests/producers/test_validation.py).
+    """
+    if (type(tenant) is not str or type(meter) is not str or type(quantity) is not int
+            or tenant not in _known_tenants or meter not in _known_meters
+            or not 0 <= quantity <= _MAX_INT_QUANTITY):
+        return None
+    return (
+        f'{{"specversion":"1.0","id":"{new_event_id()}","source":{source_json},'
+        f'"subject":"{tenant}","time":"{_CLOCK.now_text()}",'
+        f'"datacontenttype":"application/json","type":"{USAGE_TYPE}",'
+        f'"data":{{"meter":"{meter}","quantity":"{quantity}","dimensions":{{}}}}}}'
+    ).encode()
 
 
 def _problems(error: ValidationError, names: Mapping[str, str]) -> list[Problem]:

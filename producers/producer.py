@@ -58,6 +58,7 @@ from producers.encoding import (
     build_subscription_event,
     build_usage_event,
     fast_usage_event,
+    fast_usage_json,
 )
 from producers.errors import DeliveryError, ProducerError, ProducerUnavailableError
 from producers.options import ProducerOptions
@@ -85,6 +86,7 @@ class UsageProducer(Delivery):
         self.options = options or ProducerOptions()
         o = self.options
         self.source = o.source
+        self._source_json = _encode(o.source).decode()
         self._usage_topic = settings.topics.usage
         self._max_future = settings.max_future
         self._subscriptions_topic = settings.topics.subscriptions
@@ -212,14 +214,17 @@ class UsageProducer(Delivery):
         and the event is counted once. Raises InvalidEventError (every problem listed) or
         PayloadTooLargeError before anything is buffered; awaits while the buffer is full.
         """
-        # The hot path (target 150k events/s): the fast check inline, the model when needed.
-        event = fast_usage_event(
-            tenant, meter, quantity, dimensions, event_id, time, self.source, self._max_future
-        ) or build_usage_event(
-            tenant, meter, quantity, dimensions=dimensions, event_id=event_id, time=time,
-            source=self.source, max_future=self._max_future,
-        )
-        encoded = _encode(event)
+        # The hot path (target 300k events/s): the commonest call straight to its bytes, then
+        # the fast check, then the model when needed.
+        encoded = (fast_usage_json(tenant, meter, quantity, self._source_json)
+                   if dimensions is None and event_id is None and time is None else None)
+        if encoded is None:
+            encoded = _encode(fast_usage_event(
+                tenant, meter, quantity, dimensions, event_id, time, self.source, self._max_future
+            ) or build_usage_event(
+                tenant, meter, quantity, dimensions=dimensions, event_id=event_id, time=time,
+                source=self.source, max_future=self._max_future,
+            ))
         if self._state != "open" or len(encoded) + 2 > self._max_bytes or (
             self._buffered >= self._limit or self._spool_full
         ):

@@ -70,6 +70,10 @@ _DAY_US = 86_400_000_000
 # the worker's rules keep far inside it (schemas/validation.py), older workers' may not.
 _NUMERIC_EXPONENT_LIMIT = 1000
 
+# The late and adjustment columns of a COPY line, by (late, adjustment).
+_FLAGS = {(late, adjustment): f"{'t' if late else 'f'}\t{'t' if adjustment else 'f'}\t"
+          for late in (False, True) for adjustment in (False, True)}
+
 @dataclass(frozen=True)
 class _Rollup:
     """A rollup table, the column it is keyed by (with tenant and meter), and its table of
@@ -262,20 +266,33 @@ def stage_accepted(records: Iterable[AcceptedRecord]) -> StagedEvents:
     days: set[int] = set()
     aggregations: set[str] = set()
     lines: list[str] = []
+    # The events of a batch share few distinct times (one period, a record's ingestion
+    # time, the SDK's milliseconds): each is converted once. Its text is cached by the
+    # reader (schemas/fast_usage.read_time), so a time repeats as the same object, whose
+    # hash is computed once too.
+    micros: dict[datetime, int] = {}
     for offset, pairs in records:
         for index, e in pairs:
             key = (e.tenant_id, e.event_id)
             if key in seen:
                 continue
             seen.add(key)
-            start = (e.period_start - _EPOCH) // _MICROSECOND
-            end = (e.period_end - _EPOCH) // _MICROSECOND
-            event_us = (e.event_time - _EPOCH) // _MICROSECOND
-            ingested_us = (e.ingested_at - _EPOCH) // _MICROSECOND
+            start = micros.get(e.period_start)
+            if start is None:
+                start = micros[e.period_start] = (e.period_start - _EPOCH) // _MICROSECOND
+            end = micros.get(e.period_end)
+            if end is None:
+                end = micros[e.period_end] = (e.period_end - _EPOCH) // _MICROSECOND
+            event_us = micros.get(e.event_time)
+            if event_us is None:
+                event_us = micros[e.event_time] = (e.event_time - _EPOCH) // _MICROSECOND
+            ingested_us = micros.get(e.ingested_at)
+            if ingested_us is None:
+                ingested_us = micros[e.ingested_at] = (e.ingested_at - _EPOCH) // _MICROSECOND
             days.add(event_us // _DAY_US)
             aggregations.add(e.aggregation)
-            dims = dumps(e.dimensions).decode()
-            flags = f"{'t' if e.late else 'f'}\t{'t' if e.adjustment else 'f'}\t"
+            dims = dumps(e.dimensions).decode() if e.dimensions else "{}"
+            flags = _FLAGS[e.late, e.adjustment]
             line = (
                 f"{len(lines)}\t{e.event_id}\t{e.tenant_id}\t{e.meter}\t{e.aggregation}\t"
                 f"{e.quantity!s}\t{event_us}\t{ingested_us}\t{e.source}\t{dims}\t{start}\t"

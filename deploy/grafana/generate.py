@@ -411,8 +411,8 @@ _LAST_INVOICED = """WITH last_invoice AS (
 def revenue() -> Dashboard:
     return (
         dashboard("tally-revenue", "Tally / Subscriptions and revenue",
-                  "Active subscriptions by plan, plan changes, cancellations, MRR and "
-                  "invoiced revenue, from the read models.")
+                  "Active subscriptions by plan, trials, plan changes, cancellations, MRR "
+                  "and invoiced revenue, from the read models.")
         .with_panel(number(
             "MRR (subscription fees)", "Sum over subscriptions not canceled of the plan's "
             "monthly fee (a twelfth of the yearly fee on yearly periods), per currency.",
@@ -436,6 +436,20 @@ def revenue() -> Dashboard:
                     SELECT count(*) AS changed FROM tally.subscriptions s
                     JOIN last_invoice li USING (tenant_id)
                     WHERE {_LIVE} AND s.plan_id <> li.plan_id"""), sql=True))
+        .with_panel(number(
+            "In trial now", "Subscription segments in their trial at this moment, as the "
+            "invoice job last derived them from the subscription history.",
+            Sql("""SELECT count(*) AS trialing FROM tally.subscription_segments
+                   WHERE status = 'trialing' AND valid_from <= now()
+                   AND (valid_to IS NULL OR valid_to > now())"""), sql=True))
+        .with_panel(rows(
+            "Trials ending in the next 7 days", "Tenant, plan and trial end of every trial "
+            "that ends within a week: the tenants about to pay their first fee.",
+            Sql("""SELECT tenant_id, plan_id, trial_end FROM tally.subscription_segments
+                   WHERE status = 'trialing' AND trial_end > now()
+                   AND trial_end <= now() + interval '7 days'
+                   AND (valid_to IS NULL OR valid_to > now())
+                   ORDER BY trial_end LIMIT 100""")))
         .with_panel(bars(
             "Active subscriptions by plan", "tally.subscriptions not canceled, per plan.",
             Sql(f"""SELECT p.name AS plan, count(*) AS subscriptions

@@ -87,6 +87,10 @@ INSERT INTO tally.subscriptions VALUES
    now()),
   ('t3', 'starter', 'canceled', now() - interval '9 days', now() + interval '21 days', NULL, NULL,
    now() - interval '2 days');
+INSERT INTO tally.subscription_segments (tenant_id, subscription_id, plan_id, billing_interval,
+  currency, status, valid_from, valid_to, trial_end)
+  VALUES ('t4', 't4/trial', 'pro', 'month', 'usd', 'trialing', now() - interval '11 days',
+  now() + interval '3 days', now() + interval '3 days');
 INSERT INTO tally.usage_daily (tenant_id, meter, day, quantity, event_count)
   VALUES ('t1', 'api_calls', current_date, 120, 120);
 INSERT INTO tally.usage_by_period (tenant_id, meter, period_start, period_end, plan_id, quantity,

@@ -210,6 +210,21 @@ def _problems(error: ValidationError, names: Mapping[str, str]) -> list[Problem]
     return found
 
 
+def _envelope(event_type: str, tenant: str, source: str, event_id: str | None,
+              time: datetime | None, data: dict[str, Any]) -> dict[str, Any]:
+    """The CloudEvents envelope of an event the SDK builds (a new id and now by default)."""
+    return {
+        "specversion": "1.0",
+        "id": new_event_id() if event_id is None else event_id,
+        "source": source,
+        "subject": tenant,
+        "time": datetime.now(UTC) if time is None else time,
+        "datacontenttype": "application/json",
+        "type": event_type,
+        "data": data,
+    }
+
+
 def build_usage_event(
     tenant: str, meter: str, quantity: int | float | Decimal | str, *,
     dimensions: Mapping[str, str] | None = None, event_id: str | None = None,
@@ -230,17 +245,7 @@ def build_usage_event(
         data["dimensions"] = dimensions
     try:
         event = UsageEvent.model_validate(
-            {
-                "specversion": "1.0",
-                "id": new_event_id() if event_id is None else event_id,
-                "source": source,
-                "subject": tenant,
-                "time": datetime.now(UTC) if time is None else time,
-                "datacontenttype": "application/json",
-                "type": USAGE_TYPE,
-                "data": data,
-            }
-        )
+            _envelope(USAGE_TYPE, tenant, source, event_id, time, data))
     except ValidationError as e:
         raise InvalidEventError(_problems(e, _USAGE_FIELDS)) from None
     if time is not None and (
@@ -259,23 +264,12 @@ def build_subscription_event(
 ) -> dict[str, Any]:
     """The wire form of a `tally.subscription.<kind>.v1` event; InvalidEventError if invalid."""
     try:
-        event = SubscriptionEvent.model_validate(
-            {
-                "specversion": "1.0",
-                "id": new_event_id() if event_id is None else event_id,
-                "source": source,
-                "subject": tenant,
-                "time": datetime.now(UTC) if time is None else time,
-                "datacontenttype": "application/json",
-                "type": f"tally.subscription.{kind}.v1",
-                "data": {
-                    "plan_id": plan_id, "period_start": period_start, "period_end": period_end,
-                    "stripe_customer_id": stripe_customer_id,
-                    "stripe_subscription_id": stripe_subscription_id,
-                    "cancel_at_period_end": cancel_at_period_end, "trial_end": trial_end,
-                },
-            }
-        )
+        event = SubscriptionEvent.model_validate(_envelope(
+            f"tally.subscription.{kind}.v1", tenant, source, event_id, time,
+            {"plan_id": plan_id, "period_start": period_start, "period_end": period_end,
+             "stripe_customer_id": stripe_customer_id,
+             "stripe_subscription_id": stripe_subscription_id,
+             "cancel_at_period_end": cancel_at_period_end, "trial_end": trial_end}))
     except ValidationError as e:
         raise InvalidEventError(_problems(e, _SUBSCRIPTION_FIELDS)) from None
     return event.model_dump(mode="json")

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from producers.spool import FsyncPolicy
+from schemas.validation import check_text
 
 
 class ProducerOptions(BaseModel):
@@ -15,8 +16,11 @@ class ProducerOptions(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    source: str = Field(default="tally/sdk", min_length=1, max_length=256)
-    """CloudEvents `source` of every event this producer builds, e.g. "svc/api-gateway"."""
+    source: Annotated[str, AfterValidator(check_text)] = Field(
+        default="tally/sdk", min_length=1, max_length=256)
+    """CloudEvents `source` of every event this producer builds, e.g. "svc/api-gateway".
+    Checked here, once, by the shared text rules: the commonest `record()` call writes it
+    into each event's bytes without checking it again (`encoding.fast_usage_json`)."""
     max_batch_events: int = Field(default=500, ge=1)
     max_batch_bytes: int = Field(default=900_000, ge=1024)
     """Bound on a record value; stays under the broker's 1 MiB default message size."""

@@ -7,11 +7,15 @@ from datetime import datetime
 from typing import Any
 
 import orjson
+import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
+from producers import ProducerOptions
 from producers.encoding import fast_usage_event, fast_usage_json
 from schemas import codec
+from schemas.validation import texts_acceptable
 
 tenants = st.one_of(
     st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}\Z"),
@@ -24,7 +28,9 @@ meters = st.one_of(
 quantities = st.one_of(
     st.integers(min_value=-10, max_value=10**16), st.floats(), st.booleans(), st.text(max_size=5),
 )
-sources = st.text(min_size=1, max_size=256)
+# The sources a producer can have: ProducerOptions checks its source once, so the
+# encoded fast path never sees another (test_a_producer_refuses_a_source_no_stage_stores).
+sources = st.text(min_size=1, max_size=256).filter(texts_acceptable)
 
 
 @settings(max_examples=1500, deadline=None)
@@ -48,3 +54,9 @@ def test_encoded_fast_path_writes_the_bytes_the_dict_path_writes(
                             datetime.fromisoformat(made["time"]), source)
     assert same is not None
     assert codec.dumps(same) == encoded
+
+
+@pytest.mark.parametrize("source", ["svc\x00", "svc/\ud800"])
+def test_a_producer_refuses_a_source_no_stage_stores(source: str) -> None:
+    with pytest.raises(ValidationError, match="source"):
+        ProducerOptions(source=source)

@@ -40,13 +40,16 @@ class Counter:
     aggregation: Aggregation
     value: Decimal = ZERO
     event_count: int = 0
-    applied_offset: int = -1
+    applied_offset: int = -1  # of the owner's own (home) source partition
     # unique_count: the distinct values seen; latest: the time of the current value.
     distinct: set[str] = field(default_factory=set)
     distinct_segments: int = 0  # segments of distinct values written so far
     latest_time: datetime | None = None
     # Thresholds already announced for this period (so each is emitted once).
     notified: set[str] = field(default_factory=set)
+    # The last offset folded from each other source partition (records of producers whose
+    # partitioner is not Tally's, see streams/processor.py); empty in the common case.
+    applied_from: dict[int, int] = field(default_factory=dict)
     # Not state: which processed record is being folded in (the worker's count of records,
     # see PartitionProcessor._start_folding). A record whose offset is already applied is
     # folded only while it is that record: a replayed or re-sent one is not.
@@ -85,7 +88,7 @@ class Counter:
 
     def to_state(self) -> dict[str, Any]:
         """The changelog form (JSON-ready); distinct values go in segments."""
-        return {
+        state: dict[str, Any] = {
             "tenant_id": self.tenant_id,
             "meter": self.meter,
             "period_start": self.period_start.isoformat(),
@@ -99,6 +102,9 @@ class Counter:
             "latest_time": self.latest_time.isoformat() if self.latest_time else None,
             "notified": sorted(self.notified),
         }
+        if self.applied_from:  # absent in the common case: the form older workers wrote
+            state["applied_from"] = {str(p): o for p, o in sorted(self.applied_from.items())}
+        return state
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> Counter:
@@ -116,6 +122,7 @@ class Counter:
             distinct_segments=int(state.get("distinct_segments", 0)),
             latest_time=datetime.fromisoformat(latest) if latest else None,
             notified=set(state.get("notified", ())),
+            applied_from={int(p): int(o) for p, o in state.get("applied_from", {}).items()},
         )
         counter.distinct_latest = list(state.get("distinct_latest", ()))
         if "distinct" in state:  # written before segments: its values go to the next one

@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+from functools import lru_cache
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from aiokafka.helpers import create_ssl_context
+from aiokafka.partitioner import murmur2
 
 from runtime.settings import Settings
 from schemas import topics as topic_specs
@@ -48,6 +50,20 @@ def connection(settings: Settings) -> dict[str, Any]:
                        sasl_plain_username=settings.kafka_sasl_username,
                        sasl_plain_password=settings.kafka_sasl_password)
     return options
+
+
+@lru_cache(maxsize=1 << 16)  # tenants repeat: a batch hashes each key once, not per record
+def owner_partition(key: bytes, partitions: int) -> int:
+    """The partition that owns a tenant's state in the worker (docs/architecture.md,
+    "Partition ownership"): the Java and aiokafka default partitioner's choice for the key
+    (murmur2 of the key bytes, sign bit cleared, modulo the partition count).
+
+    Tally decides it, whatever partitioner a producer used: the pre-batching stage writes
+    every record of a tenant to this partition of `tally.usage.batched`. For producers with
+    that default partitioner (Tally's SDK) it is the partition the record came from.
+    """
+    hashed: int = murmur2(key)
+    return (hashed & 0x7FFFFFFF) % partitions
 
 
 def producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:

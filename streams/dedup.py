@@ -135,6 +135,16 @@ class IdTable:
         for item in range((2 * prefix + 1) << (spread - 1), (prefix + 1) << spread):
             self.dir[item] = new
 
+def source_tag(offset: int, source_partition: int) -> int:
+    """What the window holds as the first carrier of an id carried by the record at
+    `offset` of a source partition other than the processor's own (the home partition,
+    whose records are held by their offset alone): the offset mixed with the partition,
+    so that records of different partitions at equal offsets are not taken for each other.
+    Distinct partitions add distinct odd multiples of 2**32 / golden ratio, which spread
+    far apart modulo 2**32 (docs/architecture.md, "Guarantees and what they cost")."""
+    return (offset + (source_partition + 1) * 0x9E3779B1) & _MASK32
+
+
 def id_hashes(tenant: str, event_id: str) -> tuple[int, int]:
     """The (key, check) an id is held as (see the module docstring)."""
     return hash(f"{tenant}/{event_id}"), hash(event_id) & _MASK32

@@ -1,4 +1,4 @@
-"""The worker's decisions for one source partition (pure: no Kafka, no clock).
+"""The worker's decisions for the tenants one partition owns (pure: no Kafka, no clock).
 
 `PartitionProcessor` folds usage and subscription records into counters and decides, for
 every event, whether it counts, in which period and under which plan, or why it cannot be
@@ -7,12 +7,20 @@ effects it drains, and only then acknowledges the records. What a subscription e
 to a tenant's subscription is in streams/subscriptions.py; the reasons and text of dead
 letters in streams/dead_letters.py.
 
+A processor owns the tenants that `runtime.kafka.owner_partition` maps to its partition,
+whatever source partitions their records come from (docs/architecture.md, "Partition
+ownership"). Records of the source partition with its own number (the HOME partition:
+every record, for producers with the default partitioner Tally's SDK uses) are kept
+exactly as when a processor read only that partition; records of other source partitions
+(a producer with another partitioner) are kept apart per source partition.
+
 Exactly-once effect over at-least-once delivery rests on two facts kept here:
 1. a counter remembers the last source offset folded into it, so a replayed record is
-   not folded twice (`Counter.applied_offset`);
+   not folded twice (`Counter.applied_offset` for the home partition,
+   `Counter.applied_from` per other source partition; subscriptions alike);
 2. the dedup window remembers the offset that first carried each id (its low 32 bits,
-   streams/dedup.py), so a replayed record is told apart from a genuine duplicate
-   (`DedupWindow`).
+   mixed with the source partition for other partitions' records: `dedup.source_tag`),
+   so a replayed record is told apart from a genuine duplicate (`DedupWindow`).
 Both are persisted in the worker's changelog before the source offsets are committed.
 
 "Now" is the source record's timestamp (ingestion time), never the wall clock, so a replay
@@ -45,7 +53,7 @@ from schemas.records import DeadLetter, Notification, QuotaState, dead_letter_te
 from schemas.validation import EARLIEST_TIME, time_problem
 from streams import dead_letters
 from streams.dead_letters import DlqReason
-from streams.dedup import DedupWindow
+from streams.dedup import DedupWindow, source_tag
 from streams.subscriptions import Subscription
 
 _USAGE_ONE = TypeAdapter(UsageEvent)
@@ -98,7 +106,7 @@ class Effects:
 
 
 class PartitionProcessor:
-    """All decision state of one source partition."""
+    """All decision state of the tenants one partition owns."""
 
     def __init__(self, partition: int, catalog: Catalog, config: ProcessorConfig) -> None:
         self.partition = partition
@@ -129,6 +137,7 @@ class PartitionProcessor:
         self._accepted_rows: dict[str, list[dict[str, Any]]] = defaultdict(list)
         self._valid_tenants: set[str] = set()  # record keys that are valid tenant ids
         self._lateness = {name: m.lateness for name, m in catalog.meters.items()}
+        self._source = partition  # the source partition of the record being processed
 
     @property
     def counted_since_drain(self) -> int:
@@ -139,12 +148,14 @@ class PartitionProcessor:
 
     def process_usage(
         self, topic: str, offset: int, key: bytes | None, value: bytes | None, timestamp_ms: int,
-        checked: bool = False,
+        checked: bool = False, source_partition: int | None = None,
     ) -> None:
         """Fold one usage record (a single event or a batch) into state and effects.
 
         `checked`: the value is what `check_record` made of the record in the pre-batching
-        stage (schemas/fast_usage.py), not the record's own value."""
+        stage (schemas/fast_usage.py), not the record's own value. `source_partition`: the
+        partition of `topic` it was read from (None: the processor's own number)."""
+        self._source = self.partition if source_partition is None else source_partition
         tenant = key.decode("utf-8", "replace") if key else None
         ingested = self._ingestion_times.get(timestamp_ms)
         if ingested is None:  # records of a batch often share a timestamp
@@ -206,6 +217,10 @@ class PartitionProcessor:
         sent, for the model to read where the fast path gave None, and for dead letters."""
         ingested_at, ingested_text, latest_allowed = ingested
         meters = self.catalog.meters
+        from_partition = self._source
+        home = from_partition == self.partition
+        # What the dedup window holds for this record (see dedup.source_tag).
+        tag = offset if home else source_tag(offset, from_partition)
         self._records_seen += 1
         record_no = self._records_seen
         dedup = self.dedup
@@ -251,7 +266,7 @@ class PartitionProcessor:
             event_time, event_time_text = in_utc
             # Dedup: first sight, a replay of the same record, or a real duplicate.
             bucket = dedup.bucket_for(tenant, event_time, watermark)
-            if not dedup.claim(bucket, event_id, offset) or event_id in ids_here:
+            if not dedup.claim(bucket, event_id, tag) or event_id in ids_here:
                 self._effects.duplicates += 1
                 continue
             ids_here.add(event_id)
@@ -267,8 +282,14 @@ class PartitionProcessor:
                 aggregation, plan_id = counter.aggregation, place.plan_id
                 start_text, end_text = place.period.start_text, place.period.end_text
                 late, adjustment = place.late, place.adjustment
-            if counter.applied_offset < offset:  # the record's first event in this counter
-                self._start_folding(counter, offset, record_no)
+            # The record's first event in this counter: mark the record applied.
+            if home:
+                if counter.applied_offset < offset:
+                    counter.applied_offset = offset
+                    self._start_folding(counter, record_no)
+            elif counter.applied_from.get(from_partition, -1) < offset:
+                counter.applied_from[from_partition] = offset
+                self._start_folding(counter, record_no)
             unique = dimensions.get(unique_dimension) if unique_dimension else None
             if counter.folding_record == record_no:  # not folded before (replay, re-send)
                 counter.fold(quantity, unique, event_time)
@@ -317,9 +338,9 @@ class PartitionProcessor:
         self._known_places.clear()
         self._last_period.clear()
 
-    def _start_folding(self, counter: Counter, offset: int, record_no: int) -> None:
-        """Mark `counter` as folding the record at `offset` (processed as `record_no`)."""
-        counter.applied_offset = offset
+    def _start_folding(self, counter: Counter, record_no: int) -> None:
+        """Mark `counter` as folding the record processed as `record_no` (the caller has
+        marked its offset applied)."""
         counter.folding_record = record_no
         key = (counter.tenant_id, counter.meter, counter.period_start)
         self._touched.add(key)
@@ -390,9 +411,13 @@ class PartitionProcessor:
     # --- subscriptions -----------------------------------------------------------------
 
     def process_subscription(
-        self, topic: str, offset: int, key: bytes | None, value: bytes | None
+        self, topic: str, offset: int, key: bytes | None, value: bytes | None,
+        source_partition: int | None = None,
     ) -> None:
-        """Apply subscription lifecycle events; a replayed record changes nothing."""
+        """Apply subscription lifecycle events; a replayed record changes nothing.
+        `source_partition`: as for `process_usage`."""
+        self._source = self.partition if source_partition is None else source_partition
+        other_source = None if self._source == self.partition else self._source
         tenant = key.decode("utf-8", "replace") if key else None
         try:
             items = decode_record(value)
@@ -411,11 +436,10 @@ class PartitionProcessor:
                            f"subject {event.subject!r} != key {tenant!r}", None, item)
                 continue
             current = self.subscriptions.get(event.subject)
-            if current is not None and current.applied_offset >= offset:
+            if current is not None and current.applied(other_source) >= offset:
                 continue
             new = Subscription.after(event, offset)
-            if current is not None:
-                new.trial_notified = current.trial_notified
+            new.carry_over(current, other_source, offset)
             self._set_subscription(event.subject, new)
             self._touched_subscriptions.add(event.subject)
 
@@ -433,7 +457,7 @@ class PartitionProcessor:
         index: int | None, raw: Any,
     ) -> None:
         self._effects.dead_letters.append(DeadLetter(
-            reason=reason, detail=detail, source_topic=topic, source_partition=self.partition,
+            reason=reason, detail=detail, source_topic=topic, source_partition=self._source,
             source_offset=offset, index=index, key=tenant, value=dead_letter_text(raw),
         ))
 

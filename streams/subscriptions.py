@@ -9,7 +9,7 @@ usage needs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -26,8 +26,11 @@ class Subscription:
     status: Literal["active", "trialing", "canceled"]
     cancel_at: datetime | None  # from then on the default plan applies
     trial_end: datetime | None
-    applied_offset: int
+    applied_offset: int  # the last offset applied from the owner's own (home) partition
     trial_notified: datetime | None = None  # the trial_end a trial_ending notice went for
+    # The last offset applied from each other source partition (producers whose
+    # partitioner is not Tally's: streams/processor.py).
+    applied_from: dict[int, int] = field(default_factory=dict)
 
     @classmethod
     def after(cls, event: SubscriptionEvent, offset: int) -> Subscription:
@@ -44,6 +47,26 @@ class Subscription:
         cancel_at = period.end if d.cancel_at_period_end else None
         return cls(d.plan_id, period, status, cancel_at, trial_end, offset)
 
+    def applied(self, source: int | None) -> int:
+        """The last offset applied from `source` (None: the home partition); -1 if none."""
+        return self.applied_offset if source is None else self.applied_from.get(source, -1)
+
+    def carry_over(self, before: Subscription | None, source: int | None,
+                   offset: int) -> None:
+        """Take over from the subscription this one replaces what an event does not say
+        (the trial notice sent, the offsets applied), then mark `offset` of `source` (None:
+        the home partition) applied."""
+        if before is not None:
+            self.trial_notified = before.trial_notified
+            self.applied_offset = before.applied_offset
+            self.applied_from = dict(before.applied_from)
+        elif source is not None:
+            self.applied_offset = -1
+        if source is None:
+            self.applied_offset = offset
+        else:
+            self.applied_from[source] = offset
+
     def plan_at(self, moment: datetime, default_plan: str) -> str:
         """The plan in force at `moment`."""
         if self.cancel_at is not None and moment >= self.cancel_at:
@@ -52,7 +75,7 @@ class Subscription:
 
     def to_state(self) -> dict[str, Any]:
         """The changelog form (JSON-ready)."""
-        return {
+        state: dict[str, Any] = {
             "plan_id": self.plan_id,
             "period_start": self.period.start.isoformat(),
             "period_end": self.period.end.isoformat(),
@@ -62,6 +85,9 @@ class Subscription:
             "applied_offset": self.applied_offset,
             "trial_notified": self.trial_notified.isoformat() if self.trial_notified else None,
         }
+        if self.applied_from:  # absent in the common case: the form older workers wrote
+            state["applied_from"] = {str(p): o for p, o in sorted(self.applied_from.items())}
+        return state
 
     @classmethod
     def from_state(cls, s: dict[str, Any]) -> Subscription:
@@ -77,4 +103,5 @@ class Subscription:
             trial_end=ts(s["trial_end"]),
             applied_offset=int(s["applied_offset"]),
             trial_notified=ts(s.get("trial_notified")),
+            applied_from={int(p): int(o) for p, o in s.get("applied_from", {}).items()},
         )

@@ -1,9 +1,11 @@
 """The Faust worker: the adapter around `PartitionProcessor`.
 
-Usage records reach the Faust agent as frames written by the pre-batching stage
-(streams/prebatch.py), each carrying many `tally.usage` records with their original
-offsets and timestamps, most of them already checked into compact rows; subscription
-records arrive directly.
+Usage and subscription records reach the Faust agent as frames written by the
+pre-batching stage (streams/prebatch.py) to the partition that owns their tenant, each
+carrying many source records with their source partitions, original offsets and
+timestamps, most usage records already checked into compact rows. The agent consumes
+`tally.usage.batched` only: one processor per partition of it holds every tenant that
+partition owns (docs/architecture.md, "Partition ownership").
 
 Per micro-batch (`stream.noack_take`), in this order:
 1. restore the state of every newly assigned partition from `tally.worker-state`
@@ -105,9 +107,8 @@ class Worker:
         events = [e for e in events if e.message.tp in assignment]
         # Every partition assigned is restored at once, not when its first record comes:
         # each restore pauses processing for at least two empty changelog fetches.
-        sources = (self.topics.usage_batched, self.topics.subscriptions)
-        await self._restore({tp.partition for tp in assignment if tp.topic in sources}
-                            - set(self.processors))
+        await self._restore({tp.partition for tp in assignment
+                             if tp.topic == self.topics.usage_batched} - set(self.processors))
         # A rebalance at any await below may revoke partitions: their records are then
         # left to the new owner, and neither written nor acked (were the partition given
         # back, an ack would commit records whose effects were never written).
@@ -120,19 +121,19 @@ class Worker:
                 continue
             touched[message.partition] = processor
             metrics.RECORDS.labels(message.topic).inc()
-            if message.topic == self.topics.usage_batched:
-                counted_before = processor.counted_since_drain
-                for offset, timestamp_ms, key, value, checked in frames.decode(message.value):
-                    processor.process_usage(self.topics.usage, offset, key, value, timestamp_ms,
-                                            checked)
-                _COUNTED.inc(processor.counted_since_drain - counted_before)
-                # A batch can take a second: /metrics, /healthz, /quota and the acks of
-                # earlier batches are served between its frames.
-                await asyncio.sleep(0)
-            else:
-                processor.process_subscription(
-                    message.topic, message.offset, message.key, message.value
-                )
+            counted_before = processor.counted_since_drain
+            for offset, timestamp_ms, key, value, kind, source in frames.decode(
+                    message.value, message.partition):
+                if kind == frames.SUBSCRIPTION:
+                    processor.process_subscription(self.topics.subscriptions, offset, key,
+                                                   value, source)
+                else:
+                    processor.process_usage(self.topics.usage, offset, key, value,
+                                            timestamp_ms, kind == frames.CHECKED, source)
+            _COUNTED.inc(processor.counted_since_drain - counted_before)
+            # A batch can take a second: /metrics, /healthz, /quota and the acks of
+            # earlier batches are served between its frames.
+            await asyncio.sleep(0)
         records: list[tuple[int, Send]] = []
         for p, processor in sorted(touched.items()):
             if self.processors.get(p) is not processor:
@@ -280,7 +281,7 @@ def _unknown_quota_subject(worker: Worker, view: QuotaView, tenant: str, meter: 
     pipeline has heard of it: a quota state of any meter (it has used something), or a
     subscription held by this worker's partitions. Limit: with several workers, a tenant
     that has a subscription but has never used anything is known only to the worker that
-    owns its partition; the others answer 404 until its first usage is counted.
+    owns it (`owner_partition`); the others answer 404 until its first usage is counted.
     Until the catalog and the quota states are loaded nothing is judged unknown (the
     answer is then the view's "not caught up", 503).
     """
@@ -365,7 +366,9 @@ def create_app(settings: Settings, web_port: int = 6066,
     app.tally_worker = worker  # type: ignore[attr-defined]
     # Usage arrives through the pre-batching stage (streams/prebatch.py): one Faust event
     # per frame of many records, so Faust's per-record cost does not bound throughput.
-    source = app.topic(settings.topics.usage_batched, settings.topics.subscriptions)
+    # Subscriptions come the same way, to the partition owning their tenant: the agent
+    # reads one topic.
+    source = app.topic(settings.topics.usage_batched)
 
     @app.agent(source)
     async def process(stream: Any) -> None:

@@ -1,15 +1,18 @@
 """The frame format of `tally.usage.batched` (pure): many source records in one value.
 
 A frame is MAGIC followed by entries, each a fixed header — source offset, source
-timestamp (ms), key length, value length (-1 for None), kind — then the key and value
-bytes. The kind says what the value is: the record's own value (RAW), or the rows the
-pre-batching stage checked it into (CHECKED, see `schemas.fast_usage.check_record`). The
-source offset and timestamp travel with each record so the worker's decisions (dedup,
-applied offsets, ingestion time) are exactly those it would make reading `tally.usage`
-itself.
+timestamp (ms), key length, value length (-1 for None), kind, source partition — then the
+key and value bytes. The kind says what the value is: a usage record's own value (RAW),
+the rows the pre-batching stage checked it into (CHECKED, see
+`schemas.fast_usage.check_record`), or a `tally.subscriptions` record (SUBSCRIPTION). The
+source partition, offset and timestamp travel with each record so the worker's decisions
+(dedup, applied offsets, ingestion time, dead letters) are exactly those it would make
+reading the source topics itself: a frame holds the records of every source partition
+whose tenants its partition owns (docs/architecture.md, "Partition ownership").
 
-Frames of the first format (MAGIC_RAW_ONLY: no kind, every value raw) are still read, so a
-worker upgraded while such frames wait in the topic reads them.
+Frames of the earlier formats are still read, so a worker upgraded while such frames wait
+in the topic reads them: TLB2 (no source partition) and TLB1 (no kind either, every value
+raw) held only `tally.usage` records of the frame's own partition number.
 """
 
 from __future__ import annotations
@@ -19,14 +22,16 @@ from collections.abc import Iterable, Iterator
 
 from streams.errors import StreamsError
 
-MAGIC = b"TLB2"
+MAGIC = b"TLB3"
+MAGIC_SAME_PARTITION = b"TLB2"
 MAGIC_RAW_ONLY = b"TLB1"
-_HEADER = struct.Struct(">qqiiB")
+_HEADER = struct.Struct(">qqiiBi")
+_HEADER_SAME_PARTITION = struct.Struct(">qqiiB")
 _HEADER_RAW_ONLY = struct.Struct(">qqii")
-RAW, CHECKED = 0, 1
+RAW, CHECKED, SUBSCRIPTION = 0, 1, 2
 
-# offset, timestamp_ms, key, value, whether the value is checked rows
-Entry = tuple[int, int, bytes | None, bytes | None, bool]
+# offset, timestamp_ms, key, value, kind, source partition
+Entry = tuple[int, int, bytes | None, bytes | None, int, int]
 
 
 class FrameError(StreamsError):
@@ -39,10 +44,10 @@ def entry_size(key: bytes | None, value: bytes | None) -> int:
 
 def encode(entries: Iterable[Entry]) -> bytes:
     parts = [MAGIC]
-    for offset, timestamp_ms, key, value, checked in entries:
+    for offset, timestamp_ms, key, value, kind, source_partition in entries:
         parts.append(_HEADER.pack(offset, timestamp_ms, -1 if key is None else len(key),
-                                  -1 if value is None else len(value),
-                                  CHECKED if checked else RAW))
+                                  -1 if value is None else len(value), kind,
+                                  source_partition))
         if key:
             parts.append(key)
         if value:
@@ -50,16 +55,21 @@ def encode(entries: Iterable[Entry]) -> bytes:
     return b"".join(parts)
 
 
-def decode(frame: bytes) -> Iterator[Entry]:
+def decode(frame: bytes, partition: int) -> Iterator[Entry]:
+    """The entries of a frame read from `partition` of `tally.usage.batched` (the source
+    partition of the entries of the older formats, which have none of their own)."""
     if frame.startswith(MAGIC):
-        header, has_kind = _HEADER, True
+        header = _HEADER
+    elif frame.startswith(MAGIC_SAME_PARTITION):
+        header = _HEADER_SAME_PARTITION
     elif frame.startswith(MAGIC_RAW_ONLY):
-        header, has_kind = _HEADER_RAW_ONLY, False
+        header = _HEADER_RAW_ONLY
     else:
         raise FrameError("not a Tally frame")
+    fields_known = len(header.format) - 1  # 4, 5 or 6 fields (the format starts with ">")
     unpack, header_size = header.unpack_from, header.size
     at, end = len(MAGIC), len(frame)
-    checked = False
+    kind, source = RAW, partition
     while at < end:
         if at + header_size > end:
             raise FrameError("truncated frame header")
@@ -72,8 +82,13 @@ def decode(frame: bytes) -> Iterator[Entry]:
         at += max(value_len, 0)
         if at > end:
             raise FrameError("truncated frame entry")
-        if has_kind:
-            if fields[4] not in (RAW, CHECKED):
-                raise FrameError(f"unknown entry kind {fields[4]}")
-            checked = fields[4] == CHECKED
-        yield fields[0], fields[1], key, value, checked
+        if fields_known > 4:
+            kind = fields[4]
+            if kind not in (RAW, CHECKED, SUBSCRIPTION) or (
+                    kind == SUBSCRIPTION and fields_known == 5):
+                raise FrameError(f"unknown entry kind {kind}")
+        if fields_known > 5:
+            source = fields[5]
+            if source < 0:
+                raise FrameError(f"negative source partition {source}")
+        yield fields[0], fields[1], key, value, kind, source

@@ -1,18 +1,24 @@
-"""The pre-batching stage: `tally.usage` records repacked into frames on `tally.usage.batched`.
+"""The pre-batching stage: `tally.usage` and `tally.subscriptions` records repacked into
+frames on `tally.usage.batched`, each on the partition that owns its tenant.
 
 Faust's machinery costs about the same per record whatever the record holds, so a stream
-of one-event records would be bound by it. This stage reads `tally.usage` with a plain
-aiokafka consumer (its own consumer group), packs the records of each partition into
-frames (streams/frames.py) and writes each frame to the SAME partition number of
-`tally.usage.batched`, which the Faust agent consumes. On the way it checks each record's
-events (`schemas.fast_usage.check_record`): a record whose events are all plain travels as
+of one-event records would be bound by it. This stage reads both source topics with a
+plain aiokafka consumer (its own consumer group) and packs their records into frames
+(streams/frames.py) on the partition of `tally.usage.batched` that OWNS each record's
+tenant (`runtime.kafka.owner_partition`), which the Faust agent consumes. Tally chooses
+the owner, not the producer's partitioner: a tenant's usage and subscription records meet
+in one processor whatever client published them (docs/architecture.md, "Partition
+ownership"). A record without a key keeps its source partition number (the worker
+dead-letters it). On the way it checks each usage record's events
+(`schemas.fast_usage.check_record`): a record whose events are all plain travels as
 compact checked rows, which the worker reads without checking them again; any other
 record travels as it was, and the worker decides about it.
 
 At least once, and harmless when repeated: the source offsets are committed only after
-the frames carrying them are acknowledged. A crash or rebalance before the commit makes
-the next owner send those records again; each carries its original offset, so the
-worker's applied offsets and dedup window recognise them (streams/processor.py).
+every frame carrying them is acknowledged. A crash or rebalance before the commit makes
+the next owner send those records again; each carries its source partition and original
+offset, so the worker's applied offsets and dedup window recognise them
+(streams/processor.py).
 
 `tally worker` runs this stage in a child process (`run_child`), so that it uses another
 core than the Faust agent. The child stops when its stdin closes (the worker stopped or
@@ -35,6 +41,7 @@ from aiokafka import TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError
 
 from runtime import kafka
+from runtime.kafka import owner_partition
 from runtime.settings import Settings
 from schemas.fast_usage import check_record
 from streams import frames, metrics
@@ -56,25 +63,31 @@ class PreBatchExitedError(StreamsError):
 class PreBatcher:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.source = settings.topics.usage
+        self.usage = settings.topics.usage
+        self.subscriptions = settings.topics.subscriptions
         self.target = settings.topics.usage_batched
         self._stopping = asyncio.Event()
         self.records = 0  # repacked so far
         self.checked = 0  # of which checked into rows
         self.frames = 0
+        self.owners = 1  # partitions of the target topic, read when the stage starts
 
     def stop(self) -> None:
         self._stopping.set()
 
     async def run(self) -> None:
         consumer = kafka.consumer(
-            self.settings, self.source, group_id=f"{self.settings.worker_id}-prebatch",
+            self.settings, self.usage, self.subscriptions,
+            group_id=f"{self.settings.worker_id}-prebatch",
             session_timeout_ms=4000, heartbeat_interval_ms=500,  # quick joins (DESIGN.md)
             max_poll_interval_ms=300_000,
         )
         producer = kafka.producer(self.settings, linger_ms=0)
         await consumer.start()
         await producer.start()
+        # Owners are computed modulo the target's partition count (DESIGN.md: every Tally
+        # topic has the same count; the broker's word, not the setting, is what counts).
+        self.owners = len(await producer.partitions_for(self.target))
         # Fetching goes on while the broker stores earlier frames; commits stay in order.
         in_flight: deque[asyncio.Future[None]] = deque()
         try:
@@ -98,13 +111,12 @@ class PreBatcher:
     async def _send(self, producer: Any,
                     batch: dict[TopicPartition, list[Any]]) -> list[asyncio.Future[Any]]:
         futures = []
-        for tp, records in batch.items():
-            frames_of_tp, checked = _frames(records)
-            for frame in frames_of_tp:
-                futures.append(await producer.send(self.target, value=frame,
-                                                   partition=tp.partition))
-            self.records += len(records)
-            self.checked += checked
+        by_owner, checked = _by_owner(batch, self.subscriptions, self.owners)
+        for owner, entries in sorted(by_owner.items()):
+            for frame in _frames(entries):
+                futures.append(await producer.send(self.target, value=frame, partition=owner))
+        self.records += sum(len(records) for records in batch.values())
+        self.checked += checked
         self.frames += len(futures)
         return futures
 
@@ -124,27 +136,43 @@ class PreBatcher:
             log.info("prebatch commit skipped after a rebalance: %s", e)
 
 
-def _frames(records: list[Any]) -> tuple[list[bytes], int]:
-    """Pack records (in offset order) into frames of at most MAX_FRAME_BYTES, each record
-    checked into rows if it can be (the worker's core is then spared those checks); return
-    the frames and how many records were checked."""
-    out: list[bytes] = []
+def _by_owner(batch: dict[TopicPartition, list[Any]], subscriptions_topic: str,
+              owners: int) -> tuple[dict[int, list[frames.Entry]], int]:
+    """The batch's records as frame entries per owner partition, each in its source
+    partition's offset order, usage records checked into rows where they can be (the
+    worker's core is then spared those checks); and how many were checked."""
+    by_owner: dict[int, list[frames.Entry]] = {}
     checked = 0
-    entries: list[frames.Entry] = []
+    for tp, records in batch.items():
+        is_subscription = tp.topic == subscriptions_topic
+        for r in records:
+            if is_subscription:
+                kind, value = frames.SUBSCRIPTION, r.value
+            else:
+                rows = check_record(r.key, r.value)
+                kind, value = (frames.RAW, r.value) if rows is None else (frames.CHECKED, rows)
+                checked += rows is not None
+            owner = tp.partition % owners if r.key is None else owner_partition(r.key, owners)
+            by_owner.setdefault(owner, []).append(
+                (r.offset, r.timestamp, r.key, value, kind, tp.partition))
+    return by_owner, checked
+
+
+def _frames(entries: list[frames.Entry]) -> list[bytes]:
+    """Pack entries into frames of at most MAX_FRAME_BYTES (one entry may exceed it)."""
+    out: list[bytes] = []
+    frame: list[frames.Entry] = []
     size = 0
-    for r in records:
-        rows = check_record(r.key, r.value)
-        value = r.value if rows is None else rows
-        entry_bytes = frames.entry_size(r.key, value)
-        if entries and size + entry_bytes > MAX_FRAME_BYTES:
-            out.append(frames.encode(entries))
-            entries, size = [], 0
-        entries.append((r.offset, r.timestamp, r.key, value, rows is not None))
-        checked += rows is not None
+    for entry in entries:
+        entry_bytes = frames.entry_size(entry[2], entry[3])
+        if frame and size + entry_bytes > MAX_FRAME_BYTES:
+            out.append(frames.encode(frame))
+            frame, size = [], 0
+        frame.append(entry)
         size += entry_bytes
-    if entries:
-        out.append(frames.encode(entries))
-    return out, checked
+    if frame:
+        out.append(frames.encode(frame))
+    return out
 
 
 # --- the child process ----------------------------------------------------------------

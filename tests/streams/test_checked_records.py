@@ -145,15 +145,26 @@ def test_rows_read_back_as_the_events_and_items_they_came_from(as_batch: bool) -
     assert [e.dimensions for e in events] == [{}, {"user": "u1"}, {}]
 
 
-def test_frames_carry_each_entry_with_its_kind_and_read_the_first_format_too() -> None:
-    entries: list[frames.Entry] = [(7, 1000, b"t", b"[1]", True), (8, 1001, None, None, False),
-                                   (9, 1002, b"", b"{}", False)]
-    assert list(frames.decode(frames.encode(entries))) == entries
-    old = frames.MAGIC_RAW_ONLY + b"".join(
+def test_frames_carry_each_entry_with_its_kind_and_source_and_read_older_formats() -> None:
+    entries: list[frames.Entry] = [
+        (7, 1000, b"t", b"[1]", frames.CHECKED, 3), (8, 1001, None, None, frames.RAW, 0),
+        (9, 1002, b"", b"{}", frames.RAW, 2), (4, 1003, b"s", b"{}", frames.SUBSCRIPTION, 1)]
+    assert list(frames.decode(frames.encode(entries), 5)) == entries
+    # The older formats held usage records of the frame's own partition only.
+    raw_only = frames.MAGIC_RAW_ONLY + b"".join(
         frames._HEADER_RAW_ONLY.pack(o, t, len(k), len(v)) + k + v
         for o, t, k, v in [(1, 2, b"k", b"v"), (3, 4, b"", b"w")])
-    assert list(frames.decode(old)) == [(1, 2, b"k", b"v", False), (3, 4, b"", b"w", False)]
+    assert list(frames.decode(raw_only, 5)) == [(1, 2, b"k", b"v", frames.RAW, 5),
+                                                (3, 4, b"", b"w", frames.RAW, 5)]
+    same_partition = frames.MAGIC_SAME_PARTITION + b"".join(
+        frames._HEADER_SAME_PARTITION.pack(o, t, len(k), len(v), kind) + k + v
+        for o, t, k, v, kind in [(1, 2, b"k", b"v", frames.CHECKED), (3, 4, b"", b"w", 0)])
+    assert list(frames.decode(same_partition, 6)) == [(1, 2, b"k", b"v", frames.CHECKED, 6),
+                                                      (3, 4, b"", b"w", frames.RAW, 6)]
+    with pytest.raises(frames.FrameError):  # the older formats carried no subscriptions
+        list(frames.decode(frames.MAGIC_SAME_PARTITION
+                           + frames._HEADER_SAME_PARTITION.pack(1, 2, 0, 0, 2), 0))
     with pytest.raises(frames.FrameError):
-        list(frames.decode(b"XXXX"))
+        list(frames.decode(b"XXXX", 0))
     with pytest.raises(frames.FrameError):
-        list(frames.decode(frames.encode(entries)[:-1]))
+        list(frames.decode(frames.encode(entries)[:-1], 0))

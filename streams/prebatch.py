@@ -143,7 +143,9 @@ def _by_owner(batch: dict[TopicPartition, list[Any]], subscriptions_topic: str,
     worker's core is then spared those checks); and how many were checked."""
     by_owner: dict[int, list[frames.Entry]] = {}
     checked = 0
-    for tp, records in batch.items():
+    # Subscription records first: usage published after a subscription change and fetched
+    # with it is then placed under it. (Across fetches the topics are read as they come.)
+    for tp, records in sorted(batch.items(), key=lambda item: item[0].topic != subscriptions_topic):
         is_subscription = tp.topic == subscriptions_topic
         for r in records:
             if is_subscription:

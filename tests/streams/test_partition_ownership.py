@@ -179,3 +179,28 @@ def test_the_owner_is_the_default_partitioner_s_choice() -> None:
     assert [owner_partition(key, 1 << 31) for key in keys] == [
         -973932308 & 0x7FFFFFFF, -790332482 & 0x7FFFFFFF, -985981536 & 0x7FFFFFFF]
     assert {owner_partition(f"tenant-{i}".encode(), 4) for i in range(50)} == {0, 1, 2, 3}
+
+
+def test_the_upgrade_re_read_of_subscriptions_from_the_earliest_changes_nothing() -> None:
+    """An upgraded worker's pre-batching group has no offsets on `tally.subscriptions`
+    yet and reads it from the start: records its state already applied (home records,
+    in the state an older worker wrote) change nothing; one a librdkafka producer had put
+    on another partition reaches its owner."""
+    p = PartitionProcessor(HOME, CATALOG, ProcessorConfig())
+    log = [_value("subscription", "t1", "starter"), _value("subscription", "t2", "pro"),
+           _value("subscription", "t1", "pro")]
+    for offset, value in enumerate(log):
+        p.process_subscription(SUBSCRIPTIONS, offset, b"t2" if offset == 1 else b"t1", value)
+    p.process_usage(USAGE, 0, b"t1", _value("usage", "t1", [0]), ms(NOW))
+    old_state = p.drain().changelog
+    upgraded = _restored(old_state)
+    for offset, value in enumerate(log):  # the re-read, from the earliest
+        upgraded.process_subscription(SUBSCRIPTIONS, offset, b"t2" if offset == 1 else b"t1",
+                                      value)
+    upgraded.process_subscription(SUBSCRIPTIONS, 0, b"t3", _value("subscription", "t3", "pro"),
+                                  1)
+    effects = upgraded.drain()
+    assert [key for key, _ in effects.changelog if key.startswith("s/")] == ["s/t3"]
+    assert effects.dead_letters == [] and effects.notifications == []
+    assert {t: s.plan_id for t, s in upgraded.subscriptions.items()} == {
+        "t1": "pro", "t2": "pro", "t3": "pro"}

@@ -7,12 +7,10 @@ effects it drains, and only then acknowledges the records. What a subscription e
 to a tenant's subscription is in streams/subscriptions.py; the reasons and text of dead
 letters in streams/dead_letters.py.
 
-A processor owns the tenants that `runtime.kafka.owner_partition` maps to its partition,
-whatever source partitions their records come from (docs/architecture.md, "Partition
-ownership"). Records of the source partition with its own number (the HOME partition:
-every record, for producers with the default partitioner Tally's SDK uses) are kept
-exactly as when a processor read only that partition; records of other source partitions
-(a producer with another partitioner) are kept apart per source partition.
+A processor owns the tenants `runtime.kafka.owner_partition` maps to its partition,
+whatever source partition their records come from (docs/architecture.md, "Partition
+ownership"): the state of records from the partition of its own number (HOME) is kept as
+when it read only that one; other source partitions' is kept apart per partition.
 
 Exactly-once effect over at-least-once delivery rests on two facts kept here:
 1. a counter remembers the last source offset folded into it, so a replayed record is

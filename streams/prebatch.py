@@ -85,8 +85,8 @@ class PreBatcher:
         producer = kafka.producer(self.settings, linger_ms=0)
         await consumer.start()
         await producer.start()
-        # Owners are computed modulo the target's partition count (DESIGN.md: every Tally
-        # topic has the same count; the broker's word, not the setting, is what counts).
+        # Owners are computed modulo the target's partition count as the broker has it
+        # (topics made before a change of TALLY_PARTITIONS keep their count).
         self.owners = len(await producer.partitions_for(self.target))
         # Fetching goes on while the broker stores earlier frames; commits stay in order.
         in_flight: deque[asyncio.Future[None]] = deque()

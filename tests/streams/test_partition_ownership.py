@@ -204,3 +204,32 @@ def test_the_upgrade_re_read_of_subscriptions_from_the_earliest_changes_nothing(
     assert effects.dead_letters == [] and effects.notifications == []
     assert {t: s.plan_id for t, s in upgraded.subscriptions.items()} == {
         "t1": "pro", "t2": "pro", "t3": "pro"}
+
+
+def test_the_pre_batching_stage_sends_each_record_to_its_tenant_s_owner() -> None:
+    from aiokafka import TopicPartition
+    from aiokafka.structs import ConsumerRecord
+
+    from streams import frames
+    from streams.prebatch import _by_owner
+
+    def rec(topic: str, partition: int, offset: int, key: bytes | None,
+            value: bytes) -> ConsumerRecord[bytes, bytes]:
+        return ConsumerRecord(topic, partition, offset, 1000 + offset, 0, key, value, None,
+                              len(key or b""), len(value), [])
+
+    owner = owner_partition(b"t1", SOURCES)
+    other = (owner + 1) % SOURCES
+    good = _value("usage", "t1", [1])
+    batch = {
+        TopicPartition(USAGE, other): [rec(USAGE, other, 5, b"t1", good),
+                                       rec(USAGE, other, 6, None, b"x")],
+        TopicPartition(SUBSCRIPTIONS, other): [rec(SUBSCRIPTIONS, other, 2, b"t1", b"{}")],
+    }
+    by_owner, checked = _by_owner(batch, SUBSCRIPTIONS, SOURCES)
+    assert checked == 1
+    assert [(e[0], e[2], e[4], e[5]) for e in by_owner[owner]] == [
+        (2, b"t1", frames.SUBSCRIPTION, other),  # subscriptions of a fetch go first
+        (5, b"t1", frames.CHECKED, other)]
+    assert [(e[0], e[2], e[4], e[5]) for e in by_owner[other]] == [
+        (6, None, frames.RAW, other)]  # no key: its source partition number

@@ -1,0 +1,40 @@
+"""The log watch's judgement (streams/log_watch.py): a log whose start moved back, or whose
+first record changed, is another log; one whose start moved forward is the same one."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from streams.log_watch import Mark, judge, mark_of
+
+marks = st.builds(Mark, st.integers(0, 10**9), st.integers(0, 2**41), st.integers(0, 2**32 - 1))
+
+
+def test_the_same_first_record_is_the_same_log() -> None:
+    first = mark_of(0, 1_700_000_000_000, b"acme", b"frame")
+    assert judge(first, mark_of(0, 1_700_000_000_000, b"acme", b"frame")) is None
+
+
+def test_a_new_first_record_at_the_same_offset_is_another_log() -> None:
+    before = mark_of(0, 1_700_000_000_000, b"acme", b"frame")
+    assert judge(before, mark_of(0, 1_700_000_000_500, b"acme", b"frame")) is not None
+    assert judge(before, mark_of(0, 1_700_000_000_000, b"acme", b"other")) is not None
+    assert judge(before, mark_of(0, 1_700_000_000_000, b"globex", b"frame")) is not None
+
+
+def test_a_start_moved_back_is_another_log() -> None:
+    assert judge(Mark(120, 5, 7), Mark(0, 9, 7)) is not None
+
+
+@given(marks, st.integers(1, 10**6), st.integers(0, 2**41), st.integers(0, 2**32 - 1))
+def test_a_start_moved_forward_by_retention_is_the_same_log(
+        before: Mark, gone: int, timestamp: int, checksum: int) -> None:
+    assert judge(before, Mark(before.offset + gone, timestamp, checksum)) is None
+
+
+@given(marks, marks)
+def test_nothing_is_judged_without_both_marks(a: Mark, b: Mark) -> None:
+    assert judge(None, a) is None
+    assert judge(b, None) is None
+    assert (judge(a, b) is None) == (b.offset > a.offset or a == b)

@@ -34,6 +34,7 @@ from typing import Any
 
 import faust
 from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -47,8 +48,11 @@ from streams import frames, metrics, prebatch
 from streams.errors import StateRecoveryError
 from streams.faust_transport import App
 from streams.faust_transport import Worker as FaustWorker
+from streams.log_watch import LogWatch
+from streams.prebatch import PreBatchExitedError
 from streams.processor import Effects, PartitionProcessor, ProcessorConfig, counter_key
 from streams.quota_view import QuotaView, parse_quota_query
+from streams.restart import count_carried_restarts, restart_in_place
 
 log = logging.getLogger(__name__)
 
@@ -248,15 +252,37 @@ async def _ack_when_durable(stream: Any, events: list[Any],
         await stream.ack(event)
 
 
-async def _fail(app: faust.App, error: Exception) -> None:
-    """Crash the whole worker (exit code 1) rather than live on with a dead agent.
+# Broker trouble (the broker restarting, a leader moving, a request timing out, the
+# pre-batching child dying of it): a restart in place after this backoff, which replays
+# whatever was not acked. Anything else is a defect: the worker exits.
+BROKER_TROUBLE = (KafkaError, OSError, TimeoutError, PreBatchExitedError, StateRecoveryError)
+RESTART_DELAY_SECONDS = 2.0
 
-    Nothing was acknowledged for the failed batch, so a restarted worker (the supervisor's
-    job) processes it again.
+
+async def _fail(app: faust.App, error: Exception) -> None:
+    """Restart in place on broker trouble; otherwise crash the whole worker (exit code 1)
+    rather than live on with a dead agent.
+
+    Nothing was acknowledged for the failed batch, so the worker started again (in place,
+    or by the supervisor) processes it again.
     """
+    if isinstance(error, BROKER_TROUBLE):
+        log.error("worker: broker trouble, restarting in place: %r", error)
+        restart_in_place("broker_error", RESTART_DELAY_SECONDS)
     log.critical("worker failed, exiting: %r", error, exc_info=error)
     await app.crash(error)
     raise error
+
+
+async def _log_lost(why: str) -> None:
+    """Policy for a log the broker lost (streams/log_watch.py): count it, say it once and
+    start again in place. The new image holds no state, restores from the changelog what
+    the broker has now (nothing, after an empty restart) and reads the new logs from the
+    group offsets the broker has (none: from their start)."""
+    metrics.OFFSETS_OUTSIDE_LOG.inc()
+    log.error("worker: the broker lost a log this worker had read (%s); dropping every state"
+              " and position and starting again from what the broker holds now", why)
+    restart_in_place("log_lost", 0)
 
 
 def _refuse_quota(tokens: Tokens, authorization: str | None, tenant: str
@@ -326,6 +352,7 @@ def create_app(settings: Settings, web_port: int = 6066,
     without one, /quota answers no one). Faust's own pages (/router, /table, statistics)
     are off: they would answer anyone.
     """
+    count_carried_restarts()
     tokens = load_tokens(settings.tokens_file)
     if not len(tokens):
         log.warning("no tokens (TALLY_TOKENS_FILE): GET /quota refuses every request")
@@ -399,6 +426,16 @@ def create_app(settings: Settings, web_port: int = 6066,
     async def follow_catalog() -> None:
         try:
             await worker.catalog_follower.run()
+        except Exception as e:
+            await _fail(app, e)
+
+    @app.task  # type: ignore[untyped-decorator]
+    async def watch_logs() -> None:
+        t = settings.topics
+        watch = LogWatch(settings, [t.usage, t.subscriptions, t.usage_batched, t.worker_state],
+                         settings.worker_log_check_seconds, _log_lost)
+        try:
+            await watch.run()
         except Exception as e:
             await _fail(app, e)
 

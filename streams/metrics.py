@@ -24,3 +24,11 @@ PREBATCH_CHECKED = Counter(
 )
 PREBATCH_FRAMES = Counter("tally_worker_prebatch_frames_total", "Frames written")
 CATALOG_PLANS = Gauge("tally_worker_catalog_plans", "Plans in the catalog the worker uses")
+OFFSETS_OUTSIDE_LOG = Counter(
+    "tally_worker_offsets_outside_log_total",
+    "Times the worker found a log it had read lost by the broker (restarted empty, topic "
+    "recreated) and started again from what the broker holds (streams/log_watch.py)",
+)
+RESTARTS = Counter("tally_worker_restarts_total",
+                   "Restarts of the worker in place, by reason (log_lost, broker_error)",
+                   ["reason"])

@@ -87,6 +87,9 @@ class Worker:
         # before the batch is acked, so Faust's flush-before-commit is not needed for them.
         self.producer: AIOKafkaProducer | None = None
         self._sending: asyncio.Future[list[asyncio.Future[Any]]] | None = None
+        # The next offset of each partition held to process (the log watch's measure of
+        # progress, streams/log_watch.py).
+        self.positions: dict[int, int] = {}
 
     def _on_catalog(self, catalog: Catalog) -> None:
         metrics.CATALOG_PLANS.set(len(catalog.plans))
@@ -97,6 +100,14 @@ class Worker:
         """Drop the state of revoked partitions; it is restored if they come back."""
         for p in partitions:
             self.processors.pop(p, None)
+            self.positions.pop(p, None)
+
+    def progress(self) -> dict[int, int]:
+        """The positions of the partitions held, once there is a catalog to count with (a
+        worker waiting for one is not stalled)."""
+        if not self.catalog_follower.ready.is_set():
+            return {}
+        return {p: o for p, o in self.positions.items() if p in self.processors}
 
     async def handle(
         self, events: list[Any],
@@ -124,6 +135,7 @@ class Worker:
             if processor is None:  # revoked during the restore
                 continue
             touched[message.partition] = processor
+            self.positions[message.partition] = message.offset + 1
             metrics.RECORDS.labels(message.topic).inc()
             counted_before = processor.counted_since_drain
             for offset, timestamp_ms, key, value, kind, source in frames.decode(
@@ -257,6 +269,9 @@ async def _ack_when_durable(stream: Any, events: list[Any],
 # whatever was not acked. Anything else is a defect: the worker exits.
 BROKER_TROUBLE = (KafkaError, OSError, TimeoutError, PreBatchExitedError, StateRecoveryError)
 RESTART_DELAY_SECONDS = 2.0
+# A held partition whose log goes on while the worker's position stays this long is
+# stalled: far longer than a batch or a restore takes.
+STALL_SECONDS = 60.0
 
 
 async def _fail(app: faust.App, error: Exception) -> None:
@@ -266,7 +281,7 @@ async def _fail(app: faust.App, error: Exception) -> None:
     Nothing was acknowledged for the failed batch, so the worker started again (in place,
     or by the supervisor) processes it again.
     """
-    if isinstance(error, BROKER_TROUBLE):
+    if isinstance(error, BROKER_TROUBLE) and not app.should_stop:  # not when stopping
         log.error("worker: broker trouble, restarting in place: %r", error)
         restart_in_place("broker_error", RESTART_DELAY_SECONDS)
     log.critical("worker failed, exiting: %r", error, exc_info=error)
@@ -274,15 +289,18 @@ async def _fail(app: faust.App, error: Exception) -> None:
     raise error
 
 
-async def _log_lost(why: str) -> None:
-    """Policy for a log the broker lost (streams/log_watch.py): count it, say it once and
-    start again in place. The new image holds no state, restores from the changelog what
-    the broker has now (nothing, after an empty restart) and reads the new logs from the
-    group offsets the broker has (none: from their start)."""
-    metrics.OFFSETS_OUTSIDE_LOG.inc()
-    log.error("worker: the broker lost a log this worker had read (%s); dropping every state"
-              " and position and starting again from what the broker holds now", why)
-    restart_in_place("log_lost", 0)
+async def _log_lost(reason: str, why: str) -> None:
+    """Policy for a log the broker lost, or a partition stalled (streams/log_watch.py):
+    count it, say it once and start again in place. The new image holds no state,
+    restores from the changelog what the broker has now (nothing, after an empty restart)
+    and reads the logs from the group offsets the broker has (none: from their start)."""
+    if reason == "log_lost":
+        metrics.OFFSETS_OUTSIDE_LOG.inc()
+        log.error("worker: the broker lost a log this worker had read (%s); dropping every"
+                  " state and position and starting again from what the broker holds now", why)
+    else:
+        log.error("worker: stalled (%s); starting again from what the broker holds", why)
+    restart_in_place(reason, 0)
 
 
 def _refuse_quota(tokens: Tokens, authorization: str | None, tenant: str
@@ -433,7 +451,8 @@ def create_app(settings: Settings, web_port: int = 6066,
     async def watch_logs() -> None:
         t = settings.topics
         watch = LogWatch(settings, [t.usage, t.subscriptions, t.usage_batched, t.worker_state],
-                         settings.worker_log_check_seconds, _log_lost)
+                         settings.worker_log_check_seconds, _log_lost, t.usage_batched,
+                         worker.progress, STALL_SECONDS)
         try:
             await watch.run()
         except Exception as e:

@@ -30,5 +30,5 @@ OFFSETS_OUTSIDE_LOG = Counter(
     "recreated) and started again from what the broker holds (streams/log_watch.py)",
 )
 RESTARTS = Counter("tally_worker_restarts_total",
-                   "Restarts of the worker in place, by reason (log_lost, broker_error)",
+                   "Restarts of the worker in place, by reason (log_lost, broker_error, stalled)",
                    ["reason"])

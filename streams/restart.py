@@ -26,7 +26,7 @@ from streams import metrics
 log = logging.getLogger(__name__)
 
 CARRIED = "TALLY_WORKER_RESTARTS"  # e.g. {"log_lost": 1, "broker_error": 2}
-REASONS = ("log_lost", "broker_error")  # the metrics' fixed label values
+REASONS = ("log_lost", "broker_error", "stalled")  # the metrics' fixed label values
 
 
 def carried_restarts() -> dict[str, int]:

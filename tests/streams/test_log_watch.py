@@ -6,7 +6,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from streams.log_watch import Mark, judge, mark_of
+from streams.log_watch import Mark, Waiting, judge, mark_of, waiting
 
 marks = st.builds(Mark, st.integers(0, 10**9), st.integers(0, 2**41), st.integers(0, 2**32 - 1))
 
@@ -38,3 +38,19 @@ def test_nothing_is_judged_without_both_marks(a: Mark, b: Mark) -> None:
     assert judge(None, a) is None
     assert judge(b, None) is None
     assert (judge(a, b) is None) == (b.offset > a.offset or a == b)
+
+
+def test_a_position_behind_the_end_waits_from_when_it_last_moved() -> None:
+    first = waiting(None, 10, 50, now=100.0)
+    assert first == Waiting(10, 100.0)
+    assert waiting(first, 10, 80, now=130.0) == Waiting(10, 100.0)  # stuck: still from 100
+    assert waiting(first, 20, 80, now=130.0) == Waiting(20, 130.0)  # it moved: from now
+
+
+@given(st.integers(0, 10**9), st.integers(0, 10**9), st.floats(0, 1e6))
+def test_a_position_at_or_past_the_reported_end_never_waits(
+        position: int, short: int, now: float) -> None:
+    # Tansu reports ends short of the last record: an end at or below the position is
+    # taken for "nothing to read", never for a stall.
+    end = max(0, position - short)
+    assert waiting(Waiting(position, 0.0), position, end, now) is None

@@ -1,8 +1,13 @@
 """`tally worker` through a broker that comes back empty (issue 17, item 4): every event
 published after the restart reaches the ledger once, and the worker's counters for the
 period are those of what was published after it (what the lost log held is gone with
-it). Runs its own Tansu (memory-only: a restart is an empty one), so the session's
-broker is untouched."""
+it), the alarm is counted, and the worker never exits. Runs its own Tansu (memory-only:
+a restart is an empty one), so the session's broker is untouched.
+
+Before the fix (three runs on the integration branch) the ledger and the counters came
+out right in this scenario and only the alarm was missing: the crash loops and losses
+the fault harness saw on the code before partition ownership did not reproduce here.
+The test guards the alarm and the exact result through the worker's restart in place."""
 
 from __future__ import annotations
 

@@ -28,6 +28,11 @@ From = Annotated[datetime | None, Query(alias="from", description="start, inclus
 To = Annotated[datetime | None, Query(description="end, exclusive (default: now)")]
 ERRORS: dict[int | str, dict[str, object]] = {
     code: {"model": models.ErrorBody} for code in (400, 401, 403, 404, 503)}
+# Which tenants are "unknown", said once for the routes' descriptions.
+NEW_TENANTS = ("A tenant id that breaks the tenant id rules is a 400. A valid id the "
+               "pipeline has never heard of (no usage, no subscription) is not unknown "
+               "here: it is on the catalog's default plan, as the worker counts its first "
+               "event and billing bills it, so its features and limits are that plan's.")
 
 
 async def known_tenant(conn: ConnDep, tenant: str) -> None:
@@ -93,7 +98,8 @@ async def query_meter(
 async def current_usage(caller: CallerDep, catalog: CatalogDep, conn: ConnDep,
                         rt: RuntimeDep, tenant: Tenant) -> models.UsageCycle:
     """Each meter's usage in the current cycle against its allowance and hard limit, its
-    quota state, and the charges so far, rated by the billing model."""
+    quota state, and the charges so far, rated by the billing model. A valid tenant id
+    with no usage and no subscription has no cycle to show: 404 (a bad id: 400)."""
     caller.require_read(tenant)
     await known_tenant(conn, tenant)
     return await charges.current_cycle(conn, catalog, tenant, rt.clock())
@@ -112,7 +118,9 @@ async def usage_history(caller: CallerDep, catalog: CatalogDep, conn: ConnDep,
 
 
 @router.get("/tenants/{tenant}/features/{feature}", response_model=models.Feature,
-            responses=ERRORS, tags=["usage"])
+            responses=ERRORS, tags=["usage"], description=(
+                "Whether the tenant's plan in force has `feature` (a feature no plan of "
+                "the catalog has: 404). " + NEW_TENANTS))
 async def feature(caller: CallerDep, catalog: CatalogDep, conn: ConnDep, rt: RuntimeDep,
                   tenant: Tenant,
                   feature: Annotated[str, Path(pattern=NAME_PATTERN)]) -> models.Feature:
@@ -134,7 +142,9 @@ def _decision(d: Decision) -> models.EntitlementDecision:
 
 
 @router.post("/entitlements/check", response_model=models.EntitlementDecision,
-             responses=ERRORS, tags=["entitlements"])
+             responses=ERRORS, tags=["entitlements"],
+             description="Would this use be allowed now? Records nothing (scope `quota`). "
+             + NEW_TENANTS)
 async def check(caller: CallerDep, rt: RuntimeDep,
                 request: models.EntitlementRequest) -> models.EntitlementDecision:
     """Would this use be allowed now? Records nothing (scope `quota`)."""
@@ -148,7 +158,11 @@ async def check(caller: CallerDep, rt: RuntimeDep,
 @router.post("/entitlements/consume", response_model=models.EntitlementDecision,
              responses={**ERRORS, 402: {"model": models.EntitlementDecision,
                                         "description": "refused: over the hard limit"}},
-             tags=["entitlements"])
+             tags=["entitlements"], description=(
+                 "Check and record as one step (scope `usage`): an allowed use is published "
+                 "as a usage event, idempotent by `id`; a refused one records nothing and "
+                 "answers 402 with the limit and the usage. Concurrent consumers never pass "
+                 "a hard limit. " + NEW_TENANTS))
 async def consume(caller: CallerDep, rt: RuntimeDep, request: models.EntitlementRequest
                   ) -> models.EntitlementDecision | JSONResponse:
     """Check and record as one step (scope `usage`): an allowed use is published as a

@@ -28,6 +28,14 @@ From = Annotated[datetime | None, Query(alias="from", description="start, inclus
 To = Annotated[datetime | None, Query(description="end, exclusive (default: now)")]
 ERRORS: dict[int | str, dict[str, object]] = {
     code: {"model": models.ErrorBody} for code in (400, 401, 403, 404, 503)}
+ENTITLEMENT_ERRORS: dict[int | str, dict[str, object]] = {
+    **ERRORS, 422: {"model": models.ErrorBody, "description": "a unique_count meter's use "
+                    "without the meter's unique dimension"}}
+KINDS_RULE = (" What passes a hard limit depends on the meter's aggregation: sum, the usage "
+              "plus the quantity; count, the usage plus one; max, the greater of the peak "
+              "and the quantity; latest, the quantity; unique_count, the usage plus one when "
+              "the value of the meter's unique dimension (in `dimensions`, required: else "
+              "422) is new in the period, else the usage.")
 # Which tenants are "unknown", said once for the routes' descriptions.
 NEW_TENANTS = ("A tenant id that breaks the tenant id rules is a 400. A valid id the "
                "pipeline has never heard of (no usage, no subscription) is not unknown "
@@ -142,27 +150,28 @@ def _decision(d: Decision) -> models.EntitlementDecision:
 
 
 @router.post("/entitlements/check", response_model=models.EntitlementDecision,
-             responses=ERRORS, tags=["entitlements"],
+             responses=ENTITLEMENT_ERRORS, tags=["entitlements"],
              description="Would this use be allowed now? Records nothing (scope `quota`). "
-             + NEW_TENANTS)
+             + NEW_TENANTS + KINDS_RULE)
 async def check(caller: CallerDep, rt: RuntimeDep,
                 request: models.EntitlementRequest) -> models.EntitlementDecision:
     """Would this use be allowed now? Records nothing (scope `quota`)."""
     caller.require(request.tenant, "quota", "usage", "admin")
-    if request.id is not None or request.dimensions:
-        raise BadRequest("a check records nothing: it takes no id and no dimensions")
-    decision = await rt.entitlements.check(request.tenant, request.meter, request.quantity)
+    if request.id is not None:
+        raise BadRequest("a check records nothing: it takes no id")
+    decision = await rt.entitlements.check(request.tenant, request.meter, request.quantity,
+                                           dict(request.dimensions))
     return _decision(replace(decision, quantity=request.quantity))
 
 
 @router.post("/entitlements/consume", response_model=models.EntitlementDecision,
-             responses={**ERRORS, 402: {"model": models.EntitlementDecision,
+             responses={**ENTITLEMENT_ERRORS, 402: {"model": models.EntitlementDecision,
                                         "description": "refused: over the hard limit"}},
              tags=["entitlements"], description=(
                  "Check and record as one step (scope `usage`): an allowed use is published "
                  "as a usage event, idempotent by `id`; a refused one records nothing and "
                  "answers 402 with the limit and the usage. Concurrent consumers never pass "
-                 "a hard limit. " + NEW_TENANTS))
+                 "a hard limit. " + NEW_TENANTS + KINDS_RULE))
 async def consume(caller: CallerDep, rt: RuntimeDep, request: models.EntitlementRequest
                   ) -> models.EntitlementDecision | JSONResponse:
     """Check and record as one step (scope `usage`): an allowed use is published as a

@@ -1,0 +1,6 @@
+-- Entitlement consumes of every meter kind (api/entitlements.py, domain/meters.py): a
+-- unique_count meter's use is new or not by its unique value, so a reservation keeps the
+-- value of the meter's unique dimension (NULL for the other kinds). The quantity of a
+-- reservation is now the use's quantity for every kind (a count meter's was 1: its kind
+-- now counts reservations, not their quantities, so the rows already there still agree).
+ALTER TABLE tally.entitlement_reservations ADD COLUMN unique_value text;

@@ -1,7 +1,7 @@
 """What the API's routes share while it serves: the Postgres pool, the plan catalog
 (followed on the compacted plans topic, as the worker does), the producer SDK client that
-publishes consumed entitlements, the entitlement owner and the clock; and the FastAPI
-dependencies that hand them to a route."""
+publishes consumed entitlements, the entitlement owner, its reservation sweeper and the
+clock; and the FastAPI dependencies that hand them to a route."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from api.entitlements import Entitlements
 from api.errors import Unavailable
+from api.sweeper import run_sweeper
 from producers import ProducerOptions, UsageProducer, build_usage_event
 from runtime.plans import CatalogFollower
 from runtime.postgres import AsyncConnection
@@ -65,6 +66,8 @@ class Context:
         await self.pool.open()
         await self.producer.start()
         self._tasks.append(asyncio.create_task(self._follow()))
+        self._tasks.append(asyncio.create_task(run_sweeper(self.settings,
+                                                           self.pool.connection)))
 
     async def _follow(self) -> None:
         while True:  # the broker may be down at start or go away: keep trying

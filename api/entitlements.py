@@ -79,7 +79,7 @@ from domain.periods import Period
 from runtime.postgres import AsyncConnection
 from schemas.plans import Catalog
 
-_LOCK_SPACE = 0x7A11_0090  # the advisory-lock key space of entitlement decisions
+LOCK_SPACE = 0x7A11_0090  # the advisory-lock key space of entitlement decisions
 
 
 @dataclass(frozen=True)
@@ -152,7 +152,7 @@ class Entitlements:
         catalog, unique = self._spec(meter, dimensions)
         async with self._lock(tenant, meter), self._connect() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))",
-                               (_LOCK_SPACE, f"{tenant}/{meter}"))
+                               (LOCK_SPACE, f"{tenant}/{meter}"))
             now = self._clock()
             earlier = await _reserved_at(conn, tenant, event_id)
             if earlier is not None:
@@ -203,9 +203,11 @@ def _duplicate(decision: Decision, quantity: Decimal, event_id: str) -> Decision
 
 
 async def _reserved_at(conn: AsyncConnection, tenant: str, event_id: str) -> datetime | None:
+    """The time of `event_id`'s reservation, if there is one; a retry touches it, so that
+    the sweeper leaves it alone while the retry publishes (api/sweeper.py)."""
     found = await queries.value(
-        conn, "SELECT event_time FROM tally.entitlement_reservations"
-        " WHERE tenant_id = %s AND event_id = %s", (tenant, event_id))
+        conn, "UPDATE tally.entitlement_reservations SET touched_at = now()"
+        " WHERE tenant_id = %s AND event_id = %s RETURNING event_time", (tenant, event_id))
     return found if isinstance(found, datetime) else None
 
 

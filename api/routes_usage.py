@@ -118,7 +118,11 @@ async def current_usage(caller: CallerDep, catalog: CatalogDep, conn: ConnDep,
 async def usage_history(caller: CallerDep, catalog: CatalogDep, conn: ConnDep,
                         rt: RuntimeDep, tenant: Tenant,
                         cycles: Annotated[int, Query(ge=1, le=36)] = 3) -> models.UsageHistory:
-    """The last `cycles` cycles before the current one, with quantities and amounts."""
+    """The last `cycles` cycles before the current one, with quantities and amounts. With a
+    subscription Tally invoices, each cycle's amounts are its invoice's usage and minimum
+    lines (plan slices, upgrades inside the cycle, trials, minimums); an ended cycle whose
+    invoice is not due yet is rated on what is counted now. Otherwise, per stored period
+    under the plan the worker counted it in."""
     caller.require_read(tenant)
     await known_tenant(conn, tenant)
     return models.UsageHistory(tenant=tenant, cycles=await charges.past_cycles(

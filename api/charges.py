@@ -208,7 +208,7 @@ async def current_cycle(conn: AsyncConnection, catalog: Catalog, tenant: str, no
     if billed is not None:
         return billed
     standing = await tenant_plan(conn, catalog, tenant, now)
-    used = {row.meter: row.quantity for row in await queries.usage_at(conn, tenant, now)
+    used = {row.meter: row.quantity for row in standing.usage
             if row.period_start == standing.period.start}
     return _cycle(catalog, tenant, standing.plan_id, standing.period, used)
 

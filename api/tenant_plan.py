@@ -29,6 +29,7 @@ class TenantPlan:
     plan: Plan
     period: Period
     subscription: queries.SubscriptionRow | None
+    usage: tuple[queries.PeriodUsage, ...] = ()  # each meter's, in the period containing now
 
 
 def period_of(subscription: queries.SubscriptionRow | None, now: datetime) -> Period:
@@ -58,4 +59,5 @@ async def tenant_plan(conn: AsyncConnection, catalog: Catalog, tenant: str, now:
             period = Period(row.period_start, row.period_end)
             plan_id = catalog.plan(row.plan_id)[0]
             break
-    return TenantPlan(tenant, plan_id, catalog.plans[plan_id], period, subscription)
+    return TenantPlan(tenant, plan_id, catalog.plans[plan_id], period, subscription,
+                      tuple(usage))

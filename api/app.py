@@ -2,7 +2,8 @@
 answers.
 
 Everything is under `/v1`; the OpenAPI document is `/openapi.json`; `/healthz` answers 200
-once the plan catalog is loaded. What the routes share is `api.context.Context`.
+once the plan catalog is loaded; `/metrics` is for Prometheus. What the routes share is
+`api.context.Context`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from typing import Any
 import psycopg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from psycopg_pool import PoolTimeout
 
 from api import routes_admin, routes_billing, routes_usage
@@ -57,6 +59,10 @@ def create_app(settings: Settings, clock: Clock = utc_now) -> FastAPI:
     async def health() -> JSONResponse:
         ready = runtime.follower.catalog is not None
         return JSONResponse({"ok": ready}, status_code=200 if ready else 503)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError) -> JSONResponse:

@@ -1,13 +1,22 @@
 """A tenant's usage per cycle with what it costs, rated by the billing model of `domain/`.
 
-Each meter's quantity, allowance, hard limit and quota state come from the read models;
-the amount of a billed meter (finite `included`, an `overage` price) is the pricing of
-`domain.rating.overage_charge` on the part above the allowance, rounded once per line as
-on invoices (`domain.usage_charges.round_line`).
+A tenant with a subscription Tally invoices is rated as its invoices are (docs/billing.md:
+plan slices, upgrades inside a cycle, trials, minimums): the current cycle by
+`rate_cycle_usage` with `now` as the cutoff, each past cycle by its invoice's usage and
+minimum lines (`invoice_schedule`, the invoice job's own computation, on the same
+subscription history and ledger), or, for an ended cycle whose invoice is not due yet, by
+`rate_cycle_usage` on what is counted now.
+
+Any other tenant (the default plan, a subscription Stripe bills) has no invoice from Tally:
+each meter's quantity, allowance, hard limit and quota state come from the worker's
+periods, and the amount of a billed meter (finite `included`, an `overage` price) is the
+pricing of `domain.rating.overage_charge` on the part above the allowance, rounded once per
+line as on invoices (`domain.usage_charges.round_line`).
 """
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
 from datetime import datetime
 from decimal import Decimal
@@ -16,11 +25,12 @@ from api import models, queries
 from api.tenant_plan import tenant_plan
 from domain import quota
 from domain.aggregation import Counter
-from domain.cycles import cycle_containing
+from domain.cycles import Cycle, cycle, cycle_containing
 from domain.errors import DomainError
+from domain.invoices import invoice_schedule
 from domain.periods import Period
 from domain.rating import overage_charge
-from domain.subscriptions import derive_subscriptions
+from domain.subscriptions import Subscription, derive_subscriptions
 from domain.usage_charges import UsageRecord, rate_cycle_usage, round_line
 from runtime import read_models
 from runtime.postgres import AsyncConnection
@@ -30,6 +40,9 @@ from schemas.plans import Catalog
 BASIS = "the worker's period and the plan in force, overage priced by domain.rating"
 BILLING_BASIS = ("the billing model's cycle (domain.usage_charges.rate_cycle_usage): the "
                  "usage lines the cycle's invoice would carry, rated on what is counted now")
+INVOICED_BASIS = ("the cycle's invoice (domain.invoices.invoice_schedule): its usage and "
+                  "minimum lines")
+USAGE_LINES = ("usage", "minimum")
 
 
 def _cycle(catalog: Catalog, tenant: str, plan_id: str, period: Period,
@@ -75,11 +88,8 @@ async def billing_cycle(conn: AsyncConnection, catalog: Catalog, tenant: str, no
     `rate_cycle_usage` with `now` as the cutoff: what the cycle's invoice would carry were
     nothing more counted. None without such a subscription (none, Stripe bills it, or in
     its trial) or when the history cannot be billed (the invoice job reports that)."""
-    try:
-        subscriptions = derive_subscriptions(
-            tenant, [e.event for e in await fetch_async(
-                conn, read_models.subscription_history(tenant, known_at=now))], catalog)
-    except DomainError:
+    subscriptions = await _subscriptions(conn, catalog, tenant, now)
+    if subscriptions is None:
         return None
     live = next((s for s in subscriptions if s.invoiced_by_tally and s.anchor <= now
                  and (s.end is None or now < s.end)), None)
@@ -105,6 +115,76 @@ async def billing_cycle(conn: AsyncConnection, catalog: Catalog, tenant: str, no
         charges_basis=BILLING_BASIS)
 
 
+async def _subscriptions(conn: AsyncConnection, catalog: Catalog, tenant: str, now: datetime
+                         ) -> tuple[Subscription, ...] | None:
+    """The tenant's subscriptions as invoicing derives them; None when its history cannot
+    be billed (the invoice job reports that)."""
+    try:
+        return derive_subscriptions(tenant, [e.event for e in await fetch_async(
+            conn, read_models.subscription_history(tenant, known_at=now))], catalog)
+    except DomainError:
+        return None
+
+
+def _ended_cycles(subscription: Subscription, now: datetime) -> list[tuple[Cycle, Cycle]]:
+    """The subscription's cycles that ended by `now`: (the full cycle, as rated; the billed
+    period, which a final cycle ends at the subscription's end)."""
+    ended = []
+    for index in itertools.count():
+        full = cycle(subscription.anchor, index)
+        end = subscription.end
+        if end is not None and full.start >= end:
+            break
+        billed = full if end is None or end >= full.end else Cycle(full.index, full.start, end)
+        if billed.end > now:
+            break
+        ended.append((full, billed))
+    return ended
+
+
+async def invoiced_past_cycles(conn: AsyncConnection, catalog: Catalog, tenant: str,
+                               now: datetime, limit: int) -> list[models.UsageCycle] | None:
+    """The `limit` cycles ended before `now`, newest first, rated exactly as their invoices
+    are (module docstring); None without a subscription Tally invoices."""
+    subscriptions = await _subscriptions(conn, catalog, tenant, now)
+    billed = [s for s in subscriptions or () if s.invoiced_by_tally and s.paid]
+    if subscriptions is None or not billed:
+        return None
+    usage = await fetch_async(conn, read_models.usage_records(tenant, now, UsageRecord))
+    try:
+        invoices = invoice_schedule(tenant, subscriptions, catalog, usage, [], now)
+    except DomainError:
+        return None
+    ended = sorted(((s, full, period) for s in billed for full, period in _ended_cycles(s, now)),
+                   key=lambda e: e[2].start, reverse=True)[:limit]
+    result = []
+    for sub, full, period in ended:
+        records = [r for r in usage if period.start <= r.time < period.end]
+        invoiced = [i for i in invoices if i.subscription_id == sub.subscription_id
+                    and i.kind in ("cycle", "final") and i.period_start == full.start]
+        if invoiced:
+            lines = [line for i in invoiced for line in i.lines if line.kind in USAGE_LINES]
+            cutoff, basis = invoiced[0].due_at, INVOICED_BASIS
+        else:  # ended, its invoice not due yet: what it would carry were nothing more counted
+            try:
+                lines = list(rate_cycle_usage(sub, full, catalog, records, now).lines)
+            except DomainError:
+                return None
+            cutoff, basis = now, BILLING_BASIS
+        amounts: dict[str, int] = defaultdict(int)
+        for line in lines:
+            if line.meter is not None:
+                amounts[line.meter] += line.amount_cents
+        plan_id = sub.plan_before(period.end)
+        used = _fold(catalog, [r for r in records if r.ingested_at <= cutoff])
+        result.append(models.UsageCycle(
+            tenant=tenant, plan_id=plan_id, currency=catalog.plans[plan_id].currency,
+            period_start=period.start, period_end=period.end,
+            meters=_meters(catalog, plan_id, used, amounts),
+            charges_cents=sum(line.amount_cents for line in lines), charges_basis=basis))
+    return result
+
+
 def _fold(catalog: Catalog, records: list[UsageRecord]) -> dict[str, Decimal]:
     counters: dict[str, Counter] = {}
     for r in records:
@@ -128,14 +208,18 @@ async def current_cycle(conn: AsyncConnection, catalog: Catalog, tenant: str, no
     if billed is not None:
         return billed
     standing = await tenant_plan(conn, catalog, tenant, now)
-    used = {row.meter: row.quantity for row in await queries.usage_at(conn, tenant, now)
+    used = {row.meter: row.quantity for row in standing.usage
             if row.period_start == standing.period.start}
     return _cycle(catalog, tenant, standing.plan_id, standing.period, used)
 
 
 async def past_cycles(conn: AsyncConnection, catalog: Catalog, tenant: str, now: datetime,
                       count: int) -> list[models.UsageCycle]:
-    """The `count` cycles before the current one, newest first."""
+    """The `count` cycles before the current one, newest first: rated as their invoices
+    when Tally invoices the tenant, else per the worker's stored periods."""
+    invoiced = await invoiced_past_cycles(conn, catalog, tenant, now, count)
+    if invoiced is not None:
+        return invoiced
     current = await tenant_plan(conn, catalog, tenant, now)
     by_period: dict[tuple[datetime, datetime], dict[str, Decimal]] = defaultdict(dict)
     plans: dict[tuple[datetime, datetime], str] = {}

@@ -42,6 +42,12 @@ class Conflict(ApiError):
     status = 409
 
 
+class Unprocessable(ApiError):
+    """A well-formed request that means nothing for what it names."""
+
+    status = 422
+
+
 class Unavailable(ApiError):
     """A dependency (Kafka, the catalog, Stripe) is not there yet or failed."""
 

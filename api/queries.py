@@ -69,12 +69,14 @@ class SubscriptionRow:
     updated_at: datetime
 
 
+_SUBSCRIPTION: LiteralString = (
+    "SELECT tenant_id, plan_id, status, current_period_start, current_period_end,"
+    " stripe_customer_id, stripe_subscription_id, updated_at"
+    " FROM tally.subscriptions WHERE tenant_id = %s")
+
+
 async def subscription(conn: AsyncConnection, tenant: str) -> SubscriptionRow | None:
-    found = await rows(
-        conn, SubscriptionRow,
-        "SELECT tenant_id, plan_id, status, current_period_start, current_period_end,"
-        " stripe_customer_id, stripe_subscription_id, updated_at"
-        " FROM tally.subscriptions WHERE tenant_id = %s", (tenant,))
+    found = await rows(conn, SubscriptionRow, _SUBSCRIPTION, (tenant,))
     return found[0] if found else None
 
 
@@ -94,13 +96,28 @@ class PeriodUsage:
     event_count: int
 
 
+_USAGE_AT: LiteralString = (
+    "SELECT tenant_id, meter, period_start, period_end, plan_id, quantity, event_count"
+    " FROM tally.usage_by_period WHERE tenant_id = %s"
+    " AND period_start <= %s AND %s < period_end ORDER BY meter")
+
+
 async def usage_at(conn: AsyncConnection, tenant: str, at: datetime) -> list[PeriodUsage]:
     """Each meter's usage in the worker's period that contains `at`."""
-    return await rows(
-        conn, PeriodUsage,
-        "SELECT tenant_id, meter, period_start, period_end, plan_id, quantity, event_count"
-        " FROM tally.usage_by_period WHERE tenant_id = %s"
-        " AND period_start <= %s AND %s < period_end ORDER BY meter", (tenant, at, at))
+    return await rows(conn, PeriodUsage, _USAGE_AT, (tenant, at, at))
+
+
+async def standing(conn: AsyncConnection, tenant: str, at: datetime
+                   ) -> tuple[SubscriptionRow | None, list[PeriodUsage]]:
+    """`subscription` and `usage_at` together: both statements are sent before either
+    answer is read, so in pipeline mode (an entitlement decision) they cost one round
+    trip together."""
+    async with conn.cursor(row_factory=class_row(SubscriptionRow)) as subs, \
+            conn.cursor(row_factory=class_row(PeriodUsage)) as usage:
+        await subs.execute(_SUBSCRIPTION, (tenant,))
+        await usage.execute(_USAGE_AT, (tenant, at, at))
+        found = await subs.fetchall()
+        return (found[0] if found else None), await usage.fetchall()
 
 
 async def usage_periods(conn: AsyncConnection, tenant: str, before: datetime, periods: int

@@ -28,6 +28,19 @@ From = Annotated[datetime | None, Query(alias="from", description="start, inclus
 To = Annotated[datetime | None, Query(description="end, exclusive (default: now)")]
 ERRORS: dict[int | str, dict[str, object]] = {
     code: {"model": models.ErrorBody} for code in (400, 401, 403, 404, 503)}
+ENTITLEMENT_ERRORS: dict[int | str, dict[str, object]] = {
+    **ERRORS, 422: {"model": models.ErrorBody, "description": "a unique_count meter's use "
+                    "without the meter's unique dimension"}}
+KINDS_RULE = (" What passes a hard limit depends on the meter's aggregation: sum, the usage "
+              "plus the quantity; count, the usage plus one; max, the greater of the peak "
+              "and the quantity; latest, the quantity; unique_count, the usage plus one when "
+              "the value of the meter's unique dimension (in `dimensions`, required: else "
+              "422) is new in the period, else the usage.")
+# Which tenants are "unknown", said once for the routes' descriptions.
+NEW_TENANTS = ("A tenant id that breaks the tenant id rules is a 400. A valid id the "
+               "pipeline has never heard of (no usage, no subscription) is not unknown "
+               "here: it is on the catalog's default plan, as the worker counts its first "
+               "event and billing bills it, so its features and limits are that plan's.")
 
 
 async def known_tenant(conn: ConnDep, tenant: str) -> None:
@@ -93,7 +106,8 @@ async def query_meter(
 async def current_usage(caller: CallerDep, catalog: CatalogDep, conn: ConnDep,
                         rt: RuntimeDep, tenant: Tenant) -> models.UsageCycle:
     """Each meter's usage in the current cycle against its allowance and hard limit, its
-    quota state, and the charges so far, rated by the billing model."""
+    quota state, and the charges so far, rated by the billing model. A valid tenant id
+    with no usage and no subscription has no cycle to show: 404 (a bad id: 400)."""
     caller.require_read(tenant)
     await known_tenant(conn, tenant)
     return await charges.current_cycle(conn, catalog, tenant, rt.clock())
@@ -104,7 +118,11 @@ async def current_usage(caller: CallerDep, catalog: CatalogDep, conn: ConnDep,
 async def usage_history(caller: CallerDep, catalog: CatalogDep, conn: ConnDep,
                         rt: RuntimeDep, tenant: Tenant,
                         cycles: Annotated[int, Query(ge=1, le=36)] = 3) -> models.UsageHistory:
-    """The last `cycles` cycles before the current one, with quantities and amounts."""
+    """The last `cycles` cycles before the current one, with quantities and amounts. With a
+    subscription Tally invoices, each cycle's amounts are its invoice's usage and minimum
+    lines (plan slices, upgrades inside the cycle, trials, minimums); an ended cycle whose
+    invoice is not due yet is rated on what is counted now. Otherwise, per stored period
+    under the plan the worker counted it in."""
     caller.require_read(tenant)
     await known_tenant(conn, tenant)
     return models.UsageHistory(tenant=tenant, cycles=await charges.past_cycles(
@@ -112,7 +130,9 @@ async def usage_history(caller: CallerDep, catalog: CatalogDep, conn: ConnDep,
 
 
 @router.get("/tenants/{tenant}/features/{feature}", response_model=models.Feature,
-            responses=ERRORS, tags=["usage"])
+            responses=ERRORS, tags=["usage"], description=(
+                "Whether the tenant's plan in force has `feature` (a feature no plan of "
+                "the catalog has: 404). " + NEW_TENANTS))
 async def feature(caller: CallerDep, catalog: CatalogDep, conn: ConnDep, rt: RuntimeDep,
                   tenant: Tenant,
                   feature: Annotated[str, Path(pattern=NAME_PATTERN)]) -> models.Feature:
@@ -134,21 +154,28 @@ def _decision(d: Decision) -> models.EntitlementDecision:
 
 
 @router.post("/entitlements/check", response_model=models.EntitlementDecision,
-             responses=ERRORS, tags=["entitlements"])
+             responses=ENTITLEMENT_ERRORS, tags=["entitlements"],
+             description="Would this use be allowed now? Records nothing (scope `quota`). "
+             + NEW_TENANTS + KINDS_RULE)
 async def check(caller: CallerDep, rt: RuntimeDep,
                 request: models.EntitlementRequest) -> models.EntitlementDecision:
     """Would this use be allowed now? Records nothing (scope `quota`)."""
     caller.require(request.tenant, "quota", "usage", "admin")
-    if request.id is not None or request.dimensions:
-        raise BadRequest("a check records nothing: it takes no id and no dimensions")
-    decision = await rt.entitlements.check(request.tenant, request.meter, request.quantity)
+    if request.id is not None:
+        raise BadRequest("a check records nothing: it takes no id")
+    decision = await rt.entitlements.check(request.tenant, request.meter, request.quantity,
+                                           dict(request.dimensions))
     return _decision(replace(decision, quantity=request.quantity))
 
 
 @router.post("/entitlements/consume", response_model=models.EntitlementDecision,
-             responses={**ERRORS, 402: {"model": models.EntitlementDecision,
+             responses={**ENTITLEMENT_ERRORS, 402: {"model": models.EntitlementDecision,
                                         "description": "refused: over the hard limit"}},
-             tags=["entitlements"])
+             tags=["entitlements"], description=(
+                 "Check and record as one step (scope `usage`): an allowed use is published "
+                 "as a usage event, idempotent by `id`; a refused one records nothing and "
+                 "answers 402 with the limit and the usage. Concurrent consumers never pass "
+                 "a hard limit. " + NEW_TENANTS + KINDS_RULE))
 async def consume(caller: CallerDep, rt: RuntimeDep, request: models.EntitlementRequest
                   ) -> models.EntitlementDecision | JSONResponse:
     """Check and record as one step (scope `usage`): an allowed use is published as a

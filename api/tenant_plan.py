@@ -29,6 +29,7 @@ class TenantPlan:
     plan: Plan
     period: Period
     subscription: queries.SubscriptionRow | None
+    usage: tuple[queries.PeriodUsage, ...] = ()  # each meter's, in the period containing now
 
 
 def period_of(subscription: queries.SubscriptionRow | None, now: datetime) -> Period:
@@ -50,12 +51,13 @@ async def tenant_plan(conn: AsyncConnection, catalog: Catalog, tenant: str, now:
                       meter: str | None = None) -> TenantPlan:
     """The plan and period of `tenant` at `now` (of `meter`'s row when the worker wrote
     one)."""
-    subscription = await queries.subscription(conn, tenant)
+    subscription, usage = await queries.standing(conn, tenant, now)
     period = period_of(subscription, now)
     plan_id = plan_id_of(subscription, catalog, now)
-    for row in await queries.usage_at(conn, tenant, now):
+    for row in usage:
         if meter is None or row.meter == meter:
             period = Period(row.period_start, row.period_end)
             plan_id = catalog.plan(row.plan_id)[0]
             break
-    return TenantPlan(tenant, plan_id, catalog.plans[plan_id], period, subscription)
+    return TenantPlan(tenant, plan_id, catalog.plans[plan_id], period, subscription,
+                      tuple(usage))

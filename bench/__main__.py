@@ -1,6 +1,8 @@
 """`make bench`: every benchmark, one after another, then the report of the whole run.
 
-    python -m bench [--quick] [--out-dir bench/results] [--only MODULE ...]
+    python -m bench [--quick] [--out-dir bench/results] [--only NAME ...]
+
+`--only read` (or `bench.bench_read`) runs that benchmark alone.
 
 Each benchmark measures Tally against a baseline in the same run on the same machine and
 reports the ratio (the machine is shared and noisy: absolute figures vary, ratios less).
@@ -39,15 +41,21 @@ BENCHES = [
     ("bench.bench_latency", "latency.jsonl", [],
      ["--seconds", "5", "--hold-seconds", "10", "--probes", "1"]),
     ("bench.bench_dedup", "dedup.jsonl", [], ["--ids", "300000"]),
+    ("bench.bench_read", "read.jsonl", [],
+     ["--events", "500000", "--tenants", "1000", "--requests", "300", "--seconds", "5"]),
 ]
-PROFILED = {"bench.bench_worker", "bench.bench_projection", "bench.bench_latency"}
+PROFILED = {"bench.bench_worker", "bench.bench_projection", "bench.bench_latency",
+            "bench.bench_read"}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description="run every Tally benchmark")
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     parser.add_argument("--out-dir", type=Path, default=Path("bench/results"))
-    parser.add_argument("--only", nargs="*", default=None, help="these modules only")
+    parser.add_argument("--only", nargs="*", default=None,
+                        help="these benchmarks only: module names, or their short names "
+                        "(producer, worker, projection, quota_view, compression, latency, "
+                        "dedup, read)")
     args = parser.parse_args()
     raw = args.out_dir / "raw"
     shutil.rmtree(raw, ignore_errors=True)
@@ -56,7 +64,8 @@ def main() -> int:
     seconds: dict[str, float] = {}
     run_started = time.monotonic()
     for module, results, full, quick in BENCHES:
-        if args.only is not None and module not in args.only:
+        if args.only is not None and not {module, module.removeprefix("bench.bench_")
+                                          } & set(args.only):
             continue
         started = time.monotonic()
         print(f"== {module}", flush=True)

@@ -160,7 +160,64 @@ def figures(rows: dict[str, list[dict[str, Any]]]) -> list[Figure]:
                    max([*held.get("probed", []), held["rate_events_per_s"]], default=0)),
             note=f"quota p99 {hold.get('quota_state', {}).get('p99_ms')} ms, ledger p99 "
                  f"{hold.get('ledger', {}).get('p99_ms')} ms"))
+    return out + read_figures(rows.get("read", []))
+
+
+_READ = {"read_meter_query": "meter query (one tenant, one month, by day, by one dimension)",
+         "read_current_usage": "current usage with charges",
+         "read_consume_sequential": "entitlement consume end to end, one at a time",
+         "read_consume": "entitlement consume end to end"}
+
+
+def read_figures(rows: list[dict[str, Any]]) -> list[Figure]:
+    """The read side (bench/bench_read.py): each p99 against the bare HTTP endpoint's,
+    measured the same way in the same run."""
+    out: list[Figure] = []
+    loaded = _find(rows, bench="read_load")
+    size = (f"{loaded['events']:,} events, {loaded['tenants']:,} tenants" if loaded else "")
+    for bench, label in _READ.items():
+        row = _find(rows, bench=bench)
+        if row is None:
+            continue
+        base = row["baseline_http"]["p99_ms"]
+        rate = f" at {row['rate']} requests/s, open loop" if "rate" in row else ", sequential"
+        target = row.get("target_p99_ms")
+        out.append(Figure(
+            f"{label} p99{rate}", row["p99_ms"], "ms", "bare HTTP endpoint p99", base,
+            _ratio(row["p99_ms"], base), f"< {target:g} ms" if target else "",
+            row["p99_ms"] < target if target else None,
+            "; ".join(n for n in (size, f"p50 {row['p50_ms']} ms") if n)))
     return out
+
+
+def read_section(raw: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """How the read side's ledger was loaded, and its figures with their baselines."""
+    rows = raw.get("read", [])
+    loaded = _find(rows, bench="read_load")
+    if loaded is None:
+        return []
+    steps = ", ".join(f"{k} {v} s" for k, v in loaded["steps"].items())
+    lines = ["", "## Read side", "",
+             f"`tally api serve` over {loaded['events']:,} ledger events of "
+             f"{loaded['tenants']:,} tenants (`bench/bench_read.py`), loaded in "
+             f"{loaded['seconds']} s ({steps}): {loaded['how']}.", "",
+             "| figure | p50 / p95 / p99 | bare HTTP p50 / p95 / p99 | SELECT 1 p99 | answers |",
+             "| --- | ---: | ---: | ---: | --- |"]
+    for bench, label in _READ.items():
+        row = _find(rows, bench=bench)
+        if row is None:
+            continue
+        base, sql = row["baseline_http"], row.get("baseline_select_1", {})
+        lines.append(
+            f"| {label} | {row['p50_ms']} / {row['p95_ms']} / **{row['p99_ms']}** ms | "
+            f"{base['p50_ms']} / {base['p95_ms']} / {base['p99_ms']} ms | "
+            f"{sql.get('p99_ms', '')} | {row['statuses']} |")
+    consume = _find(rows, bench="read_consume")
+    if consume and consume.get("phase_mean_ms"):
+        phases = ", ".join(f"{k} {v} ms" for k, v in consume["phase_mean_ms"].items())
+        lines += ["", f"Consume, mean time per phase in the API (`tally_api_consume_phase_"
+                  f"seconds`): {phases}."]
+    return lines
 
 
 _BASELINE_NAMES = {"quixstreams": "quixstreams, stateful per-tenant sum",
@@ -261,6 +318,7 @@ def markdown(doc: dict[str, Any], profiles: str) -> str:
         "baseline measured in the same run.",
         "",
         *_figures_table(doc),
+        *read_section(doc["raw"]),
     ]
     fresh = [r for r in doc["raw"].get("latency", []) if r.get("bench") == "freshness"]
     if fresh:

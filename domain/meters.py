@@ -8,7 +8,10 @@ A kind (`MeterKind`) says
   from the kinds of each batch);
 - how the ledger rows of one period fold in a single query (`ledger_sql`:
   `tally.usage_as_of`, whose body is `ledger_value_sql()`, see runtime/sql/006);
-- whether Stripe receives it as a gauge (`gauge`).
+- whether Stripe receives it as a gauge (`gauge`);
+- what one more use does to the period's value, for the API's entitlement decisions
+  (`pending_sql`: the value with the uses reserved but not yet in the ledger; `after_use`:
+  the value were this use recorded; see api/entitlements.py).
 
 Rating is the same for every kind (domain/rating.py): the period's value above the plan's
 `included`. What differs is how that value reaches Stripe: a gauge as its current reading
@@ -84,13 +87,29 @@ class MeterKind(ABC):
     # The period's value as one aggregate over its ledger rows (`tally.usage_as_of`).
     ledger_sql: ClassVar[str]
 
+    # The period's value counting the uses the API reserved that the ledger does not hold
+    # yet (api/entitlements.py), as one SQL expression over two relations: `ledger`, the
+    # period's rollup row (`quantity`, `value_time`; no row: nothing counted), and
+    # `pending`, those reservations (`event_id`, `event_time`, `quantity`,
+    # `unique_value`). `%(s)s` is the period's start.
+    pending_sql: ClassVar[str]
+    # A use of this kind is meaningless without the meter's unique dimension.
+    needs_unique_value: ClassVar[bool] = False
+
     @abstractmethod
     def fold(self, counter: RunningAggregate, quantity: Decimal, unique_value: str | None,
              event_time: datetime) -> None:
         """Fold one deduplicated event into `counter.value`."""
 
+    @abstractmethod
+    def after_use(self, value: Decimal, quantity: Decimal, new_unique: bool) -> Decimal:
+        """The period's value once one more use of `quantity`, timed now, is counted, from
+        its value `value` now (`new_unique`: the use's unique value was not counted yet).
+        A hard limit is passed when this exceeds it."""
+
 
 _ADD = "r.quantity + excluded.quantity"
+_LEDGER = "coalesce((SELECT quantity FROM ledger), 0)"
 
 
 class Sum(MeterKind):
@@ -100,10 +119,14 @@ class Sum(MeterKind):
     gauge = False
     rollup = RollupSql(value="g.total", merge=_ADD, aggregates={"total": "sum(quantity)"})
     ledger_sql = "sum(quantity)"
+    pending_sql = f"{_LEDGER} + coalesce((SELECT sum(quantity) FROM pending), 0)"
 
     def fold(self, counter: RunningAggregate, quantity: Decimal, unique_value: str | None,
              event_time: datetime) -> None:
         counter.value += quantity
+
+    def after_use(self, value: Decimal, quantity: Decimal, new_unique: bool) -> Decimal:
+        return value + quantity
 
 
 class Count(MeterKind):
@@ -113,10 +136,14 @@ class Count(MeterKind):
     gauge = False
     rollup = RollupSql(value="g.event_count::numeric", merge=_ADD)
     ledger_sql = "count(*)::numeric"
+    pending_sql = f"{_LEDGER} + (SELECT count(*) FROM pending)"
 
     def fold(self, counter: RunningAggregate, quantity: Decimal, unique_value: str | None,
              event_time: datetime) -> None:
         counter.value += 1
+
+    def after_use(self, value: Decimal, quantity: Decimal, new_unique: bool) -> Decimal:
+        return value + 1  # one event, whatever its quantity
 
 
 class Max(MeterKind):
@@ -127,10 +154,14 @@ class Max(MeterKind):
     rollup = RollupSql(value="g.peak", merge="greatest(r.quantity, excluded.quantity)",
                        aggregates={"peak": "max(quantity)"})
     ledger_sql = "max(quantity)"
+    pending_sql = f"greatest({_LEDGER}, (SELECT max(quantity) FROM pending))"
 
     def fold(self, counter: RunningAggregate, quantity: Decimal, unique_value: str | None,
              event_time: datetime) -> None:
         counter.value = max(counter.value, quantity) if counter.event_count > 1 else quantity
+
+    def after_use(self, value: Decimal, quantity: Decimal, new_unique: bool) -> Decimal:
+        return max(value, quantity)  # a new peak passes the limit, a lower reading never
 
 
 class UniqueCount(MeterKind):
@@ -160,6 +191,13 @@ class UniqueCount(MeterKind):
         join="\n    LEFT JOIN {table}_unique_counts u USING (tenant_id, meter, {key})",
     )
     ledger_sql = "count(DISTINCT unique_value)::numeric"
+    # A pending value adds 1 unless the period's uniques (the ledger's) already hold it.
+    pending_sql = f"""{_LEDGER} + (SELECT count(DISTINCT p.unique_value) FROM pending p
+        WHERE p.unique_value IS NOT NULL AND NOT EXISTS (
+            SELECT 1 FROM tally.usage_period_uniques u WHERE u.tenant_id = p.tenant_id
+            AND u.meter = p.meter AND u.period_start = %(s)s
+            AND u.unique_value = p.unique_value))"""
+    needs_unique_value = True
 
     def fold(self, counter: RunningAggregate, quantity: Decimal, unique_value: str | None,
              event_time: datetime) -> None:
@@ -167,6 +205,9 @@ class UniqueCount(MeterKind):
             counter.distinct.add(unique_value)
             counter.distinct_unwritten.append(unique_value)
             counter.value = Decimal(len(counter.distinct))
+
+    def after_use(self, value: Decimal, quantity: Decimal, new_unique: bool) -> Decimal:
+        return value + 1 if new_unique else value  # a value seen before is free
 
 
 class Latest(MeterKind):
@@ -206,12 +247,21 @@ class Latest(MeterKind):
         value_time="l.event_time",
     )
     ledger_sql = f"(array_agg(quantity ORDER BY {LOG_ORDER}))[1]"
+    # The newest reservation not older than the ledger's value, else the ledger's value.
+    # Reservations are timed when decided; two with the same time are ordered by id (their
+    # publishes may reach the log in either order: the tie rule cannot be followed there).
+    pending_sql = """coalesce((SELECT p.quantity FROM pending p
+        WHERE p.event_time >= coalesce((SELECT value_time FROM ledger), '-infinity')
+        ORDER BY p.event_time DESC, p.event_id DESC LIMIT 1), (SELECT quantity FROM ledger), 0)"""
 
     def fold(self, counter: RunningAggregate, quantity: Decimal, unique_value: str | None,
              event_time: datetime) -> None:
         if counter.latest_time is None or event_time >= counter.latest_time:
             counter.latest_time = event_time
             counter.value = quantity
+
+    def after_use(self, value: Decimal, quantity: Decimal, new_unique: bool) -> Decimal:
+        return quantity  # a use timed now is the newest reading: it replaces the value
 
 
 KINDS: Mapping[str, MeterKind] = MappingProxyType({

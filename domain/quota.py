@@ -78,3 +78,14 @@ def check(used: Decimal, limit: Decimal | None, quantity: Decimal) -> Decision:
     if used + quantity <= limit:
         return Decision(True, "within limit", left - quantity)
     return Decision(False, f"hard limit {limit} reached ({used} used)", left)
+
+
+def check_after(used: Decimal, after: Decimal, limit: Decimal | None) -> Decision:
+    """Allow a use that takes the meter's value from `used` to `after` (its kind decides
+    `after`: domain.meters.MeterKind.after_use) when `after` stays within the hard limit."""
+    if limit is None:
+        return Decision(True, "unlimited", None)
+    if after <= limit:
+        return Decision(True, "within limit", limit - after)
+    return Decision(False, f"hard limit {limit} reached ({used} used, {after} with this use)",
+                    max(limit - used, Decimal(0)))

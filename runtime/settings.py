@@ -103,6 +103,11 @@ class Settings(BaseModel):
     api_host: str = "127.0.0.1"  # `tally api serve`
     # Postgres connections one API process holds at most (reads and entitlement decisions).
     api_pool_size: int = Field(default=10, ge=1, le=1000)
+    # The entitlement reservation sweeper (api/sweeper.py): how often it runs, and how long
+    # a reservation is left alone after its decision (or its last retry) before the sweeper
+    # asks the log whether its event was published. Longer than a publish can take.
+    api_sweep_interval_seconds: float = Field(default=60, gt=0, le=86400)
+    api_reservation_grace_seconds: float = Field(default=300, ge=0, le=86400 * 30)
     # The mail server the notifier sends customer alerts through (streams/channels/mail.py).
     # No host: e-mail channels cannot be delivered (each goes to the dead letters).
     smtp_host: str | None = None

@@ -81,3 +81,18 @@ def test_the_ledger_fold_chooses_each_kinds_own_sql() -> None:
     assert sql.startswith("CASE min(aggregation)") and sql.endswith("END")
     for name, kind in KINDS.items():
         assert sql.count(f"WHEN '{name}' THEN {kind.ledger_sql}\n") == 1
+
+
+@given(kind=st.sampled_from(sorted(KINDS)),
+       events=st.lists(st.tuples(st.integers(1, 50).map(D), st.sampled_from(["a", "b", "c"]),
+                                 st.integers(0, 100)), max_size=8),
+       quantity=st.integers(1, 50).map(D), unique=st.sampled_from(["a", "b", "d"]))
+def test_after_use_is_the_value_folding_one_more_newest_event_gives(
+        kind: str, events: list[tuple[D, str, int]], quantity: D, unique: str) -> None:
+    # What an entitlement decision expects a use to leave (after_use) is what the worker
+    # will count once its event, timed now (after every other), is folded.
+    timed = [(q, u, T0 + timedelta(seconds=s)) for q, u, s in events]
+    before = folded(kind, timed)
+    after = folded(kind, [*timed, (quantity, unique, T0 + timedelta(seconds=101))])
+    new_unique = unique not in {u for _, u, _ in events}
+    assert KINDS[kind].after_use(before, quantity, new_unique) == after

@@ -232,11 +232,12 @@ class Pipeline:
                                " WHERE tenant_id = ANY(%s)", (list(tenants),)).fetchone()
         return int(row[0]) if row else 0
 
-    def dead_letter_positions(self) -> set[tuple[str, int, int, int | None]]:
-        """Distinct source positions of the dead letters now on tally.usage.dlq."""
+    def dead_letters(self) -> dict[tuple[str, int, int, int | None], str]:
+        """The dead letters now on tally.usage.dlq by distinct source position, each with
+        its reason and the start of its detail."""
         records = asyncio.run(kafka.read_topic(self.settings, self.settings.topics.usage_dlq))
-        return {(v["source_topic"], v["source_partition"], v["source_offset"], v["index"])
-                for v in (loads(r.value) for r in records)}
+        return {(v["source_topic"], v["source_partition"], v["source_offset"], v["index"]):
+                f"{v['reason']}: {v['detail'][:160]}" for v in (loads(r.value) for r in records)}
 
     def stripe_state(self) -> dict[str, Any]:
         base = self.settings.stripe_api_base

@@ -108,12 +108,19 @@ def _kill_prebatch(run: Run) -> None:
     # The worker and its child are one service: when the child ends, the worker exits too
     # (streams/prebatch.py `run_child` raises PreBatchExitedError) and is restarted whole.
     run.expected_exit = "worker"
+    worker = run.pipe.pid("worker")
+    started = time.monotonic()
     pid = run.pipe.kill_prebatch_child()
-    run.notes.append(f"SIGKILL the worker's pre-batching child (pid {pid})"
-                     if pid else "the worker had no pre-batching child to kill")
-    time.sleep(3)
-    ready = run.pipe.wait_ready("worker")
-    run.notes.append(f"worker ready {ready:.1f}s later")
+    if pid is None:
+        run.notes.append("the worker had no pre-batching child to kill")
+        return
+    run.notes.append(f"SIGKILL the worker's pre-batching child (pid {pid})")
+    while run.pipe.pid("worker") in (worker, None) and time.monotonic() - started < 30:
+        time.sleep(0.1)
+    replaced = run.pipe.pid("worker") != worker
+    run.pipe.wait_ready("worker")
+    run.notes.append(f"worker {'restarted, ' if replaced else 'kept running, '}ready "
+                     f"{time.monotonic() - started:.1f}s after the kill")
 
 
 def _kill_push(run: Run) -> None:
@@ -366,8 +373,12 @@ def account(pipe: Pipeline, run: Run, name: str, dlq_before: set[Position]) -> R
         row.notes.append(f"{len(extra)} ledger rows of sends never accepted (retried "
                          "requests that got through before failing)")
     if missing:
-        row.notes.append(f"{len(missing)} accepted events not in the ledger, e.g. "
-                         f"{sorted(missing)[:3]}")
+        per_tenant = Counter(t for t, _ in accepted)
+        short = Counter(t for t, _ in missing)
+        whole = sum(1 for t, n in short.items() if n == per_tenant[t])
+        row.notes.append(f"{len(missing)} accepted events not in the ledger, of "
+                         f"{len(short)} tenants ({whole} of them with none in the ledger), "
+                         f"e.g. {sorted(missing)[:3]}")
     received, held_twice = pipe.stripe_received()
     # The steady traffic's tenants: the corpus's old event times are past what Stripe
     # takes as meter events (billing_jobs/push_usage.py: an invoice adjustment instead).

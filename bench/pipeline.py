@@ -38,7 +38,6 @@ from typing import Any
 
 import psycopg
 from aiokafka import TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 
 from bench.procs import postgres_pid, rss_bytes, tree
 from devtools import devstack
@@ -289,32 +288,33 @@ class Pipeline:
         groups = {"worker (pre-batching)": (f"{self.settings.worker_id}-prebatch",
                                             topics.usage),
                   "worker": (self.settings.worker_id, f"{topics.usage}.batched")}
-        admin = AIOKafkaAdminClient(**kafka.connection(self.settings))
-        consumer = kafka.consumer(self.settings)
-        await admin.start()
-        await consumer.start()
-        try:
-            out: dict[str, int] = {}
-            wanted = {topic for _, topic in groups.values()} | {topics.usage_accepted}
-            parts = [TopicPartition(t, p) for t in wanted
-                     for p in (consumer.partitions_for_topic(t) or set())]
-            ends = await consumer.end_offsets(parts)
-            for name, (group, topic) in groups.items():
-                committed = await admin.list_consumer_group_offsets(group)
-                out[name] = sum(max(end - (committed[tp].offset if tp in committed and
-                                           committed[tp].offset >= 0 else 0), 0)
-                                for tp, end in ends.items() if tp.topic == topic)
-            with psycopg.connect(self.settings.require_database(), autocommit=True) as conn:
-                stored = dict(((t, p), o) for t, p, o in conn.execute(
-                    "SELECT topic, partition, next_offset FROM tally.projection_offsets"
-                    " WHERE topic = %s", (topics.usage_accepted,)).fetchall())
-            out["projector"] = sum(max(end - stored.get((tp.topic, tp.partition), 0), 0)
-                                   for tp, end in ends.items()
-                                   if tp.topic == topics.usage_accepted)
-            return out
-        finally:
-            await consumer.stop()
-            await admin.close()
+        out: dict[str, int] = {}
+        for name, (group, topic) in groups.items():
+            # A consumer of the group that never subscribes: it reads the group's committed
+            # offsets without joining it (Tansu cannot decode the admin client's request).
+            consumer = kafka.consumer(self.settings, group_id=group,
+                                      enable_auto_commit=False)
+            await consumer.start()
+            try:
+                parts = [TopicPartition(topic, p)
+                         for p in sorted(consumer.partitions_for_topic(topic) or ())]
+                ends = await consumer.end_offsets(parts)
+                out[name] = 0
+                for tp in parts:
+                    out[name] += max(ends[tp] - (await consumer.committed(tp) or 0), 0)
+                if name == "worker":
+                    accepted = [TopicPartition(topics.usage_accepted, p) for p in sorted(
+                        consumer.partitions_for_topic(topics.usage_accepted) or ())]
+                    accepted_ends = await consumer.end_offsets(accepted)
+            finally:
+                await consumer.stop()
+        with psycopg.connect(self.settings.require_database(), autocommit=True) as conn:
+            stored = {(t, p): o for t, p, o in conn.execute(
+                "SELECT topic, partition, next_offset FROM tally.projection_offsets"
+                " WHERE topic = %s", (topics.usage_accepted,)).fetchall()}
+        out["projector"] = sum(max(end - stored.get((tp.topic, tp.partition), 0), 0)
+                               for tp, end in accepted_ends.items())
+        return out
 
     def lag(self) -> dict[str, int]:
         """Records between each consumer's committed offsets and the log end, per

@@ -80,7 +80,7 @@ def _ledger_total(database_url: str) -> int | None:
 def sample(run: Run, started: float, last: dict[str, Any] | None) -> dict[str, Any]:
     pipe = run.pipe
     now = time.monotonic()
-    accepted = len(run.traffic.books.snapshot())
+    accepted = run.traffic.books.distinct()
     ledger = _ledger_total(pipe.settings.require_database())
     try:
         lag: dict[str, int] = pipe.lag()

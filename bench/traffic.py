@@ -57,6 +57,10 @@ class Books:
         with self.lock:
             return Counter(self.accepted)
 
+    def distinct(self) -> int:
+        with self.lock:
+            return len(self.accepted)
+
     def published(self) -> int:
         with self.lock:
             return sum(self.accepted.values())

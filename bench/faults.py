@@ -441,7 +441,8 @@ def write_results(out_dir: Path, rows: list[Row], params: dict[str, Any],
     notes = "\n".join(f"- **{r.scenario}**: " + "; ".join(r.notes) for r in rows if r.notes)
     failed = [r.scenario for r in rows if not r.passed and r.published]
     verdict = ("every row passes: no event lost" if not failed else
-               f"{len(failed)} rows FAIL: " + ", ".join(failed))
+               f"{len(failed)} {'row FAILS' if len(failed) == 1 else 'rows FAIL'}: "
+               + ", ".join(failed))
     dirty = " (with uncommitted changes)" if info["dirty"] else ""
     (out_dir / "faults.md").write_text(f"""# Fault table (`make faults`)
 

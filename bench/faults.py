@@ -34,6 +34,7 @@ import asyncio
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import threading
@@ -333,10 +334,12 @@ def run_scenario(pipe: Pipeline, name: str, rate: float, seconds: float) -> tupl
     return row, run
 
 
-def drain(pipe: Pipeline, run: Run, dlq_before: set[Position]) -> None:
-    """Wait until every accepted event is in the ledger or a dead letter, or for a stall."""
+def drain(pipe: Pipeline, run: Run, dlq_before: set[Position],
+          timeout: float = DRAIN_TIMEOUT) -> bool:
+    """Wait until every accepted event is in the ledger or a dead letter (True), or for a
+    stall of DRAIN_STALL or `timeout` (False)."""
     want = set(run.accepted())
-    deadline = time.monotonic() + DRAIN_TIMEOUT
+    deadline = time.monotonic() + timeout
     best, best_at = -1, time.monotonic()
     while time.monotonic() < deadline and time.monotonic() - best_at < DRAIN_STALL:
         try:
@@ -346,10 +349,11 @@ def drain(pipe: Pipeline, run: Run, dlq_before: set[Position]) -> None:
         except Exception:  # Postgres or the broker away: not yet
             have = best
         if have >= len(want):
-            return
+            return True
         if have > best:
             best, best_at = have, time.monotonic()
         time.sleep(1)
+    return False
 
 
 def account(pipe: Pipeline, run: Run, name: str, dlq_before: set[Position]) -> Row:
@@ -481,6 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.rate <= 0 or args.seconds <= FAULT_AT + 2:
         parser.error(f"need --rate > 0 and --seconds > {FAULT_AT + 2:.0f}")
     names = args.only or list(SCENARIOS)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the stack on the way out
     started = time.monotonic()
     rows: list[Row] = []
     with pipeline() as pipe:

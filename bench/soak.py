@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -212,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.minutes <= 0 or args.rate <= 0 or args.tenants < 1 or args.every <= 0:
         parser.error("--minutes, --rate, --tenants and --every must be positive")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the stack on the way out
     seconds = args.minutes * 60
     samples: list[dict[str, Any]] = []
     with pipeline() as pipe:
@@ -226,14 +228,19 @@ def main(argv: list[str] | None = None) -> int:
                 f"{s['backlog']}, lag {s['lag_records']}, RSS MiB {s['rss_mib']}")
             time.sleep(max(args.every - (time.monotonic() - started - elapsed), 0.1))
         traffic.stop()
-        log("drained? waiting for the ledger")
-        drain(pipe, run, set())
+        log("waiting for the ledger to drain")
+        drain_started = time.monotonic()
+        drained = drain(pipe, run, set(), timeout=max(150.0, 2 * seconds))
+        drain_s = time.monotonic() - drain_started
         code, took = pipe.run_push(timeout=600)
         log(f"push-usage exit {code} in {took:.0f}s")
         row = account(pipe, run, "soak", set())
         exits = len(pipe.exits)
         notes = row.notes + [f"{e.service} exited by itself (code {e.code})"
                              for e in pipe.exits]
+        notes.insert(0, f"drained in {drain_s:.0f}s after the traffic stopped" if drained
+                     else f"NOT drained: gave up after {drain_s:.0f}s, so 'lost' counts events "
+                     "still in flight too")
     slopes, failed = judge(samples, args.rate, seconds, row.lost, exits, row.published)
     result = {"run": machine(), "params": {"minutes": args.minutes, "rate": args.rate,
                                            "tenants": args.tenants, "every": args.every,

@@ -106,10 +106,10 @@ def judge(samples: list[dict[str, Any]], rate: float, seconds: float,
     """Slopes after warm-up, and the rules that fail."""
     warm = max(seconds * WARMUP_SHARE, min(60.0, seconds / 2))
     after = [s for s in samples if s["t"] >= warm]
-    rss = {name: round(slope_per_minute([(s["t"], s["rss_mib"][name]) for s in after
+    rss = {name: 0.0 + round(slope_per_minute([(s["t"], s["rss_mib"][name]) for s in after
                                          if name in s["rss_mib"]]), 2)
            for name in (*SERVICES, "postgres", "broker")}
-    lags = {name: round(slope_per_minute([(s["t"], s["lag_records"][name]) for s in after
+    lags = {name: 0.0 + round(slope_per_minute([(s["t"], s["lag_records"][name]) for s in after
                                           if name in s["lag_records"]]), 1)
             for name in ("worker (pre-batching)", "worker", "projector")}
     lags["end-to-end backlog"] = round(slope_per_minute(
@@ -172,7 +172,7 @@ def write_results(out_dir: Path, result: dict[str, Any], samples: list[dict[str,
     (out_dir / "soak.md").write_text(f"""# Soak (`make soak`)
 
 Run {info['date']} on commit {info['commit']}{' (with uncommitted changes)' if info['dirty']
-else ''}, {info['cpus']} cores ({info['platform']}, load average at the end
+else ''}, {info['cpus']} cores shared with other work ({info['platform']}, load average at the end
 {info['load_average']}): {p['rate']:.0f} events/s over {p['tenants']:,} tenants for
 {p['minutes']:g} min, sampled every {p['every']:g} s. {p.get('note', '')}
 
@@ -239,8 +239,9 @@ def main(argv: list[str] | None = None) -> int:
         notes = row.notes + [f"{e.service} exited by itself (code {e.code})"
                              for e in pipe.exits]
         notes.insert(0, f"drained in {drain_s:.0f}s after the traffic stopped" if drained
-                     else f"NOT drained: gave up after {drain_s:.0f}s, so 'lost' counts events "
-                     "still in flight too")
+                     else f"not drained within {drain_s:.0f}s; the books were read after the "
+                     f"push job ({took:.0f}s later): 'lost' counts whatever was still in "
+                     "flight then, and Stripe lacks what arrived during the push")
     slopes, failed = judge(samples, args.rate, seconds, row.lost, exits, row.published)
     result = {"run": machine(), "params": {"minutes": args.minutes, "rate": args.rate,
                                            "tenants": args.tenants, "every": args.every,

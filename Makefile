@@ -9,7 +9,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint bench schemas dev-up dev-down clean
+.PHONY: install demo test test-fast lint bench faults soak schemas dev-up dev-down clean
 
 install: $(STAMP)
 
@@ -64,6 +64,15 @@ lint: install
 
 bench: install
 	$(BIN)/python -m bench
+
+# Reliability (README): every fault of issue 17 injected while traffic flows, then the books
+# (bench/faults.py, ~10 min; exits 1 if a row fails), and a long steady run watching memory
+# and lag (bench/soak.py; MINUTES=N to change the default 10). Both write bench/results/.
+faults: install
+	$(BIN)/python -m bench.faults
+
+soak: install
+	$(BIN)/python -m bench.soak $(if $(MINUTES),--minutes $(MINUTES))
 
 schemas: install
 	$(BIN)/python -m schemas.export

@@ -19,11 +19,11 @@ def _project(args: argparse.Namespace) -> int:
     from prometheus_client import start_http_server
 
     from projections.projector import Projector
-    from runtime import kafka
 
     s = settings()
     s.require_database()
-    asyncio.run(kafka.ensure_topics(s))
+    # No check of Postgres or the broker here: the projector is a service, it waits for
+    # both (and creates the topics) once started.
     start_http_server(args.metrics_port, addr=s.projector_metrics_host)
     run_until_signalled(lambda: Projector(s, max_records=args.max_records,
                                           bounds_check_seconds=args.offsets_check_seconds))

@@ -33,11 +33,13 @@ LAG_RECORDS = Gauge("tally_projection_lag_records", "Records behind the log end 
 LAG_SECONDS = Gauge("tally_projection_lag_seconds",
                     "Age of the last projected record (0 when caught up)", ["topic"])
 UP = Gauge("tally_projector_up",
-           "1 while the projector holds a Postgres connection and projects; 0 while it is"
-           " reconnecting (it retries with backoff, resuming from the offsets in Postgres)")
+           "1 while the projector holds a Postgres connection and projects; 0 while it"
+           " waits for Postgres or the broker (at start, or after losing Postgres: it"
+           " retries with backoff, resuming from the offsets in Postgres)")
 RECONNECTS = Counter("tally_projector_reconnects_total",
-                     "Times the projector lost (or could not get) its Postgres connection and"
-                     " reconnected after a backoff")
+                     "Failed attempts to reach a dependency (postgres, kafka), each followed"
+                     " by a backoff: at start before it is up, or after losing it",
+                     ["dependency"])
 OFFSETS_OUTSIDE_LOG = Counter(
     "tally_projection_offsets_outside_log_total",
     "Partitions whose stored offset lay outside the log (past its end: the broker lost"

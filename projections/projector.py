@@ -41,11 +41,10 @@ projector with offsets that differ from its own (projections/rebuild.py).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from functools import partial
 from typing import Any
@@ -69,6 +68,8 @@ from projections.ledger import (
     write_accepted,
 )
 from runtime import kafka
+from runtime.backoff import Backoff, first_line
+from runtime.kafka import KafkaUnavailable
 from runtime.postgres import Connection, DatabaseUnavailable, connect, migrate
 from runtime.settings import Settings
 from schemas.codec import RecordDecodeError, decode_record, dumps
@@ -83,6 +84,8 @@ _ACCEPTED = TypeAdapter(AcceptedEvent)
 # with AdminShutdown, an OperationalError): `run` reconnects with backoff and re-seeks to
 # the offsets stored in Postgres, so nothing is applied twice or skipped.
 _CONNECTION_LOST = (psycopg.OperationalError, psycopg.InterfaceError, DatabaseUnavailable)
+# A broker not reachable (yet): the projector waits for it at start.
+_BROKER_DOWN = (KafkaError, KafkaUnavailable, OSError)
 
 
 def lock_key(schema: str, projection: str) -> int:
@@ -140,20 +143,20 @@ class Projector:
     async def run(self) -> None:
         """Project until `stop()` is called; the batch in progress is finished first.
 
-        A lost Postgres connection (a restart, a failover, a network cut) does not end the
-        projector: it reconnects with exponential backoff (`reconnect_delay`), counts it in
-        `tally_projector_reconnects_total`, reads `tally_projector_up` 0 meanwhile, and
-        re-seeks to the offsets stored in Postgres. The transaction that was open is lost
-        whole (rows and offsets together), so every record is still applied once.
+        Started before Postgres or the broker is up, the projector waits for each with
+        exponential backoff (`_start`). A lost Postgres connection (a restart, a failover, a
+        network cut) does not end it either: it reconnects with backoff
+        (`reconnect_delay`), counts it in `tally_projector_reconnects_total`, reads
+        `tally_projector_up` 0 meanwhile, and re-seeks to the offsets stored in Postgres.
+        The transaction that was open is lost whole (rows and offsets together), so every
+        record is still applied once.
         """
         database_url = self.settings.require_database()
-        migrate(database_url)
-        self._consumer = self._new_consumer()
-        await self._consumer.start()
-        first, longest = self.reconnect_delay
-        delay = first
+        backoff = Backoff(*self.reconnect_delay)
         lost = False
         try:
+            if not await self._start(database_url, backoff):
+                return
             while not self.stopping.is_set():
                 try:
                     with connect(database_url) as conn:
@@ -163,23 +166,56 @@ class Projector:
                                         " from the stored offsets", self.schema,
                                         self.projection)
                         metrics.UP.set(1)
-                        delay, lost = first, False
+                        backoff.reset()
+                        lost = False
                         await self.project(conn, self._fetched())
                 except _CONNECTION_LOST as e:
-                    metrics.UP.set(0)
-                    metrics.RECONNECTS.inc()
                     lost = True
                     self._months.clear()
-                    log.warning("projection %s.%s: lost Postgres (%s); reconnecting in %.1fs",
-                                self.schema, self.projection,
-                                str(e).strip().splitlines()[0] if str(e).strip() else
-                                type(e).__name__, delay)
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self.stopping.wait(), delay)
-                    delay = min(delay * 2, longest)
+                    await self._wait_for("postgres", "lost Postgres", e, backoff)
         finally:
             metrics.UP.set(0)
             await self.close()
+
+    async def _start(self, database_url: str, backoff: Backoff) -> bool:
+        """Migrate, create the topics, start the consumer: each step waits (with backoff)
+        for its dependency to come up; False when stopped first."""
+
+        async def consumer() -> None:
+            self._consumer = self._new_consumer()
+            try:
+                await kafka.start(self._consumer)
+            except BaseException:
+                self._consumer = None
+                raise
+
+        steps: list[tuple[str, tuple[type[BaseException], ...],
+                          Callable[[], Awaitable[object]]]] = [
+            ("postgres", _CONNECTION_LOST, lambda: asyncio.to_thread(migrate, database_url)),
+            ("kafka", _BROKER_DOWN, lambda: kafka.ensure_topics(self.settings)),
+            ("kafka", _BROKER_DOWN, consumer),
+        ]
+        for dependency, errors, step in steps:
+            while True:
+                try:
+                    await step()
+                    break
+                except errors as e:
+                    if not await self._wait_for(dependency, f"{dependency} not reachable",
+                                                e, backoff):
+                        return False
+            backoff.reset()
+        return True
+
+    async def _wait_for(self, dependency: str, what: str, error: BaseException,
+                        backoff: Backoff) -> bool:
+        """Say that a dependency is down (log, metrics) and back off; False if stopping."""
+        metrics.UP.set(0)
+        metrics.RECONNECTS.labels(dependency).inc()
+        delay = backoff.next_delay()
+        log.warning("projection %s.%s: %s (%s); retrying in %.1fs", self.schema,
+                    self.projection, what, first_line(error), delay)
+        return await backoff.sleep(self.stopping, delay)
 
     async def project(self, conn: Connection, batches: AsyncIterator[Batch | None]) -> None:
         """Commit the batches in order (None: nothing fetched this time).

@@ -45,9 +45,13 @@ def _log(tenants: int, records: int, per_record: int, tag: str) -> list[list[Acc
 
 
 def _metric(port: int, name: str) -> float:
-    """The sum of every sample of `name` on the projector's /metrics (0 when absent)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
-        text = r.read().decode()
+    """The sum of every sample of `name` on the projector's /metrics (0 when absent, or
+    before the port listens)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+            text = r.read().decode()
+    except OSError:
+        return 0.0
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith((name + " ", name + "{")))
 
@@ -79,16 +83,6 @@ class Projector:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
-
-
-@pytest.fixture
-def own_postgres(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    """A Postgres server of this test alone (it gets restarted)."""
-    home = tmp_path / "pg"
-    home.mkdir()
-    url, pg_data = devstack.start_postgres(home)
-    yield url, pg_data
-    devstack.stop_postgres(pg_data)
 
 
 class Broker:
@@ -233,3 +227,28 @@ def test_worker_restores_the_plan_catalog_from_postgres_when_the_broker_lost_it(
     wait_for(worker.healthy, bool, timeout=90,
              what=f"the worker healthy with a restored catalog\n{worker.log()}")
     assert asyncio.run(read_catalog(after)) == published
+
+
+def test_projector_started_before_postgres_waits_for_it_and_then_projects(
+    settings_factory: Callable[..., Settings], own_postgres: tuple[str, Path],
+    projectors: list[Projector], tmp_path: Path,
+) -> None:
+    url, pg_data = own_postgres
+    devstack.stop_postgres(pg_data)  # down before the projector starts; its port is known
+    settings = settings_factory(database_url=url)
+    log = _log(4, 20, 10, "late")
+    publish_accepted(settings, log)
+    projector = Projector(settings, tmp_path / "project.log")
+    projectors.append(projector)
+    wait_for(lambda: projector.metric('tally_projector_reconnects_total{dependency="postgres"}'),
+             lambda n: n >= 2, timeout=60, what="the projector retrying Postgres")
+    projector.alive()
+    assert projector.metric("tally_projector_up") == 0
+    assert "postgres not reachable" in projector.log()
+
+    devstack.restart_postgres(pg_data)  # up, on the same port
+    wait_for(lambda: projector.metric("tally_projector_up"), lambda up: up == 1, timeout=90,
+             what="the projector connected (the schema migrated)")
+    wait_for_offsets(url, settings.topics.usage_accepted, len(log), timeout=90)
+    projector.stop()
+    assert ledger_count(url) == 200

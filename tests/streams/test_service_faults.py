@@ -1,10 +1,11 @@
-"""The notifier through faults that are not crashes (issue 17): Postgres going away and
-coming back while notifications flow, and a broker that is not up yet when it starts.
-Each runs against its own Postgres or its own Tansu, never the session's."""
+"""The notifier and the worker through faults that are not crashes (issue 17): Postgres
+going away and coming back while notifications flow, and a broker that is not up yet when
+they start. Each runs against its own Postgres or its own Tansu, never the session's."""
 
 from __future__ import annotations
 
 import asyncio
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,6 +17,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from devtools import devstack
+from devtools.child import start_tally
 from runtime import kafka
 from runtime.postgres import connect, migrate
 from runtime.settings import Settings
@@ -137,3 +139,22 @@ async def _until(condition: Callable[[], bool], what: str, timeout: float = 90) 
     while not await asyncio.to_thread(condition):
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         await asyncio.sleep(0.2)
+
+
+def test_worker_started_before_the_broker_waits_for_it_instead_of_failing(
+    tmp_path: Path,
+) -> None:
+    port = devstack.free_port()  # nothing listens there
+    settings = Settings(kafka_bootstrap_servers=f"127.0.0.1:{port}", topic_prefix="late.")
+    log_path = tmp_path / "worker.log"
+    proc = start_tally(settings, ["worker", "--web-port", str(devstack.free_port())], log_path)
+    try:
+        wait_for(lambda: log_path.read_text().count("the worker waits for the broker"),
+                 lambda n: n >= 2, timeout=60, what="the worker retrying")
+        assert proc.poll() is None, log_path.read_text()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -26,9 +26,10 @@ WRITE_SECONDS = Histogram(
     "tally_projection_write_seconds", "Duration of one projection transaction",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
-# The embedded broker under-reports the log end (DESIGN.md), so lag from end offsets can
-# come out negative there: it is clamped at 0, and reads 0 after a fetch comes back empty.
-LAG_RECORDS = Gauge("tally_projection_lag_records", "Records behind the log end (clamped >= 0)",
+LAG_RECORDS = Gauge("tally_projection_lag_records",
+                    "Records still to read: log end offset - the consumer's position, never"
+                    " negative; the whole log when the position lies outside it (after a log"
+                    " loss). Measured every 2 s, fetching or not (projections/lag.py)",
                     ["topic", "partition"])
 LAG_SECONDS = Gauge("tally_projection_lag_seconds",
                     "Age of the last projected record (0 when caught up)", ["topic"])

@@ -41,6 +41,7 @@ projector with offsets that differ from its own (projections/rebuild.py).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import time
@@ -59,6 +60,7 @@ from projections.batch import REJECTED, Batch, Problem, Record, Records
 from projections.current_state import project_plans, project_quota_states, project_subscriptions
 from projections.fast_accepted import from_model, read_accepted
 from projections.history import ingested_through, write_watermarks
+from projections.lag import LagMeter, log_ends
 from projections.ledger import (
     Accepted,
     accepted_problems,
@@ -154,9 +156,13 @@ class Projector:
         database_url = self.settings.require_database()
         backoff = Backoff(*self.reconnect_delay)
         lost = False
+        stack = contextlib.ExitStack()
         try:
             if not await self._start(database_url, backoff):
                 return
+            assert self._consumer is not None
+            lag = asyncio.create_task(LagMeter(self.settings, self._consumer).run())
+            stack.callback(lag.cancel)
             while not self.stopping.is_set():
                 try:
                     with connect(database_url) as conn:
@@ -172,10 +178,25 @@ class Projector:
                 except _CONNECTION_LOST as e:
                     lost = True
                     self._months.clear()
+                    await self._rewind()
                     await self._wait_for("postgres", "lost Postgres", e, backoff)
         finally:
+            stack.close()
             metrics.UP.set(0)
             await self.close()
+
+    async def _rewind(self) -> None:
+        """After losing Postgres: what was fetched but not committed is read again from the
+        stored offsets on reconnect (`_assign`), so the consumer goes back there now, and
+        its position (the lag) tells what is still to project meanwhile."""
+        assert self._consumer is not None
+        for tp in self._consumer.assignment():
+            key = (tp.topic, tp.partition)
+            offset = self._reset.get(key, self._committed.get(key))
+            if offset is None:
+                await self._consumer.seek_to_beginning(tp)
+            else:
+                self._consumer.seek(tp, offset)
 
     async def _start(self, database_url: str, backoff: Backoff) -> bool:
         """Migrate, create the topics, start the consumer: each step waits (with backoff)
@@ -344,42 +365,16 @@ class Projector:
             log.info("projection %s.%s: log bounds unknown for now (%r)", self.schema,
                      self.projection, e)
             return
-        past = await self._log_ends({tp: end for tp, end in ends.items()
-                                     if tp in positions and positions[tp] > end})
+        past = await log_ends(self.settings, {tp: end for tp, end in ends.items()
+                                              if tp in positions and positions[tp] > end})
+        if past is None:  # unknown: judge nothing
+            return
         for tp, position in positions.items():
             start = starts.get(tp)
             if start is not None and position < start:
                 await self._outside_log(tp, position, f"before the log start {start}")
             elif tp in past and position > past[tp]:
                 await self._outside_log(tp, position, f"past the log end {past[tp]}")
-
-    async def _log_ends(self, reported: dict[TopicPartition, int]) -> dict[TopicPartition, int]:
-        """The offset after the last record of each partition: its `reported` end
-        (ListOffsets), or more when its last batch holds records past it (Tansu). Read by
-        one short-lived consumer from the last reported record of every partition."""
-        ends = dict(reported)
-        wanted = {tp: end for tp, end in reported.items() if end > 0}
-        if not wanted:
-            return ends
-        probe = kafka.consumer(self.settings)
-        try:
-            await probe.start()
-            probe.assign(list(wanted))
-            for tp, end in wanted.items():
-                probe.seek(tp, end - 1)
-            pending, deadline = set(wanted), time.monotonic() + 3
-            while pending and time.monotonic() < deadline:
-                for tp, records in (await probe.getmany(timeout_ms=500)).items():
-                    if records:
-                        ends[tp] = max(ends[tp], records[-1].offset + 1)
-                        pending.discard(tp)
-        except (KafkaError, OSError) as e:
-            log.info("projection %s.%s: cannot read the log ends (%r)", self.schema,
-                     self.projection, e)
-            return {tp: 1 << 62 for tp in reported}  # unknown: judge nothing
-        finally:
-            await probe.stop()
-        return ends
 
     async def _outside_log(self, tp: TopicPartition, offset: int, why: str) -> None:
         """Policy: count, log and reset to the log start. What the log holds now is new to
@@ -468,22 +463,15 @@ class Projector:
         return True
 
     def _observe_lag(self, batch: dict[TopicPartition, Records]) -> None:
-        assert self._consumer is not None
+        """The age of the newest record fetched (the lag in records is `LagMeter`'s)."""
         now = time.time()
         for tp, records in batch.items():
-            if not records:
-                continue
-            end = self._consumer.highwater(tp)
-            if end is not None:
-                behind = max(end - (records[-1].offset + 1), 0)
-                metrics.LAG_RECORDS.labels(tp.topic, str(tp.partition)).set(behind)
-            metrics.LAG_SECONDS.labels(tp.topic).set(max(now - records[-1].timestamp / 1000, 0))
+            if records:
+                metrics.LAG_SECONDS.labels(tp.topic).set(
+                    max(now - records[-1].timestamp / 1000, 0))
 
     def _observe_caught_up(self) -> None:
-        """An empty fetch: nothing is waiting on any assigned partition."""
-        assert self._consumer is not None
-        for tp in self._consumer.assignment():
-            metrics.LAG_RECORDS.labels(tp.topic, str(tp.partition)).set(0)
+        """An empty fetch: the last record fetched was the newest."""
         for topic in self.topics:
             metrics.LAG_SECONDS.labels(topic).set(0)
 

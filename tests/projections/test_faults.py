@@ -252,3 +252,83 @@ def test_projector_started_before_postgres_waits_for_it_and_then_projects(
     wait_for_offsets(url, settings.topics.usage_accepted, len(log), timeout=90)
     projector.stop()
     assert ledger_count(url) == 200
+
+
+def _publish_one_per_batch(settings: Settings, log: list[list[AcceptedEvent]]) -> None:
+    """Each record in a produce request of its own: Tansu's end offsets are then exact
+    (it under-reports them by the records after the first of the last batch)."""
+    for record in log:
+        publish_accepted(settings, [record])
+
+
+def _lag(projector: Projector, settings: Settings) -> float:
+    return projector.metric(
+        f'tally_projection_lag_records{{partition="0",topic="{settings.topics.usage_accepted}"}}'
+    ) + projector.metric(
+        f'tally_projection_lag_records{{partition="1",topic="{settings.topics.usage_accepted}"}}')
+
+
+def test_lag_counts_the_records_waiting_while_the_projector_cannot_project(
+    settings_factory: Callable[..., Settings], own_postgres: tuple[str, Path],
+    projectors: list[Projector], tmp_path: Path,
+) -> None:
+    url, pg_data = own_postgres
+    settings = settings_factory(database_url=url)
+    first = _log(4, 20, 10, "a")
+    publish_accepted(settings, first)
+    projector = Projector(settings, tmp_path / "project.log")
+    projectors.append(projector)
+    wait_for(lambda: projector.metric("tally_projector_up"), lambda up: up == 1, timeout=60,
+             what="the projector connected")
+    wait_for_offsets(url, settings.topics.usage_accepted, len(first))
+    wait_for(lambda: _lag(projector, settings), lambda lag: lag == 0, what="lag 0, caught up")
+
+    devstack.stop_postgres(pg_data)  # the projector cannot write: 30 records wait
+    waiting = _log(4, 30, 10, "b")
+    _publish_one_per_batch(settings, waiting)
+    wait_for(lambda: _lag(projector, settings), lambda lag: lag == len(waiting), timeout=60,
+             what=f"the lag at the {len(waiting)} records waiting\n{projector.log()}")
+    projector.alive()
+
+    devstack.restart_postgres(pg_data)
+    wait_for(lambda: projector.metric("tally_projector_up"), lambda up: up == 1, timeout=60,
+             what="the projector reconnected")
+    wait_for_offsets(url, settings.topics.usage_accepted, len(first) + len(waiting))
+    wait_for(lambda: _lag(projector, settings), lambda lag: lag == 0, what="lag 0 again")
+    projector.stop()
+    assert ledger_count(url) == 500
+
+
+def test_lag_after_a_broker_restarted_empty_is_the_new_log_not_zero(
+    own_postgres: tuple[str, Path], own_broker: Broker, projectors: list[Projector],
+    tmp_path: Path,
+) -> None:
+    url, pg_data = own_postgres
+    tag = uuid.uuid4().hex[:10]
+    settings = Settings(kafka_bootstrap_servers=own_broker.address, database_url=url,
+                        topic_prefix=f"t{tag}.", worker_id=f"tally-worker-{tag}", partitions=2)
+    asyncio.run(kafka.ensure_topics(settings))
+    old = _log(8, 100, 5, "old")  # ~50 records a partition
+    publish_accepted(settings, old)
+    projector = Projector(settings, tmp_path / "project.log", "--offsets-check-seconds", "2")
+    projectors.append(projector)
+    wait_for(lambda: projector.metric("tally_projector_up"), lambda up: up == 1, timeout=60,
+             what="the projector connected")
+    wait_for_offsets(url, settings.topics.usage_accepted, len(old))
+
+    # The projector cannot write (Postgres down) when the broker loses every record: its
+    # position lies past the end of the new log, which holds 20 records to project.
+    devstack.stop_postgres(pg_data)
+    own_broker.restart()
+    asyncio.run(kafka.ensure_topics(settings))
+    new = _log(8, 20, 5, "new")
+    _publish_one_per_batch(settings, new)
+    wait_for(lambda: _lag(projector, settings), lambda lag: lag == len(new), timeout=60,
+             what=f"the lag at the {len(new)} records of the new log\n{projector.log()}")
+    projector.alive()
+
+    devstack.restart_postgres(pg_data)
+    wait_for(lambda: ledger_count(url) if projector.metric("tally_projector_up") else 0,
+             lambda n: n == 600, timeout=90, what="the new events in the ledger")
+    wait_for(lambda: _lag(projector, settings), lambda lag: lag == 0, what="lag 0 again")
+    projector.stop()

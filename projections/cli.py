@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 
 from runtime.commands import (
     Subparsers,
@@ -35,7 +36,9 @@ def _rebuild(args: argparse.Namespace) -> int:
     from runtime.postgres import connect
 
     s = settings()
-    report = asyncio.run(rebuild(s, max_records=args.max_records))
+    report = asyncio.run(rebuild(s, max_records=args.max_records,
+                                 progress=lambda p: print(p.line(), file=sys.stderr,
+                                                          flush=True)))
     print(f"rebuilt from offset 0: {report.records} records in {report.seconds:.1f}s;"
           " swapped into schema tally")
     with connect(s.require_database()) as conn:

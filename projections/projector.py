@@ -140,7 +140,8 @@ class Projector:
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None  # dead letters; started when needed
         self.stopping = asyncio.Event()
-        self.projected = 0
+        self.projected = 0  # records committed
+        self.events = 0  # accepted events among them
 
     async def run(self) -> None:
         """Project until `stop()` is called; the batch in progress is finished first.
@@ -281,6 +282,13 @@ class Projector:
             await self._producer.stop()
             self._producer = None
 
+    async def log_bounds(self) -> tuple[dict[TopicPartition, int], dict[TopicPartition, int]]:
+        """The start and (reported) end offsets of every assigned partition."""
+        assert self._consumer is not None
+        tps = list(self._consumer.assignment())
+        return (await self._consumer.beginning_offsets(tps),
+                await self._consumer.end_offsets(tps))
+
     @property
     def committed(self) -> dict[tuple[str, int], int]:
         """Next offset per (topic, partition), as last committed by this projector."""
@@ -302,6 +310,21 @@ class Projector:
         while not self.stopping.is_set():
             fetched = await self._fetch()
             yield self.prepare(fetched) if fetched else None
+
+    async def until_caught_up(self, ends: dict[TopicPartition, int]
+                              ) -> AsyncIterator[Batch | None]:
+        """The consumer's batches, prepared, until a fetch comes back empty with every
+        partition read up to `ends` at least (a rebuild's input to `project`)."""
+        assert self._consumer is not None
+        while not self.stopping.is_set():
+            fetched = await self._fetch()
+            if fetched:
+                yield self.prepare(fetched)
+                continue
+            positions = {tp: await self._consumer.position(tp) for tp in ends}
+            if all(positions[tp] >= end for tp, end in ends.items()):
+                return
+            yield None
 
     async def _fetch(self) -> dict[TopicPartition, Records]:
         assert self._consumer is not None, "open() first"
@@ -450,6 +473,7 @@ class Projector:
         for key in batch.offsets:
             self._reset.pop(key, None)
         self.projected += batch.records
+        self.events += batch.events
         for topic, records in batch.by_topic.items():
             metrics.RECORDS.labels(topic).inc(len(records))
         metrics.ROWS.inc(batch.new_rows)

@@ -33,6 +33,7 @@ BENCHES = [
       "--textbook-events", "10000", "--scaling-events", "60000"]),
     ("bench.bench_projection", "projection.jsonl", ["--events", "200000"],
      ["--events", "40000", "--baseline-events", "10000"]),
+    ("bench.bench_rebuild", "rebuild.jsonl", ["--events", "1000000"], ["--events", "50000"]),
     ("bench.bench_quota_view", "quota_view.jsonl", [], []),
     ("bench.bench_compression", "compression.jsonl", ["--events", "200000"],
      ["--events", "50000", "--rounds", "1"]),
@@ -40,7 +41,8 @@ BENCHES = [
      ["--seconds", "5", "--hold-seconds", "10", "--probes", "1"]),
     ("bench.bench_dedup", "dedup.jsonl", [], ["--ids", "300000"]),
 ]
-PROFILED = {"bench.bench_worker", "bench.bench_projection", "bench.bench_latency"}
+PROFILED = {"bench.bench_worker", "bench.bench_projection", "bench.bench_latency",
+            "bench.bench_rebuild"}
 
 
 def main() -> int:

@@ -141,7 +141,7 @@ def main() -> int:
         if profiler is not None and args.profile_dir is not None:
             profiler.__exit__()
             args.profile_dir.mkdir(parents=True, exist_ok=True)
-            (args.profile_dir / "rebuild.txt").write_text(format_summary(
+            (args.profile_dir / "profile-rebuild.txt").write_text(format_summary(
                 f"projections rebuild, {args.events:,} events", profiler.summary()) + "\n")
         rebuilt = _digests(url)
         if rebuilt != projected:

@@ -82,7 +82,9 @@ def register(sub: Subparsers) -> None:
     projections = add_group(sub, "projections", "the Postgres read models")
     rebuild = projections.add_parser(
         "rebuild", help="rebuild the read models from offset 0 beside the live ones, then swap")
-    rebuild.add_argument("--max-records", type=positive_int, default=20000)
+    rebuild.add_argument("--max-records", type=positive_int, default=1000,
+                         help="Kafka records per transaction at most (smaller: steadier"
+                              " progress, and decoding overlaps the writes)")
     rebuild.set_defaults(func=_rebuild)
     projections.add_parser(
         "checksum", help="a digest per finance-facing table (equal after a rebuild)"

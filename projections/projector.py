@@ -276,7 +276,9 @@ class Projector:
 
     async def close(self) -> None:
         if self._consumer is not None:
-            await self._consumer.stop()
+            # kafka.stop: a fetch that timed out meanwhile (a long rebuild swap) makes
+            # aiokafka's stop() raise CancelledError although nobody cancelled us.
+            await kafka.stop(self._consumer)
             self._consumer = None
         if self._producer is not None:
             await self._producer.stop()

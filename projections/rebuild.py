@@ -138,13 +138,6 @@ def checksum(conn: Connection, schema: str = LIVE) -> dict[str, tuple[int, str]]
     return digests
 
 
-def _columns(conn: Connection, table: str) -> str:
-    names = [r[0] for r in conn.execute(
-        "SELECT column_name FROM information_schema.columns WHERE table_schema = %s"
-        " AND table_name = %s ORDER BY ordinal_position", (LIVE, table))]
-    return ", ".join(f'"{n}"' for n in names)
-
-
 def prepare_shadow(conn: Connection) -> None:
     """An empty copy of every rebuilt table (and of projection_offsets) in the shadow."""
     with conn.transaction():
@@ -175,24 +168,52 @@ def _replace_rows(conn: Connection, table: str) -> None:
     """Make the live table's rows the shadow's, writing only the rows that differ.
 
     A rebuild mostly finds the rows it had (it repairs a few, or confirms them): rewriting
-    every row cost most of a 1M-event rebuild in index writes and dead tuples. Rows compare
-    whole, by a digest of their text (the shadow is `LIKE` the live table: same columns, same
-    order). After deleting the live rows the shadow lacks and inserting the shadow rows the
-    live table lacks, both hold the same set of rows; they hold the same rows as many times
-    when the counts agree too (the shadow has no duplicates: every table has a key, and the
-    ledger one row per usage_event_keys key). A live ledger with duplicated rows fails that
-    check and is rewritten whole, as before.
+    every row cost most of a 1M-event rebuild in index writes and dead tuples. Rows are
+    matched by key (the primary key; the ledger's tenant and event id) and compared column
+    by column, numerics with their scale too (1.0 and 1.00 are equal numbers but not equal
+    bytes). After deleting the live rows the shadow has no equal of and inserting the shadow
+    rows the live table has no equal of, both hold the same set of rows; the same rows as
+    many times when the counts agree too (the shadow has no duplicates: every table has a
+    key, and the ledger one row per usage_event_keys key). A live ledger with duplicated
+    rows fails that check and is rewritten whole, as before.
     """
-    cols = _columns(conn, table)
+    columns = _typed_columns(conn, table)
+    cols = ", ".join(name for name, _ in columns)
+    same = " AND ".join(
+        [f"s.{k} = l.{k}" for k in _key(conn, table)]
+        + [f"s.{name} IS NOT DISTINCT FROM l.{name}" for name, _ in columns]
+        + [f"scale(s.{name}) IS NOT DISTINCT FROM scale(l.{name})"
+           for name, kind in columns if kind == "numeric"])
     live, shadow = f"{LIVE}.{table}", f"{SHADOW}.{table}"
-    conn.execute(f"DELETE FROM {live} l WHERE NOT EXISTS"
-                 f" (SELECT 1 FROM {shadow} s WHERE md5(s::text) = md5(l::text))")
-    conn.execute(f"INSERT INTO {live} ({cols}) SELECT {cols} FROM {shadow} s WHERE NOT EXISTS"
-                 f" (SELECT 1 FROM {live} l WHERE md5(l::text) = md5(s::text))")
+    conn.execute(f"DELETE FROM {live} l WHERE NOT EXISTS (SELECT 1 FROM {shadow} s WHERE {same})")
+    conn.execute(f"INSERT INTO {live} ({cols}) SELECT {cols} FROM {shadow} s"
+                 f" WHERE NOT EXISTS (SELECT 1 FROM {live} l WHERE {same})")
     if (fetch_value(conn, f"SELECT count(*) FROM {live}")
             != fetch_value(conn, f"SELECT count(*) FROM {shadow}")):
         conn.execute(f"DELETE FROM {live}")
         conn.execute(f"INSERT INTO {live} ({cols}) SELECT {cols} FROM {shadow}")
+
+
+def _typed_columns(conn: Connection, table: str) -> list[tuple[str, str]]:
+    """(quoted name, data type) of each column of the live table, in order."""
+    return [(f'"{name}"', kind) for name, kind in conn.execute(
+        "SELECT column_name, data_type FROM information_schema.columns"
+        " WHERE table_schema = %s AND table_name = %s ORDER BY ordinal_position",
+        (LIVE, table))]
+
+
+def _key(conn: Connection, table: str) -> list[str]:
+    """The quoted columns that identify a row: the primary key, or the ledger's (its
+    uniqueness lives in usage_event_keys)."""
+    if table == "usage_events":
+        return ['"tenant_id"', '"event_id"']
+    names = [f'"{row[0]}"' for row in conn.execute(
+        "SELECT a.attname FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid"
+        " AND a.attnum = ANY (i.indkey) WHERE i.indrelid = %s::regclass AND i.indisprimary"
+        " ORDER BY array_position(i.indkey::int2[], a.attnum)", (f"{LIVE}.{table}",))]
+    if not names:
+        raise RebuildError(f"{LIVE}.{table} has no primary key to match its rows by")
+    return names
 
 
 async def rebuild(settings: Settings, max_records: int = 1000,

@@ -88,6 +88,9 @@ def test_rebuild_reproduces_the_checksum_repairs_tampering_and_hands_over_to_the
         with psycopg.connect(database_url) as conn:  # a read model goes wrong
             conn.execute("UPDATE tally.usage_by_period SET quantity = 0 WHERE tenant_id = 'acme'")
             conn.execute("DELETE FROM tally.plan_meters WHERE plan_id = 'free'")
+            # Equal numbers, other bytes: the digest sees the scale, so must the swap.
+            conn.execute("UPDATE tally.usage_by_period SET quantity = quantity + 0.00"
+                         " WHERE tenant_id = 'beta'")
             # A ledger row twice (the ledger has no key of its own: the swap must see it).
             conn.execute("INSERT INTO tally.usage_events SELECT * FROM tally.usage_events"
                          " LIMIT 1")

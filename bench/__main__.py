@@ -35,6 +35,7 @@ BENCHES = [
       "--textbook-events", "10000", "--scaling-events", "60000"]),
     ("bench.bench_projection", "projection.jsonl", ["--events", "200000"],
      ["--events", "40000", "--baseline-events", "10000"]),
+    ("bench.bench_rebuild", "rebuild.jsonl", ["--events", "1000000"], ["--events", "50000"]),
     ("bench.bench_quota_view", "quota_view.jsonl", [], []),
     ("bench.bench_compression", "compression.jsonl", ["--events", "200000"],
      ["--events", "50000", "--rounds", "1"]),
@@ -45,7 +46,7 @@ BENCHES = [
      ["--events", "500000", "--tenants", "1000", "--requests", "300", "--seconds", "5"]),
 ]
 PROFILED = {"bench.bench_worker", "bench.bench_projection", "bench.bench_latency",
-            "bench.bench_read"}
+            "bench.bench_read", "bench.bench_rebuild"}
 
 
 def main() -> int:

@@ -122,6 +122,16 @@ def figures(rows: dict[str, list[dict[str, Any]]]) -> list[Figure]:
             ">= 120,000 events/s", batched["events_per_s"] >= 120_000,
             "; ".join(n for n in (_rounds(batched), _share(batched["events_per_s"], 120_000))
                       if n)))
+    for rebuilt in rows.get("rebuild", [])[-1:]:
+        out.append(Figure(
+            f"projections rebuild of {rebuilt['events']:,} events (build, swap, vacuum)",
+            rebuilt["rebuild_seconds"], "s", "the projector over the same log",
+            rebuilt["projector_seconds"],
+            _ratio(rebuilt["rebuild_seconds"], rebuilt["projector_seconds"]),
+            "< 120 s for 1M events",
+            rebuilt["rebuild_seconds"] < 120 if rebuilt["events"] >= 1_000_000 else None,
+            f"{rebuilt['rebuild_events_per_s']:,} events/s; phases "
+            + ", ".join(f"{k} {v} s" for k, v in rebuilt["rebuild_phases"].items())))
     for quota in rows.get("quota_view", [])[-1:]:
         out.append(Figure(
             "QuotaView.check p99", quota["p99_us"], "µs", "target", quota["target_p99_us"],

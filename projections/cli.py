@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 
 from runtime.commands import (
     Subparsers,
@@ -19,11 +20,11 @@ def _project(args: argparse.Namespace) -> int:
     from prometheus_client import start_http_server
 
     from projections.projector import Projector
-    from runtime import kafka
 
     s = settings()
     s.require_database()
-    asyncio.run(kafka.ensure_topics(s))
+    # No check of Postgres or the broker here: the projector is a service, it waits for
+    # both (and creates the topics) once started.
     start_http_server(args.metrics_port, addr=s.projector_metrics_host)
     run_until_signalled(lambda: Projector(s, max_records=args.max_records,
                                           bounds_check_seconds=args.offsets_check_seconds))
@@ -35,7 +36,9 @@ def _rebuild(args: argparse.Namespace) -> int:
     from runtime.postgres import connect
 
     s = settings()
-    report = asyncio.run(rebuild(s, max_records=args.max_records))
+    report = asyncio.run(rebuild(s, max_records=args.max_records,
+                                 progress=lambda p: print(p.line(), file=sys.stderr,
+                                                          flush=True)))
     print(f"rebuilt from offset 0: {report.records} records in {report.seconds:.1f}s;"
           " swapped into schema tally")
     with connect(s.require_database()) as conn:
@@ -79,7 +82,9 @@ def register(sub: Subparsers) -> None:
     projections = add_group(sub, "projections", "the Postgres read models")
     rebuild = projections.add_parser(
         "rebuild", help="rebuild the read models from offset 0 beside the live ones, then swap")
-    rebuild.add_argument("--max-records", type=positive_int, default=20000)
+    rebuild.add_argument("--max-records", type=positive_int, default=1000,
+                         help="Kafka records per transaction at most (smaller: steadier"
+                              " progress, and decoding overlaps the writes)")
     rebuild.set_defaults(func=_rebuild)
     projections.add_parser(
         "checksum", help="a digest per finance-facing table (equal after a rebuild)"

@@ -26,18 +26,21 @@ WRITE_SECONDS = Histogram(
     "tally_projection_write_seconds", "Duration of one projection transaction",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
-# The embedded broker under-reports the log end (DESIGN.md), so lag from end offsets can
-# come out negative there: it is clamped at 0, and reads 0 after a fetch comes back empty.
-LAG_RECORDS = Gauge("tally_projection_lag_records", "Records behind the log end (clamped >= 0)",
+LAG_RECORDS = Gauge("tally_projection_lag_records",
+                    "Records still to read: log end offset - the consumer's position, never"
+                    " negative; the whole log when the position lies outside it (after a log"
+                    " loss). Measured every 2 s, fetching or not (projections/lag.py)",
                     ["topic", "partition"])
 LAG_SECONDS = Gauge("tally_projection_lag_seconds",
                     "Age of the last projected record (0 when caught up)", ["topic"])
 UP = Gauge("tally_projector_up",
-           "1 while the projector holds a Postgres connection and projects; 0 while it is"
-           " reconnecting (it retries with backoff, resuming from the offsets in Postgres)")
+           "1 while the projector holds a Postgres connection and projects; 0 while it"
+           " waits for Postgres or the broker (at start, or after losing Postgres: it"
+           " retries with backoff, resuming from the offsets in Postgres)")
 RECONNECTS = Counter("tally_projector_reconnects_total",
-                     "Times the projector lost (or could not get) its Postgres connection and"
-                     " reconnected after a backoff")
+                     "Failed attempts to reach a dependency (postgres, kafka), each followed"
+                     " by a backoff: at start before it is up, or after losing it",
+                     ["dependency"])
 OFFSETS_OUTSIDE_LOG = Counter(
     "tally_projection_offsets_outside_log_total",
     "Partitions whose stored offset lay outside the log (past its end: the broker lost"

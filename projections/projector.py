@@ -45,7 +45,7 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from functools import partial
 from typing import Any
@@ -60,6 +60,7 @@ from projections.batch import REJECTED, Batch, Problem, Record, Records
 from projections.current_state import project_plans, project_quota_states, project_subscriptions
 from projections.fast_accepted import from_model, read_accepted
 from projections.history import ingested_through, write_watermarks
+from projections.lag import LagMeter, log_ends
 from projections.ledger import (
     Accepted,
     accepted_problems,
@@ -69,6 +70,8 @@ from projections.ledger import (
     write_accepted,
 )
 from runtime import kafka
+from runtime.backoff import Backoff, first_line
+from runtime.kafka import KafkaUnavailable
 from runtime.postgres import Connection, DatabaseUnavailable, connect, migrate
 from runtime.settings import Settings
 from schemas.codec import RecordDecodeError, decode_record, dumps
@@ -83,6 +86,8 @@ _ACCEPTED = TypeAdapter(AcceptedEvent)
 # with AdminShutdown, an OperationalError): `run` reconnects with backoff and re-seeks to
 # the offsets stored in Postgres, so nothing is applied twice or skipped.
 _CONNECTION_LOST = (psycopg.OperationalError, psycopg.InterfaceError, DatabaseUnavailable)
+# A broker not reachable (yet): the projector waits for it at start.
+_BROKER_DOWN = (KafkaError, KafkaUnavailable, OSError)
 
 
 def lock_key(schema: str, projection: str) -> int:
@@ -135,25 +140,30 @@ class Projector:
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None  # dead letters; started when needed
         self.stopping = asyncio.Event()
-        self.projected = 0
+        self.projected = 0  # records committed
+        self.events = 0  # accepted events among them
 
     async def run(self) -> None:
         """Project until `stop()` is called; the batch in progress is finished first.
 
-        A lost Postgres connection (a restart, a failover, a network cut) does not end the
-        projector: it reconnects with exponential backoff (`reconnect_delay`), counts it in
-        `tally_projector_reconnects_total`, reads `tally_projector_up` 0 meanwhile, and
-        re-seeks to the offsets stored in Postgres. The transaction that was open is lost
-        whole (rows and offsets together), so every record is still applied once.
+        Started before Postgres or the broker is up, the projector waits for each with
+        exponential backoff (`_start`). A lost Postgres connection (a restart, a failover, a
+        network cut) does not end it either: it reconnects with backoff
+        (`reconnect_delay`), counts it in `tally_projector_reconnects_total`, reads
+        `tally_projector_up` 0 meanwhile, and re-seeks to the offsets stored in Postgres.
+        The transaction that was open is lost whole (rows and offsets together), so every
+        record is still applied once.
         """
         database_url = self.settings.require_database()
-        migrate(database_url)
-        self._consumer = self._new_consumer()
-        await self._consumer.start()
-        first, longest = self.reconnect_delay
-        delay = first
+        backoff = Backoff(*self.reconnect_delay)
         lost = False
+        stack = contextlib.ExitStack()
         try:
+            if not await self._start(database_url, backoff):
+                return
+            assert self._consumer is not None
+            lag = asyncio.create_task(LagMeter(self.settings, self._consumer).run())
+            stack.callback(lag.cancel)
             while not self.stopping.is_set():
                 try:
                     with connect(database_url) as conn:
@@ -163,23 +173,71 @@ class Projector:
                                         " from the stored offsets", self.schema,
                                         self.projection)
                         metrics.UP.set(1)
-                        delay, lost = first, False
+                        backoff.reset()
+                        lost = False
                         await self.project(conn, self._fetched())
                 except _CONNECTION_LOST as e:
-                    metrics.UP.set(0)
-                    metrics.RECONNECTS.inc()
                     lost = True
                     self._months.clear()
-                    log.warning("projection %s.%s: lost Postgres (%s); reconnecting in %.1fs",
-                                self.schema, self.projection,
-                                str(e).strip().splitlines()[0] if str(e).strip() else
-                                type(e).__name__, delay)
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self.stopping.wait(), delay)
-                    delay = min(delay * 2, longest)
+                    await self._rewind()
+                    await self._wait_for("postgres", "lost Postgres", e, backoff)
         finally:
+            stack.close()
             metrics.UP.set(0)
             await self.close()
+
+    async def _rewind(self) -> None:
+        """After losing Postgres: what was fetched but not committed is read again from the
+        stored offsets on reconnect (`_assign`), so the consumer goes back there now, and
+        its position (the lag) tells what is still to project meanwhile."""
+        assert self._consumer is not None
+        for tp in self._consumer.assignment():
+            key = (tp.topic, tp.partition)
+            offset = self._reset.get(key, self._committed.get(key))
+            if offset is None:
+                await self._consumer.seek_to_beginning(tp)
+            else:
+                self._consumer.seek(tp, offset)
+
+    async def _start(self, database_url: str, backoff: Backoff) -> bool:
+        """Migrate, create the topics, start the consumer: each step waits (with backoff)
+        for its dependency to come up; False when stopped first."""
+
+        async def consumer() -> None:
+            self._consumer = self._new_consumer()
+            try:
+                await kafka.start(self._consumer)
+            except BaseException:
+                self._consumer = None
+                raise
+
+        steps: list[tuple[str, tuple[type[BaseException], ...],
+                          Callable[[], Awaitable[object]]]] = [
+            ("postgres", _CONNECTION_LOST, lambda: asyncio.to_thread(migrate, database_url)),
+            ("kafka", _BROKER_DOWN, lambda: kafka.ensure_topics(self.settings)),
+            ("kafka", _BROKER_DOWN, consumer),
+        ]
+        for dependency, errors, step in steps:
+            while True:
+                try:
+                    await step()
+                    break
+                except errors as e:
+                    if not await self._wait_for(dependency, f"{dependency} not reachable",
+                                                e, backoff):
+                        return False
+            backoff.reset()
+        return True
+
+    async def _wait_for(self, dependency: str, what: str, error: BaseException,
+                        backoff: Backoff) -> bool:
+        """Say that a dependency is down (log, metrics) and back off; False if stopping."""
+        metrics.UP.set(0)
+        metrics.RECONNECTS.labels(dependency).inc()
+        delay = backoff.next_delay()
+        log.warning("projection %s.%s: %s (%s); retrying in %.1fs", self.schema,
+                    self.projection, what, first_line(error), delay)
+        return await backoff.sleep(self.stopping, delay)
 
     async def project(self, conn: Connection, batches: AsyncIterator[Batch | None]) -> None:
         """Commit the batches in order (None: nothing fetched this time).
@@ -218,11 +276,20 @@ class Projector:
 
     async def close(self) -> None:
         if self._consumer is not None:
-            await self._consumer.stop()
+            # kafka.stop: a fetch that timed out meanwhile (a long rebuild swap) makes
+            # aiokafka's stop() raise CancelledError although nobody cancelled us.
+            await kafka.stop(self._consumer)
             self._consumer = None
         if self._producer is not None:
             await self._producer.stop()
             self._producer = None
+
+    async def log_bounds(self) -> tuple[dict[TopicPartition, int], dict[TopicPartition, int]]:
+        """The start and (reported) end offsets of every assigned partition."""
+        assert self._consumer is not None
+        tps = list(self._consumer.assignment())
+        return (await self._consumer.beginning_offsets(tps),
+                await self._consumer.end_offsets(tps))
 
     @property
     def committed(self) -> dict[tuple[str, int], int]:
@@ -245,6 +312,21 @@ class Projector:
         while not self.stopping.is_set():
             fetched = await self._fetch()
             yield self.prepare(fetched) if fetched else None
+
+    async def until_caught_up(self, ends: dict[TopicPartition, int]
+                              ) -> AsyncIterator[Batch | None]:
+        """The consumer's batches, prepared, until a fetch comes back empty with every
+        partition read up to `ends` at least (a rebuild's input to `project`)."""
+        assert self._consumer is not None
+        while not self.stopping.is_set():
+            fetched = await self._fetch()
+            if fetched:
+                yield self.prepare(fetched)
+                continue
+            positions = {tp: await self._consumer.position(tp) for tp in ends}
+            if all(positions[tp] >= end for tp, end in ends.items()):
+                return
+            yield None
 
     async def _fetch(self) -> dict[TopicPartition, Records]:
         assert self._consumer is not None, "open() first"
@@ -308,42 +390,16 @@ class Projector:
             log.info("projection %s.%s: log bounds unknown for now (%r)", self.schema,
                      self.projection, e)
             return
-        past = await self._log_ends({tp: end for tp, end in ends.items()
-                                     if tp in positions and positions[tp] > end})
+        past = await log_ends(self.settings, {tp: end for tp, end in ends.items()
+                                              if tp in positions and positions[tp] > end})
+        if past is None:  # unknown: judge nothing
+            return
         for tp, position in positions.items():
             start = starts.get(tp)
             if start is not None and position < start:
                 await self._outside_log(tp, position, f"before the log start {start}")
             elif tp in past and position > past[tp]:
                 await self._outside_log(tp, position, f"past the log end {past[tp]}")
-
-    async def _log_ends(self, reported: dict[TopicPartition, int]) -> dict[TopicPartition, int]:
-        """The offset after the last record of each partition: its `reported` end
-        (ListOffsets), or more when its last batch holds records past it (Tansu). Read by
-        one short-lived consumer from the last reported record of every partition."""
-        ends = dict(reported)
-        wanted = {tp: end for tp, end in reported.items() if end > 0}
-        if not wanted:
-            return ends
-        probe = kafka.consumer(self.settings)
-        try:
-            await probe.start()
-            probe.assign(list(wanted))
-            for tp, end in wanted.items():
-                probe.seek(tp, end - 1)
-            pending, deadline = set(wanted), time.monotonic() + 3
-            while pending and time.monotonic() < deadline:
-                for tp, records in (await probe.getmany(timeout_ms=500)).items():
-                    if records:
-                        ends[tp] = max(ends[tp], records[-1].offset + 1)
-                        pending.discard(tp)
-        except (KafkaError, OSError) as e:
-            log.info("projection %s.%s: cannot read the log ends (%r)", self.schema,
-                     self.projection, e)
-            return {tp: 1 << 62 for tp in reported}  # unknown: judge nothing
-        finally:
-            await probe.stop()
-        return ends
 
     async def _outside_log(self, tp: TopicPartition, offset: int, why: str) -> None:
         """Policy: count, log and reset to the log start. What the log holds now is new to
@@ -419,6 +475,7 @@ class Projector:
         for key in batch.offsets:
             self._reset.pop(key, None)
         self.projected += batch.records
+        self.events += batch.events
         for topic, records in batch.by_topic.items():
             metrics.RECORDS.labels(topic).inc(len(records))
         metrics.ROWS.inc(batch.new_rows)
@@ -432,22 +489,15 @@ class Projector:
         return True
 
     def _observe_lag(self, batch: dict[TopicPartition, Records]) -> None:
-        assert self._consumer is not None
+        """The age of the newest record fetched (the lag in records is `LagMeter`'s)."""
         now = time.time()
         for tp, records in batch.items():
-            if not records:
-                continue
-            end = self._consumer.highwater(tp)
-            if end is not None:
-                behind = max(end - (records[-1].offset + 1), 0)
-                metrics.LAG_RECORDS.labels(tp.topic, str(tp.partition)).set(behind)
-            metrics.LAG_SECONDS.labels(tp.topic).set(max(now - records[-1].timestamp / 1000, 0))
+            if records:
+                metrics.LAG_SECONDS.labels(tp.topic).set(
+                    max(now - records[-1].timestamp / 1000, 0))
 
     def _observe_caught_up(self) -> None:
-        """An empty fetch: nothing is waiting on any assigned partition."""
-        assert self._consumer is not None
-        for tp in self._consumer.assignment():
-            metrics.LAG_RECORDS.labels(tp.topic, str(tp.partition)).set(0)
+        """An empty fetch: the last record fetched was the newest."""
         for topic in self.topics:
             metrics.LAG_SECONDS.labels(topic).set(0)
 

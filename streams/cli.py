@@ -16,19 +16,53 @@ from runtime.commands import (
     print_json,
     settings,
 )
-from runtime.settings import SettingsError
+from runtime.settings import Settings, SettingsError
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from runtime import kafka
-    from runtime.plans import restore_catalog
     from streams.app import run_worker
 
     s = settings()
-    asyncio.run(kafka.ensure_topics(s))
-    asyncio.run(restore_catalog(s))  # the broker lost tally.plans: its Postgres copy
+    if not asyncio.run(_wait_for_broker(s)):
+        return 0  # stopped (SIGTERM) while waiting
     run_worker(s, args.web_port, args.loglevel)
     return 0
+
+
+async def _wait_for_broker(s: Settings) -> bool:
+    """Create the topics and restore a lost catalog, waiting with backoff for a broker that
+    is not reachable yet: the worker is a service, started perhaps before its broker.
+    False when stopped by a signal meanwhile."""
+    import logging
+    import signal
+
+    from aiokafka.errors import KafkaError
+
+    from runtime import kafka
+    from runtime.backoff import Backoff, first_line
+    from runtime.plans import restore_catalog
+
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    backoff = Backoff()
+    try:
+        while True:
+            try:
+                await kafka.ensure_topics(s)
+                await restore_catalog(s)  # the broker lost tally.plans: its Postgres copy
+                return True
+            except (kafka.KafkaUnavailable, KafkaError, OSError) as e:
+                delay = backoff.next_delay()
+                logging.getLogger("streams.worker").warning(
+                    "the worker waits for the broker at %s (%s); retrying in %.1fs",
+                    s.kafka_bootstrap_servers, first_line(e), delay)
+                if not await backoff.sleep(stopping, delay):
+                    return False
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
 
 
 def _plans_publish(args: argparse.Namespace) -> int:

@@ -40,6 +40,15 @@ Verifying a delivery (the receiver's side; the same scheme as Stripe's webhooks)
    handled; any other answer makes the notifier retry.
 `verify_signature` below implements 1-4 for Python receivers.
 
+Outages: the notifier outlives the broker and Postgres going away, at start or later. It
+waits for them with backoff instead of exiting: a record is committed only after its
+delivery, so what arrives meanwhile is delivered once they are back, and the guarantee
+stays at least once as above (channels: once, but for the window in streams/channels).
+`tally_notifier_up{dependency="kafka"|"postgres"}` reads 0 and `/healthz` answers 503
+(readiness) while either is down, `tally_notifier_reconnects_total{dependency}` counts
+the returns, and `/livez` (liveness) answers 200 throughout. Both are asked every
+`probe_seconds` even when no notification flows (streams/links.py).
+
 Stopping: SIGTERM finishes the POST in flight (bounded by the request timeout), commits
 what was delivered and exits 0; a notification waiting for its next attempt is left
 uncommitted and is delivered after the restart.
@@ -68,14 +77,16 @@ from typing import Any, Protocol
 import aiohttp
 from aiohttp import web
 from aiokafka import TopicPartition
-from aiokafka.errors import CommitFailedError, IllegalStateError
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from pydantic import ValidationError
 
 from runtime import kafka
+from runtime.backoff import Backoff, first_line
 from runtime.settings import Settings
 from schemas.codec import dumps
 from schemas.records import Notification
+from streams.links import Links
 
 log = logging.getLogger(__name__)
 
@@ -179,8 +190,12 @@ def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> 
 class Channels(Protocol):
     """Delivery to tenants' own channels (streams/channels.ChannelDelivery)."""
 
-    async def open(self) -> None: ...
+    async def open(self, links: Links) -> None: ...
     async def close(self) -> None: ...
+
+    async def probe(self) -> None:
+        """Check Postgres answers (updating the links given to open)."""
+        ...
 
     async def deliver(self, n: Notification, stopping: asyncio.Event) -> bool:
         """Deliver to every channel (or give up on it); False if stopping before that."""
@@ -199,6 +214,7 @@ class NotifierOptions:
     backoff_base: float = 0.5
     backoff_max: float = 60.0
     max_attempts: int | None = None
+    probe_seconds: float = 5.0  # how often the broker (and Postgres) are asked if they answer
 
 
 class Notifier:
@@ -215,32 +231,43 @@ class Notifier:
         self.last_error: str | None = None
         self._stopping = asyncio.Event()
         self._rng = random.Random()
+        self.links = Links("kafka", *(["postgres"] if channels is not None else []))
+        self._kafka_backoff = Backoff(options.backoff_base, options.backoff_max)
 
     def stop(self) -> None:
         """Ask the notifier to stop (safe from a signal handler); run() then returns."""
         self._stopping.set()
 
     async def run(self) -> None:
-        """Deliver notifications until stop() is called."""
-        consumer = kafka.consumer(
-            self.settings, self.topic, group_id=self.group_id,
-            # The embedded broker holds a group join for half the session timeout.
-            session_timeout_ms=4000, heartbeat_interval_ms=500,
-            # A notification may wait long for a receiver that is down; leaving the group
-            # meanwhile would only hand the same wait to another notifier.
-            max_poll_interval_ms=3_600_000,
-        )
+        """Deliver notifications until stop() is called.
+
+        Neither the broker nor Postgres being down ends it, at start or later: it waits for
+        them with backoff, `tally_notifier_up{dependency}` reads 0 and `/healthz` answers
+        503 meanwhile (`streams/links.py`); a notification is committed only once delivered,
+        so what waits is delivered after the outage (module docstring).
+        """
         timeout = aiohttp.ClientTimeout(total=self.options.request_timeout)
         if self.channels is not None:
-            await self.channels.open()
-        await consumer.start()
+            await self.channels.open(self.links)
+        consumer = await self._start_consumer()
+        if consumer is None:  # stopped while waiting for the broker
+            if self.channels is not None:
+                await self.channels.close()
+            return
+        self.links.up("kafka")
+        probing = asyncio.create_task(self._probe(consumer))
         # One task per partition with records to deliver; the partition is paused (nothing
         # more fetched for it) until its task is done.
         delivering: dict[TopicPartition, asyncio.Task[None]] = {}
         try:
             async with aiohttp.ClientSession(timeout=timeout) as http:
                 while not self._stopping.is_set():
-                    batches = await consumer.getmany(timeout_ms=100)
+                    try:
+                        batches = await consumer.getmany(timeout_ms=100)
+                    except KafkaError as e:
+                        self.links.down("kafka", f"fetch: {first_line(e)}")
+                        await self._kafka_backoff.sleep(self._stopping)
+                        continue
                     for tp, records in batches.items():
                         consumer.pause(tp)
                         # A partition given back after a rebalance may still have a task:
@@ -255,11 +282,46 @@ class Notifier:
                 # to retry (that notification stays uncommitted).
                 await asyncio.gather(*delivering.values())
         finally:
+            probing.cancel()
             for task in delivering.values():
                 task.cancel()
             await consumer.stop()
             if self.channels is not None:
                 await self.channels.close()
+
+    async def _start_consumer(self) -> Any:
+        """The started consumer, once the broker answers (None: stopped before that)."""
+        while not self._stopping.is_set():
+            consumer = kafka.consumer(
+                self.settings, self.topic, group_id=self.group_id,
+                # The embedded broker holds a group join for half the session timeout.
+                session_timeout_ms=4000, heartbeat_interval_ms=500,
+                # A notification may wait long for a receiver that is down; leaving the
+                # group meanwhile would only hand the same wait to another notifier.
+                max_poll_interval_ms=3_600_000,
+            )
+            try:
+                await kafka.start(consumer)
+                self._kafka_backoff.reset()
+                return consumer
+            except (KafkaError, OSError) as e:
+                self.links.down("kafka", f"start: {first_line(e)}")
+                await self._kafka_backoff.sleep(self._stopping)
+        return None
+
+    async def _probe(self, consumer: Any) -> None:
+        """Every `probe_seconds`, ask the broker (and Postgres) whether they answer, so that
+        metrics and `/healthz` tell an outage even when no notification flows."""
+        while True:
+            try:
+                await asyncio.wait_for(consumer.topics(), self.options.probe_seconds * 2)
+                self.links.up("kafka")
+                self._kafka_backoff.reset()
+            except (KafkaError, OSError, TimeoutError) as e:
+                self.links.down("kafka", first_line(e))
+            if self.channels is not None:
+                await self.channels.probe()
+            await asyncio.sleep(self.options.probe_seconds)
 
     async def _deliver_partition(self, consumer: Any, http: aiohttp.ClientSession,
                                  tp: TopicPartition, records: list[Any],
@@ -340,12 +402,25 @@ class Notifier:
             return f"network {type(e).__name__}"
 
     async def _commit(self, consumer: Any, tp: TopicPartition, offset: int) -> None:
-        try:
-            await consumer.commit({tp: offset})
-        except (CommitFailedError, IllegalStateError) as e:
-            # The partition moved to another notifier during a rebalance: it resumes from
-            # the last committed offset and sends this one again (receivers dedup).
-            log.warning("commit of %s@%d failed after delivery: %s", tp, offset, e)
+        """Commit a delivered record's offset; a broker that does not answer is waited
+        for (with backoff). Stopped meanwhile, the record stays uncommitted and is sent
+        again after the restart (at least once: receivers dedup)."""
+        while True:
+            try:
+                await asyncio.wait_for(consumer.commit({tp: offset}), 15)
+                self.links.up("kafka")
+                return
+            except (CommitFailedError, IllegalStateError) as e:
+                # The partition moved to another notifier during a rebalance: it resumes
+                # from the last committed offset and sends this one again (receivers dedup).
+                log.warning("commit of %s@%d failed after delivery: %s", tp, offset, e)
+                return
+            except (KafkaError, OSError, TimeoutError) as e:
+                self.links.down("kafka", f"commit: {first_line(e)}")
+                if not await self._kafka_backoff.sleep(self._stopping):
+                    log.warning("stopping before %s@%d was committed: it is delivered again"
+                                " after the restart", tp, offset)
+                    return
 
 
 # --- running it ------------------------------------------------------------------------
@@ -359,13 +434,21 @@ def web_app(notifier: Notifier) -> web.Application:
                             content_type=CONTENT_TYPE_LATEST.split(";")[0])
 
     async def health(request: web.Request) -> web.Response:
-        return web.Response(body=dumps({"ok": True, "delivered": notifier.delivered,
+        """Ready (200) only while the broker and Postgres answer; 503 while it waits."""
+        ready = notifier.links.ready
+        return web.Response(body=dumps({"ok": ready, "delivered": notifier.delivered,
+                                        "waiting_for": notifier.links.waiting_for(),
                                         "last_error": notifier.last_error}),
-                            content_type="application/json")
+                            status=200 if ready else 503, content_type="application/json")
+
+    async def alive(request: web.Request) -> web.Response:
+        """Liveness: the process serves; waiting for a dependency is no reason to kill it."""
+        return web.Response(body=b'{"ok": true}', content_type="application/json")
 
     app = web.Application()
     app.router.add_get("/metrics", metrics_page)
     app.router.add_get("/healthz", health)
+    app.router.add_get("/livez", alive)
     return app
 
 

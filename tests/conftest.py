@@ -80,6 +80,17 @@ def database_url(stack: dict[str, str]) -> Iterator[str]:
 
 
 @pytest.fixture
+def own_postgres(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A Postgres server of this test alone, to stop and restart (same port):
+    `devstack.stop_postgres(pg_data)`, `devstack.restart_postgres(pg_data)`."""
+    home = tmp_path / "pg"
+    home.mkdir()
+    url, pg_data = devstack.start_postgres(home)
+    yield url, pg_data
+    devstack.stop_postgres(pg_data)
+
+
+@pytest.fixture
 def settings_factory(stack: dict[str, str]) -> Callable[..., Settings]:
     """Settings with a fresh topic prefix (topics created), over the session's stack."""
 

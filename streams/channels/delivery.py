@@ -15,6 +15,7 @@ import aiohttp
 import psycopg
 from prometheus_client import Counter, Histogram
 
+from runtime.backoff import first_line
 from runtime.postgres import DatabaseUnavailable, connect_async
 from runtime.settings import Settings
 from schemas.records import Notification
@@ -24,6 +25,7 @@ from streams.channels.model import Channel, Refused, Sender
 from streams.channels.slack import SlackSender
 from streams.channels.webhook import WebhookSender
 from streams.errors import ChannelError
+from streams.links import Links
 from streams.notifier import backoff_delay, idempotency_key
 
 log = logging.getLogger(__name__)
@@ -69,18 +71,21 @@ class ChannelDelivery:
         self._http: aiohttp.ClientSession | None = None
         self._senders: dict[str, Sender] = {}
         self._rng = random.Random()
+        self._links = Links("postgres")  # the notifier's, given to open()
 
-    async def open(self) -> None:
+    async def open(self, links: Links) -> None:
         """Check the tables are there, and start the HTTP client the senders share (inside
         the running loop). Postgres being down is not fatal: deliveries wait for it."""
+        self._links = links
         try:
             async with await connect_async(self.database_url, autocommit=True) as conn:
                 await store.enabled_channels(conn, "")
+            links.up("postgres")
         except psycopg.errors.UndefinedTable as e:
             raise ChannelError("no table tally.notification_channels: run `tally db migrate` "
                                "(or pass --no-channels)") from e
         except (DatabaseUnavailable, psycopg.Error) as e:
-            log.warning("Postgres not reachable yet (%s): channel deliveries wait for it", e)
+            links.down("postgres", first_line(e))
         timeout = aiohttp.ClientTimeout(total=self.options.request_timeout)
         self._http = aiohttp.ClientSession(timeout=timeout)
         self._senders = {
@@ -91,6 +96,16 @@ class ChannelDelivery:
         if not self.settings.smtp_host:
             log.warning("no mail server (TALLY_SMTP_HOST): e-mail channels get nothing, "
                         "their deliveries go to the dead letters")
+
+    async def probe(self) -> None:
+        """Whether Postgres answers, into the links (the notifier asks now and then)."""
+        try:
+            async with await connect_async(self.database_url, autocommit=True,
+                                           connect_timeout=5) as conn:
+                await conn.execute("SELECT 1")
+            self._links.up("postgres")
+        except (DatabaseUnavailable, psycopg.Error) as e:
+            self._links.down("postgres", first_line(e))
 
     async def close(self) -> None:
         if self._http is not None:
@@ -112,8 +127,11 @@ class ChannelDelivery:
         while True:
             try:
                 async with await connect_async(self.database_url, autocommit=True) as conn:
-                    return await store.enabled_channels(conn, n.tenant_id)
+                    found = await store.enabled_channels(conn, n.tenant_id)
+                self._links.up("postgres")
+                return found
             except (DatabaseUnavailable, psycopg.Error) as e:
+                self._links.down("postgres", first_line(e))
                 failures += 1
                 self.last_error = f"postgres: {e}"
                 RETRIED.labels("all", "postgres").inc()
@@ -149,7 +167,9 @@ class ChannelDelivery:
                         outcome = reason
                     else:
                         outcome = "retry"
+                self._links.up("postgres")
             except (DatabaseUnavailable, psycopg.Error) as e:
+                self._links.down("postgres", first_line(e))
                 # Nothing recorded: the next attempt checks again (and sends again if this
                 # one had been accepted: the narrow at-least-once window).
                 refused = Refused(f"postgres {type(e).__name__}")

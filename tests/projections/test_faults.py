@@ -45,9 +45,13 @@ def _log(tenants: int, records: int, per_record: int, tag: str) -> list[list[Acc
 
 
 def _metric(port: int, name: str) -> float:
-    """The sum of every sample of `name` on the projector's /metrics (0 when absent)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
-        text = r.read().decode()
+    """The sum of every sample of `name` on the projector's /metrics (0 when absent, or
+    before the port listens)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+            text = r.read().decode()
+    except OSError:
+        return 0.0
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith((name + " ", name + "{")))
 
@@ -79,16 +83,6 @@ class Projector:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
-
-
-@pytest.fixture
-def own_postgres(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    """A Postgres server of this test alone (it gets restarted)."""
-    home = tmp_path / "pg"
-    home.mkdir()
-    url, pg_data = devstack.start_postgres(home)
-    yield url, pg_data
-    devstack.stop_postgres(pg_data)
 
 
 class Broker:
@@ -233,3 +227,108 @@ def test_worker_restores_the_plan_catalog_from_postgres_when_the_broker_lost_it(
     wait_for(worker.healthy, bool, timeout=90,
              what=f"the worker healthy with a restored catalog\n{worker.log()}")
     assert asyncio.run(read_catalog(after)) == published
+
+
+def test_projector_started_before_postgres_waits_for_it_and_then_projects(
+    settings_factory: Callable[..., Settings], own_postgres: tuple[str, Path],
+    projectors: list[Projector], tmp_path: Path,
+) -> None:
+    url, pg_data = own_postgres
+    devstack.stop_postgres(pg_data)  # down before the projector starts; its port is known
+    settings = settings_factory(database_url=url)
+    log = _log(4, 20, 10, "late")
+    publish_accepted(settings, log)
+    projector = Projector(settings, tmp_path / "project.log")
+    projectors.append(projector)
+    wait_for(lambda: projector.metric('tally_projector_reconnects_total{dependency="postgres"}'),
+             lambda n: n >= 2, timeout=60, what="the projector retrying Postgres")
+    projector.alive()
+    assert projector.metric("tally_projector_up") == 0
+    assert "postgres not reachable" in projector.log()
+
+    devstack.restart_postgres(pg_data)  # up, on the same port
+    wait_for(lambda: projector.metric("tally_projector_up"), lambda up: up == 1, timeout=90,
+             what="the projector connected (the schema migrated)")
+    wait_for_offsets(url, settings.topics.usage_accepted, len(log), timeout=90)
+    projector.stop()
+    assert ledger_count(url) == 200
+
+
+def _publish_one_per_batch(settings: Settings, log: list[list[AcceptedEvent]]) -> None:
+    """Each record in a produce request of its own: Tansu's end offsets are then exact
+    (it under-reports them by the records after the first of the last batch)."""
+    for record in log:
+        publish_accepted(settings, [record])
+
+
+def _lag(projector: Projector, settings: Settings) -> float:
+    return projector.metric(
+        f'tally_projection_lag_records{{partition="0",topic="{settings.topics.usage_accepted}"}}'
+    ) + projector.metric(
+        f'tally_projection_lag_records{{partition="1",topic="{settings.topics.usage_accepted}"}}')
+
+
+def test_lag_counts_the_records_waiting_while_the_projector_cannot_project(
+    settings_factory: Callable[..., Settings], own_postgres: tuple[str, Path],
+    projectors: list[Projector], tmp_path: Path,
+) -> None:
+    url, pg_data = own_postgres
+    settings = settings_factory(database_url=url)
+    first = _log(4, 20, 10, "a")
+    publish_accepted(settings, first)
+    projector = Projector(settings, tmp_path / "project.log")
+    projectors.append(projector)
+    wait_for(lambda: projector.metric("tally_projector_up"), lambda up: up == 1, timeout=60,
+             what="the projector connected")
+    wait_for_offsets(url, settings.topics.usage_accepted, len(first))
+    wait_for(lambda: _lag(projector, settings), lambda lag: lag == 0, what="lag 0, caught up")
+
+    devstack.stop_postgres(pg_data)  # the projector cannot write: 30 records wait
+    waiting = _log(4, 30, 10, "b")
+    _publish_one_per_batch(settings, waiting)
+    wait_for(lambda: _lag(projector, settings), lambda lag: lag == len(waiting), timeout=60,
+             what=f"the lag at the {len(waiting)} records waiting\n{projector.log()}")
+    projector.alive()
+
+    devstack.restart_postgres(pg_data)
+    wait_for(lambda: projector.metric("tally_projector_up"), lambda up: up == 1, timeout=60,
+             what="the projector reconnected")
+    wait_for_offsets(url, settings.topics.usage_accepted, len(first) + len(waiting))
+    wait_for(lambda: _lag(projector, settings), lambda lag: lag == 0, what="lag 0 again")
+    projector.stop()
+    assert ledger_count(url) == 500
+
+
+def test_lag_after_a_broker_restarted_empty_is_the_new_log_not_zero(
+    own_postgres: tuple[str, Path], own_broker: Broker, projectors: list[Projector],
+    tmp_path: Path,
+) -> None:
+    url, pg_data = own_postgres
+    tag = uuid.uuid4().hex[:10]
+    settings = Settings(kafka_bootstrap_servers=own_broker.address, database_url=url,
+                        topic_prefix=f"t{tag}.", worker_id=f"tally-worker-{tag}", partitions=2)
+    asyncio.run(kafka.ensure_topics(settings))
+    old = _log(8, 100, 5, "old")  # ~50 records a partition
+    publish_accepted(settings, old)
+    projector = Projector(settings, tmp_path / "project.log", "--offsets-check-seconds", "2")
+    projectors.append(projector)
+    wait_for(lambda: projector.metric("tally_projector_up"), lambda up: up == 1, timeout=60,
+             what="the projector connected")
+    wait_for_offsets(url, settings.topics.usage_accepted, len(old))
+
+    # The projector cannot write (Postgres down) when the broker loses every record: its
+    # position lies past the end of the new log, which holds 20 records to project.
+    devstack.stop_postgres(pg_data)
+    own_broker.restart()
+    asyncio.run(kafka.ensure_topics(settings))
+    new = _log(8, 20, 5, "new")
+    _publish_one_per_batch(settings, new)
+    wait_for(lambda: _lag(projector, settings), lambda lag: lag == len(new), timeout=60,
+             what=f"the lag at the {len(new)} records of the new log\n{projector.log()}")
+    projector.alive()
+
+    devstack.restart_postgres(pg_data)
+    wait_for(lambda: ledger_count(url) if projector.metric("tally_projector_up") else 0,
+             lambda n: n == 600, timeout=90, what="the new events in the ledger")
+    wait_for(lambda: _lag(projector, settings), lambda lag: lag == 0, what="lag 0 again")
+    projector.stop()

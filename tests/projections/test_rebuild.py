@@ -4,6 +4,7 @@ exactly once after the swap."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from datetime import timedelta
 from decimal import Decimal
@@ -87,6 +88,12 @@ def test_rebuild_reproduces_the_checksum_repairs_tampering_and_hands_over_to_the
         with psycopg.connect(database_url) as conn:  # a read model goes wrong
             conn.execute("UPDATE tally.usage_by_period SET quantity = 0 WHERE tenant_id = 'acme'")
             conn.execute("DELETE FROM tally.plan_meters WHERE plan_id = 'free'")
+            # Equal numbers, other bytes: the digest sees the scale, so must the swap.
+            conn.execute("UPDATE tally.usage_by_period SET quantity = quantity + 0.00"
+                         " WHERE tenant_id = 'beta'")
+            # A ledger row twice (the ledger has no key of its own: the swap must see it).
+            conn.execute("INSERT INTO tally.usage_events SELECT * FROM tally.usage_events"
+                         " LIMIT 1")
         assert _digests(database_url) != before
 
         monkeypatch.setenv("TALLY_HOME", str(tmp_path))
@@ -94,7 +101,10 @@ def test_rebuild_reproduces_the_checksum_repairs_tampering_and_hands_over_to_the
             monkeypatch.setenv(key, value)
         assert main(["projections", "rebuild", "--max-records", "5"]) == 0
         assert _digests(database_url) == before
-        printed = capsys.readouterr().out
+        printed, progress = capsys.readouterr()
+        # Progress on stderr, the last line once the shadow read the whole log.
+        assert re.fullmatch(r"rebuild: 100\.0% of the end offsets, 1,750 events \(18 records\)"
+                            r" in [0-9.]+s, [0-9,]+ events/s", progress.splitlines()[-1]), progress
         for table, (rows, digest) in before.items():
             assert f"{table:<16} {rows:>12} {digest}" in printed
 
@@ -107,3 +117,31 @@ def test_rebuild_reproduces_the_checksum_repairs_tampering_and_hands_over_to_the
 
     assert main(["projections", "checksum"]) == 0
     assert "usage_by_period" in capsys.readouterr().out
+
+
+def test_rebuild_refuses_at_once_when_the_live_offsets_lie_outside_the_log(
+    settings_factory: Callable[..., Settings], database_url: str,
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path,
+) -> None:
+    settings = settings_factory(database_url=database_url)
+    topic = settings.topics.usage_accepted
+    log = [[accepted("acme", f"e-{b}-{i}", "api_calls", "1") for i in range(10)]
+           for b in range(6)]
+    with ProjectorThread(settings):
+        publish_accepted(settings, log)
+        wait_for_offsets(database_url, topic, len(log))
+    # As after a broker that came back empty: the read models hold more than the log.
+    with psycopg.connect(database_url) as conn:
+        conn.execute("UPDATE tally.projection_offsets SET next_offset = next_offset + 1000"
+                     " WHERE topic = %s AND partition = 0", (topic,))
+    before = _digests(database_url)
+    monkeypatch.setenv("TALLY_HOME", str(tmp_path))
+    for key, value in settings.to_env().items():
+        monkeypatch.setenv(key, value)
+
+    assert main(["projections", "rebuild"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"tally: error: the live offsets lie outside the log: {topic}/0 at")
+    assert "would drop the rest, so nothing was changed" in error
+    assert len(error.splitlines()) == 1
+    assert _digests(database_url) == before

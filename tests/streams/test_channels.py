@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import signal
-import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -13,7 +10,6 @@ from datetime import UTC, datetime
 from decimal import Decimal as D
 from email import message_from_bytes, policy
 from email.message import EmailMessage
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +20,6 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from aiosmtpd.controller import Controller
 
-from devtools.child import start_tally
 from devtools.devstack import free_port
 from runtime import kafka
 from runtime.postgres import connect, migrate
@@ -48,6 +43,7 @@ from streams.notifier import (
 )
 from tally.cli import main as tally_main
 from tests.kafka_helpers import publish, wait_for
+from tests.streams.notifier_support import ChatReceiver, NotifierProcess
 
 PERIOD = datetime(2026, 11, 1, tzinfo=UTC)
 SENDER = "Tally Alerts <alerts@tally.example>"
@@ -211,48 +207,6 @@ def smtp_server() -> Iterator[tuple[Mailbox, int]]:
     controller.stop()
 
 
-@dataclass
-class ChatReceiver:
-    """A Slack-compatible incoming webhook on 127.0.0.1 (a thread): paths in `refuse`
-    answer that status; every other POST is taken."""
-
-    refuse: dict[str, int] = field(default_factory=dict)
-    posts: list[tuple[str, dict[str, str], bytes]] = field(default_factory=list)
-    port: int = 0
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    def texts(self, path: str) -> list[str]:
-        return sorted(orjson.loads(body)["text"] for p, _, body in self.posts
-                      if p == path and p not in self.refuse)
-
-
-@pytest.fixture
-def chat() -> Iterator[ChatReceiver]:
-    receiver = ChatReceiver()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            receiver.posts.append((self.path, dict(self.headers), body))
-            self.send_response(receiver.refuse.get(self.path, 200))
-            self.send_header("Content-Length", "2")
-            self.end_headers()
-            self.wfile.write(b"ok")
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    receiver.port = server.server_address[1]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield receiver
-    server.shutdown()
-    server.server_close()
-
-
 def _with_mail(settings: Settings, port: int) -> Settings:
     return settings.model_copy(update={"smtp_host": "127.0.0.1", "smtp_port": port,
                                        "smtp_starttls": False, "smtp_from": SENDER})
@@ -391,37 +345,6 @@ def _reset_group(settings: Settings, group_id: str) -> None:
             await consumer.stop()
 
     asyncio.run(reset())
-
-
-class NotifierProcess:
-    """`tally notify serve` as a child process, configured through its environment."""
-
-    def __init__(self, settings: Settings, log_path: Path) -> None:
-        self.web_port = free_port()
-        self.proc = start_tally(settings, ["notify", "serve", "--web-port", str(self.web_port),
-                                           "--channel-max-attempts", "3"], log_path)
-        self.log_path = log_path
-
-    def metric(self, sample: str) -> float:
-        import urllib.request
-
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.web_port}/metrics",
-                                        timeout=2) as r:
-                text = r.read().decode()
-        except OSError:
-            return 0.0
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith(sample))
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise AssertionError(f"notifier did not stop\n{self.log_path.read_text()}") from None
 
 
 def test_email_and_chat_alerts_are_delivered_exactly_once_across_a_notifier_restart(

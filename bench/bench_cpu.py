@@ -119,11 +119,14 @@ def main() -> int:
     parser.add_argument("--stage", default="all")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--profile", action="store_true", help="cProfile one round each")
+    parser.add_argument("--default-gc", action="store_true",
+                        help="leave the cycle collector at Python's defaults")
     parser.add_argument("--batch-events", type=int, default=BATCH_EVENTS)
     parser.add_argument("--single-events", type=int, default=SINGLE_EVENTS)
     args = parser.parse_args()
     table = stages(Corpus(args.batch_events, args.single_events))
-    tune_gc()  # as `tally worker` and `tally project` do
+    if not args.default_gc:
+        tune_gc()  # as the stages' processes do
     names = list(table) if args.stage == "all" else args.stage.split(",")
     for name in names:
         run, events = table[name]

@@ -12,8 +12,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from projections.rebuild import checksum
-from runtime.postgres import connect
+from projections.rebuild import checksum, prepare_shadow
+from runtime.postgres import connect, migrate
 from runtime.settings import Settings
 from schemas.codec import dumps
 from schemas.records import QuotaState
@@ -107,3 +107,21 @@ def test_rebuild_reproduces_the_checksum_repairs_tampering_and_hands_over_to_the
 
     assert main(["projections", "checksum"]) == 0
     assert "usage_by_period" in capsys.readouterr().out
+
+
+def test_the_shadow_rollups_keep_the_live_ones_room_for_updates_in_place(
+    database_url: str,
+) -> None:
+    """A rebuild's projector upserts the shadow rollups as the live one does: they get the
+    live tables' storage parameters (LIKE copies none), the fillfactor of migration 130."""
+    migrate(database_url)
+    with connect(database_url) as conn:
+        prepare_shadow(conn)
+        options = dict(conn.execute(
+            "SELECT n.nspname || '.' || c.relname, c.reloptions FROM pg_class c"
+            " JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE c.relname IN ('usage_daily', 'usage_by_period') AND c.relkind = 'r'"
+        ).fetchall())
+    assert options == {f"{schema}.{table}": ["fillfactor=50"]
+                       for schema in ("tally", "tally_rebuild")
+                       for table in ("usage_daily", "usage_by_period")}

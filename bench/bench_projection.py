@@ -58,6 +58,7 @@ from projections.batch import Batch
 from projections.ledger import create_month_partitions
 from projections.projector import Projector
 from projections.queries import usage_event_count
+from runtime.gc_tuning import tune_gc
 from runtime.postgres import Connection, connect, migrate
 from runtime.settings import Settings
 from schemas.codec import dumps
@@ -279,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lookups", type=int, default=2000)
     p.add_argument("--out", type=Path, default=Path("bench/results/projection.jsonl"))
     args = p.parse_args(argv)
+    tune_gc()  # as `tally project` does: both contenders run under it
     args.out.parent.mkdir(parents=True, exist_ok=True)
     base = {"host": platform.node(), "cpus": os.cpu_count(),
             "at": datetime.now(UTC).isoformat(timespec="seconds")}

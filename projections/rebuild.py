@@ -147,6 +147,12 @@ def prepare_shadow(conn: Connection) -> None:
             partitioned = " PARTITION BY RANGE (event_time)" if table == "usage_events" else ""
             conn.execute(f"CREATE TABLE {SHADOW}.{table}"
                          f" (LIKE {LIVE}.{table} INCLUDING ALL){partitioned}")
+            # LIKE copies no storage parameters (the rollups' fillfactor, migration 130).
+            options = conn.execute(
+                "SELECT reloptions FROM pg_class WHERE oid = %s::regclass",
+                (f"{LIVE}.{table}",)).fetchone()
+            if options and options[0]:
+                conn.execute(f"ALTER TABLE {SHADOW}.{table} SET ({', '.join(options[0])})")
 
 
 def _swap(conn: Connection) -> None:

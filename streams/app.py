@@ -25,7 +25,6 @@ the replay change nothing that was already counted (see streams/processor.py).
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import time
 from collections import deque
@@ -40,6 +39,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from runtime import kafka
 from runtime.credentials import Tokens, authorize, load_tokens
+from runtime.gc_tuning import tune_gc
 from runtime.plans import CatalogFollower
 from runtime.settings import Settings, state_dir
 from schemas.codec import BATCH_CONTENT_TYPE, CONTENT_TYPE_HEADER, dumps, join_arrays, loads
@@ -500,22 +500,6 @@ def create_app(settings: Settings, web_port: int = 6066,
                         status=200 if ready else 503)
 
     return app
-
-
-# Young-generation size of the cycle collector while the worker runs (Python's default is
-# 700 allocations). A batch allocates a few container objects per event, so by default the
-# collector ran every few hundred events, each time walking the young objects (the batch's
-# event dicts): ~20% of the worker's CPU. Cycles are still collected, only less often.
-GC_YOUNG_THRESHOLD = 50_000
-
-
-def tune_gc() -> None:
-    """Move what startup allocated (modules, Faust's app) out of the collector's sight
-    for good and make young collections rare (see GC_YOUNG_THRESHOLD)."""
-    gc.collect()
-    gc.freeze()
-    _, older, oldest = gc.get_threshold()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
 
 
 def run_worker(settings: Settings, web_port: int, loglevel: str = "info") -> None:

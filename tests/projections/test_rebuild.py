@@ -13,8 +13,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from projections.rebuild import checksum
-from runtime.postgres import connect
+from projections.rebuild import checksum, prepare_shadow
+from runtime.postgres import connect, migrate
 from runtime.settings import Settings
 from schemas.codec import dumps
 from schemas.records import QuotaState
@@ -145,3 +145,21 @@ def test_rebuild_refuses_at_once_when_the_live_offsets_lie_outside_the_log(
     assert "would drop the rest, so nothing was changed" in error
     assert len(error.splitlines()) == 1
     assert _digests(database_url) == before
+
+
+def test_the_shadow_rollups_keep_the_live_ones_room_for_updates_in_place(
+    database_url: str,
+) -> None:
+    """A rebuild's projector upserts the shadow rollups as the live one does: they get the
+    live tables' storage parameters (LIKE copies none), the fillfactor of migration 130."""
+    migrate(database_url)
+    with connect(database_url) as conn:
+        prepare_shadow(conn)
+        options = dict(conn.execute(
+            "SELECT n.nspname || '.' || c.relname, c.reloptions FROM pg_class c"
+            " JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE c.relname IN ('usage_daily', 'usage_by_period') AND c.relkind = 'r'"
+        ).fetchall())
+    assert options == {f"{schema}.{table}": ["fillfactor=50"]
+                       for schema in ("tally", "tally_rebuild")
+                       for table in ("usage_daily", "usage_by_period")}

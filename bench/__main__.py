@@ -30,7 +30,7 @@ BENCHES = [
     ("bench.bench_producer", "producer.json", ["--events", "300000"], ["--events", "50000"]),
     ("bench.bench_worker", "worker.jsonl",
      ["--batch-events", "500000", "--single-events", "150000", "--rounds", "3",
-      "--scaling-events", "300000"],
+      "--scaling-events", "200000"],
      ["--batch-events", "100000", "--single-events", "30000", "--rounds", "1",
       "--textbook-events", "10000", "--scaling-events", "60000"]),
     ("bench.bench_projection", "projection.jsonl", ["--events", "200000"],
@@ -42,7 +42,7 @@ BENCHES = [
     ("bench.bench_latency", "latency.jsonl", [],
      ["--seconds", "5", "--hold-seconds", "10", "--probes", "1"]),
     ("bench.bench_dedup", "dedup.jsonl", [], ["--ids", "300000"]),
-    ("bench.bench_read", "read.jsonl", [],
+    ("bench.bench_read", "read.jsonl", ["--requests", "1000", "--seconds", "10"],
      ["--events", "500000", "--tenants", "1000", "--requests", "300", "--seconds", "5"]),
 ]
 PROFILED = {"bench.bench_worker", "bench.bench_projection", "bench.bench_latency",

@@ -58,6 +58,7 @@ import psycopg
 
 from bench.procs import CpuMeter, postgres_pid
 from bench.profiling import Profile, format_summary
+from bench.report import append_rows
 from devtools import devstack
 from devtools.child import start_tally, wait_healthy
 from producers import ProducerOptions, UsageProducer
@@ -466,11 +467,7 @@ def main() -> int:
     args = parser.parse_args()
     home = Path(tempfile.mkdtemp(prefix="tally-bench-latency-"))
     rows = run(args, home)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("ab") as f:
-        for row in rows:
-            row["at"] = datetime.now(UTC).isoformat()
-            f.write(orjson.dumps(row) + b"\n")
+    append_rows(args.out, rows)
     return 0
 
 

@@ -45,6 +45,7 @@ import psycopg
 
 from bench.bench_latency import stack
 from bench.profiling import Profile, format_summary
+from bench.report import append_rows
 from devtools.child import start_tally, wait_healthy
 from devtools.devstack import free_port
 from domain.periods import add_months, calendar_month
@@ -335,12 +336,9 @@ def main() -> int:
     args = parser.parse_args()
     home = Path(tempfile.mkdtemp(prefix="tally-bench-read-"))
     rows = run(args, home)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("ab") as f:
-        for row in rows:
-            row["at"] = datetime.now(UTC).isoformat()
-            f.write(orjson.dumps(row) + b"\n")
-            print(orjson.dumps(row).decode(), flush=True)
+    append_rows(args.out, rows)
+    for row in rows:
+        print(orjson.dumps(row).decode(), flush=True)
     return 0
 
 

@@ -34,6 +34,7 @@ import orjson
 import psycopg
 
 from bench.bench_projection import EVENTS_PER_RECORD, make_records
+from bench.bench_worker import publish
 from bench.profiling import Profile, format_summary
 from devtools import devstack
 from projections.projector import Projector
@@ -41,17 +42,6 @@ from projections.rebuild import Progress, checksum, rebuild
 from runtime import kafka
 from runtime.postgres import connect, migrate
 from runtime.settings import Settings
-
-
-async def _publish(settings: Settings, records: list[tuple[bytes, bytes]]) -> None:
-    producer = kafka.producer(settings)
-    await producer.start()
-    try:
-        futures = [await producer.send(settings.topics.usage_accepted, key=k, value=v)
-                   for k, v in records]
-        await asyncio.gather(*futures)
-    finally:
-        await producer.stop()
 
 
 def _stored(url: str) -> int:
@@ -118,7 +108,7 @@ def main() -> int:
         migrate(url)
         values, distinct = make_records(args.events, args.tenants)
         started = time.perf_counter()
-        asyncio.run(_publish(settings, values))
+        asyncio.run(publish(settings, values, settings.topics.usage_accepted))
         print(f"published {args.events:,} events in {len(values):,} records"
               f" ({time.perf_counter() - started:.1f}s)", flush=True)
 

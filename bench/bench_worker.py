@@ -50,6 +50,7 @@ import orjson
 
 from bench.procs import PeakRss
 from bench.profiling import Profile, format_summary
+from bench.report import append_rows
 from devtools import devstack
 from devtools.child import start_tally
 from runtime import kafka
@@ -95,11 +96,13 @@ def _sdk_time(moment: datetime) -> str:
     return moment.isoformat().replace("+00:00", "Z")
 
 
-async def publish(settings: Settings, records: list[tuple[bytes, bytes]]) -> None:
+async def publish(settings: Settings, records: list[tuple[bytes, bytes]],
+                  topic: str | None = None) -> None:
+    """Send (key, value) records to `topic` (default: tally.usage), all acknowledged."""
     producer = kafka.producer(settings)
     await producer.start()
     try:
-        futures = [await producer.send(settings.topics.usage, key=k, value=v)
+        futures = [await producer.send(topic or settings.topics.usage, key=k, value=v)
                    for k, v in records]
         await asyncio.gather(*futures)
     finally:
@@ -290,11 +293,7 @@ def main() -> int:
                               args.textbook_events, args.profile_dir)
         if args.scaling_events:
             rows += scaling(bootstrap, args.scaling_events, home)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("ab") as f:
-        for row in rows:
-            row["at"] = datetime.now(UTC).isoformat()
-            f.write(orjson.dumps(row) + b"\n")
+    append_rows(args.out, rows)
     print(f"medians of {args.rounds} rounds")
     print(f"{'dataset':<8} {'contender':<16} {'events/s':>10} {'x quix':>8} {'x textbook':>11}"
           f" {'of ceiling':>11}")

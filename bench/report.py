@@ -47,6 +47,16 @@ class Figure:
     note: str = ""
 
 
+def append_rows(out: Path, rows: list[dict[str, Any]]) -> None:
+    """Append a bench's rows to its results file, one JSON line each, stamped now (what
+    `read_rows` reads)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("ab") as f:
+        for row in rows:
+            row["at"] = datetime.now(UTC).isoformat()
+            f.write(orjson.dumps(row) + b"\n")
+
+
 def read_rows(raw: Path) -> dict[str, list[dict[str, Any]]]:
     """Every row of every results file, by file stem."""
     rows: dict[str, list[dict[str, Any]]] = {}

@@ -37,11 +37,12 @@ QUOTA_STATE = TopicSpec("quota-state", compacted=True, retention_ms=-1)
 USAGE_ACCEPTED = TopicSpec("usage.accepted", compacted=False, retention_ms=_YEAR_MS)
 USAGE_DLQ = TopicSpec("usage.dlq", compacted=False, retention_ms=_MONTH_MS)
 NOTIFICATIONS = TopicSpec("notifications", compacted=False, retention_ms=_MONTH_MS)
-# Internal: tally.usage records repacked into frames by the worker's pre-batching stage
-# (streams/prebatch.py). Kept as long as tally.usage: a stopped worker must find them.
+# Internal: tally.usage and tally.subscriptions records repacked into frames by the
+# worker's pre-batching stage (streams/prebatch.py), each on its tenant's owner partition.
+# Kept as long as tally.usage: a stopped worker must find them.
 USAGE_BATCHED = TopicSpec("usage.batched", compacted=False, retention_ms=_YEAR_MS)
 # Internal: the worker's changelog (counters with applied offsets, dedup windows,
-# subscription state), partition-aligned with tally.usage. Not for services to read.
+# subscription state), partition-aligned with tally.usage.batched. Not for services to read.
 WORKER_STATE = TopicSpec("worker-state", compacted=True, retention_ms=-1)
 
 ALL = (

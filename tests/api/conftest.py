@@ -3,6 +3,7 @@ real broker and a fresh migrated database, with the seed catalog published."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
@@ -14,9 +15,10 @@ import pytest
 
 from devtools.child import start_tally, wait_healthy
 from devtools.devstack import free_port
+from runtime.plans import publish_catalog
 from runtime.postgres import migrate
 from runtime.settings import Settings
-from tests.kafka_helpers import publish_seed_catalog
+from schemas.plans import Catalog, default_catalog_path, load_catalog
 
 TOKENS = {
     "tok-admin": {"service": "ops/admin", "tenants": "*",
@@ -49,14 +51,20 @@ class ApiServer:
 
 
 @pytest.fixture
+def api_catalog() -> Catalog:
+    """The plan catalog the API's topics get: the seed's (a test module may override)."""
+    return load_catalog(default_catalog_path())
+
+
+@pytest.fixture
 def api_settings(settings_factory: Callable[..., Settings], database_url: str,
-                 tmp_path: Path) -> Settings:
-    """Fresh topics with the seed catalog, a migrated database, the tokens above."""
+                 tmp_path: Path, api_catalog: Catalog) -> Settings:
+    """Fresh topics with the catalog above, a migrated database, the tokens above."""
     tokens = tmp_path / "tokens.json"
     tokens.write_text(json.dumps(TOKENS))
     settings = settings_factory(database_url=database_url, tokens_file=tokens)
     migrate(database_url)
-    publish_seed_catalog(settings)
+    asyncio.run(publish_catalog(settings, api_catalog))
     return settings
 
 

@@ -49,6 +49,18 @@ stays at least once as above (channels: once, but for the window in streams/chan
 the returns, and `/livez` (liveness) answers 200 throughout. Both are asked every
 `probe_seconds` even when no notification flows (streams/links.py).
 
+A broker that comes back may hold another log: one restarted without its disks (the
+embedded broker always is) has every partition start again at offset 0, and no group
+offsets. A consumer that lived through the outage would fetch the new log from its old
+positions, skipping the new log's first records, and commit offsets of the new log past
+them (seen: a restart under a running notifier lost the first records of every partition
+for good). So once the notifier sees the broker fail (a probe, a fetch or a commit), it
+drops its consumer: deliveries in progress stop (what they delivered and had not committed
+is delivered again: at least once), and a new consumer joins the group once the broker
+answers, from the group's committed offsets, or from the log's start when the broker has
+none. An outage shorter than a probe that no fetch or commit noticed is not seen: a broker
+restarted that fast can still cost the records the old positions skip.
+
 Stopping: SIGTERM finishes the POST in flight (bounded by the request timeout), commits
 what was delivered and exits 0; a notification waiting for its next attempt is left
 uncommitted and is delivered after the restart.
@@ -233,6 +245,10 @@ class Notifier:
         self._rng = random.Random()
         self.links = Links("kafka", *(["postgres"] if channels is not None else []))
         self._kafka_backoff = Backoff(options.backoff_base, options.backoff_max)
+        # The consumer in use (None while replacing it), and whether the broker failed
+        # since it started: then it is replaced (module docstring, on another log).
+        self._consumer: Any = None
+        self._kafka_lost = asyncio.Event()
 
     def stop(self) -> None:
         """Ask the notifier to stop (safe from a signal handler); run() then returns."""
@@ -254,20 +270,24 @@ class Notifier:
             if self.channels is not None:
                 await self.channels.close()
             return
-        self.links.up("kafka")
-        probing = asyncio.create_task(self._probe(consumer))
+        probing = asyncio.create_task(self._probe())
         # One task per partition with records to deliver; the partition is paused (nothing
         # more fetched for it) until its task is done.
         delivering: dict[TopicPartition, asyncio.Task[None]] = {}
         try:
             async with aiohttp.ClientSession(timeout=timeout) as http:
                 while not self._stopping.is_set():
+                    if self._kafka_lost.is_set():
+                        consumer = await self._replace_consumer(consumer, delivering)
+                        if consumer is None:  # stopped while waiting for the broker
+                            break
                     try:
                         batches = await consumer.getmany(timeout_ms=100)
                     except KafkaError as e:
-                        self.links.down("kafka", f"fetch: {first_line(e)}")
-                        await self._kafka_backoff.sleep(self._stopping)
+                        self._lose_kafka(f"fetch: {first_line(e)}")
                         continue
+                    if self._kafka_lost.is_set():
+                        continue  # fetched by a consumer that lived through the failure
                     for tp, records in batches.items():
                         consumer.pause(tp)
                         # A partition given back after a rebalance may still have a task:
@@ -285,9 +305,34 @@ class Notifier:
             probing.cancel()
             for task in delivering.values():
                 task.cancel()
-            await consumer.stop()
+            if consumer is not None:
+                await consumer.stop()
             if self.channels is not None:
                 await self.channels.close()
+
+    def _lose_kafka(self, why: str) -> None:
+        """The broker failed: report it, and have run() replace the consumer."""
+        self.links.down("kafka", why)
+        self._kafka_lost.set()
+
+    async def _replace_consumer(self, consumer: Any,
+                                delivering: dict[TopicPartition, asyncio.Task[None]]) -> Any:
+        """Drop a consumer that lived through a broker failure and start another once the
+        broker answers (module docstring: the broker may come back with another log).
+        Returns the new consumer (None: stopped before the broker answered)."""
+        self._consumer = None  # its tasks commit nothing more
+        for task in delivering.values():
+            task.cancel()
+        await asyncio.gather(*delivering.values(), return_exceptions=True)
+        delivering.clear()
+        try:  # leaving the group cannot succeed while the broker is away: do not wait long
+            await asyncio.wait_for(kafka.stop(consumer), 5)
+        except (KafkaError, OSError, TimeoutError) as e:
+            log.info("the consumer of the lost broker did not stop cleanly: %s", first_line(e))
+        self._kafka_lost.clear()
+        log.warning("the broker failed: starting a new consumer, from the group's committed "
+                    "offsets (or the log's start) once it answers")
+        return await self._start_consumer()
 
     async def _start_consumer(self) -> Any:
         """The started consumer, once the broker answers (None: stopped before that)."""
@@ -303,22 +348,28 @@ class Notifier:
             try:
                 await kafka.start(consumer)
                 self._kafka_backoff.reset()
+                self._consumer = consumer
+                self.links.up("kafka")
                 return consumer
             except (KafkaError, OSError) as e:
                 self.links.down("kafka", f"start: {first_line(e)}")
                 await self._kafka_backoff.sleep(self._stopping)
         return None
 
-    async def _probe(self, consumer: Any) -> None:
+    async def _probe(self) -> None:
         """Every `probe_seconds`, ask the broker (and Postgres) whether they answer, so that
-        metrics and `/healthz` tell an outage even when no notification flows."""
+        metrics and `/healthz` tell an outage even when no notification flows. (While the
+        consumer is being replaced, its start asks the broker.)"""
         while True:
+            consumer = self._consumer
             try:
-                await asyncio.wait_for(consumer.topics(), self.options.probe_seconds * 2)
-                self.links.up("kafka")
-                self._kafka_backoff.reset()
+                if consumer is not None:
+                    await asyncio.wait_for(consumer.topics(), self.options.probe_seconds * 2)
+                    if consumer is self._consumer and not self._kafka_lost.is_set():
+                        self.links.up("kafka")
+                        self._kafka_backoff.reset()
             except (KafkaError, OSError, TimeoutError) as e:
-                self.links.down("kafka", first_line(e))
+                self._lose_kafka(first_line(e))
             if self.channels is not None:
                 await self.channels.probe()
             await asyncio.sleep(self.options.probe_seconds)
@@ -330,9 +381,12 @@ class Notifier:
         if after is not None:
             await after
         for r in records:
+            if consumer is not self._consumer:
+                return  # replaced after a broker failure: it fetches these again
             if not await self._handle(http, r.value, r.offset):
                 return  # stopping mid-retry: this one stays uncommitted
-            await self._commit(consumer, tp, r.offset + 1)
+            if not await self._commit(consumer, tp, r.offset + 1):
+                return  # the broker failed: the rest is fetched again by a new consumer
 
     async def _handle(self, http: aiohttp.ClientSession, value: bytes | None,
                       offset: int) -> bool:
@@ -401,26 +455,25 @@ class Notifier:
         except (aiohttp.ClientError, TimeoutError) as e:
             return f"network {type(e).__name__}"
 
-    async def _commit(self, consumer: Any, tp: TopicPartition, offset: int) -> None:
-        """Commit a delivered record's offset; a broker that does not answer is waited
-        for (with backoff). Stopped meanwhile, the record stays uncommitted and is sent
-        again after the restart (at least once: receivers dedup)."""
-        while True:
-            try:
-                await asyncio.wait_for(consumer.commit({tp: offset}), 15)
+    async def _commit(self, consumer: Any, tp: TopicPartition, offset: int) -> bool:
+        """Commit a delivered record's offset; False when the broker failed. The record
+        then stays uncommitted and is delivered again by the consumer that replaces this
+        one (at least once: receivers dedup); this one commits nothing more: its offsets
+        may belong to a log the broker no longer has (module docstring)."""
+        if consumer is not self._consumer:
+            return False
+        try:
+            await asyncio.wait_for(consumer.commit({tp: offset}), 15)
+            if not self._kafka_lost.is_set():
                 self.links.up("kafka")
-                return
-            except (CommitFailedError, IllegalStateError) as e:
-                # The partition moved to another notifier during a rebalance: it resumes
-                # from the last committed offset and sends this one again (receivers dedup).
-                log.warning("commit of %s@%d failed after delivery: %s", tp, offset, e)
-                return
-            except (KafkaError, OSError, TimeoutError) as e:
-                self.links.down("kafka", f"commit: {first_line(e)}")
-                if not await self._kafka_backoff.sleep(self._stopping):
-                    log.warning("stopping before %s@%d was committed: it is delivered again"
-                                " after the restart", tp, offset)
-                    return
+        except (CommitFailedError, IllegalStateError) as e:
+            # The partition moved to another notifier during a rebalance: it resumes from
+            # the last committed offset and sends this one again (receivers dedup).
+            log.warning("commit of %s@%d failed after delivery: %s", tp, offset, e)
+        except (KafkaError, OSError, TimeoutError) as e:
+            self._lose_kafka(f"commit: {first_line(e)}")
+            return False
+        return True
 
 
 # --- running it ------------------------------------------------------------------------

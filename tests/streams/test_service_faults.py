@@ -1,10 +1,12 @@
 """The notifier and the worker through faults that are not crashes (issue 17): Postgres
-going away and coming back while notifications flow, and a broker that is not up yet when
-they start. Each runs against its own Postgres or its own Tansu, never the session's."""
+going away and coming back while notifications flow, the broker going away and coming back
+(empty) under a running notifier, and a broker that is not up yet when they start. Each
+runs against its own Postgres or its own Tansu, never the session's."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import threading
 import time
@@ -22,11 +24,15 @@ from runtime import kafka
 from runtime.postgres import connect, migrate
 from runtime.settings import Settings
 from schemas.codec import dumps
+from schemas.records import Notification
 from streams.channels.store import add_channel
-from streams.notifier import IDEMPOTENCY_HEADER, render_text
+from streams.notifier import IDEMPOTENCY_HEADER, idempotency_key, render_text
 from tests.kafka_helpers import publish, wait_for
+from tests.projections.test_faults import Broker, own_broker
 from tests.streams.notifier_support import ChatReceiver, NotifierProcess
 from tests.streams.test_notifier import notification
+
+__all__ = ["own_broker"]  # the fixture of a Tansu of one test alone
 
 
 @pytest.fixture
@@ -91,6 +97,64 @@ def test_notifier_waits_out_a_postgres_outage_and_delivers_every_notification_on
     with connect(url) as conn:
         assert conn.execute("SELECT count(*) FROM tally.notification_deliveries"
                             ).fetchone() == (len(sent),)
+
+
+def test_notifier_outlives_a_broker_restart_and_delivers_what_comes_after_once(
+    own_broker: Broker, chat: ChatReceiver, notifiers: list[NotifierProcess], tmp_path: Path,
+) -> None:
+    settings = Settings(kafka_bootstrap_servers=own_broker.address, topic_prefix="restart.",
+                        partitions=2)
+    asyncio.run(kafka.ensure_topics(settings))
+    notifier = NotifierProcess(settings, tmp_path / "notifier.log",
+                               "--webhook-url", chat.url("/ops"), "--secret", "s3cret")
+    notifiers.append(notifier)
+
+    def keys() -> list[str]:
+        return [headers[IDEMPOTENCY_HEADER] for _, headers, _ in chat.posts]
+
+    def publish_each(batch: list[Notification]) -> None:
+        publish(settings, settings.topics.notifications,
+                [(n.tenant_id, dumps(n)) for n in batch])
+
+    # Before: notifications of 4 tenants flowing, on both partitions, and delivered.
+    before = [notification(f"t-{i}", percent=str(p)) for p in range(1, 3) for i in range(4)]
+    publish_each(before)
+    wait_for(lambda: set(keys()), lambda got: got >= {idempotency_key(n) for n in before},
+             timeout=60, what=f"the notifications before the restart\n{notifier.log()}")
+    wait_for(notifier.health, lambda status: status == 200, what="the notifier ready")
+
+    # The broker goes away, for longer than a probe takes to notice, and comes back empty
+    # (memory-only): no topics, no group offsets, every partition starting again at 0.
+    own_broker.stop()
+    wait_for(notifier.health, lambda status: status == 503, timeout=30,
+             what="/healthz not ready while the broker is away")
+    assert notifier.metric('tally_notifier_up{dependency="kafka"}') == 0
+    notifier.alive()
+    # The notifier is frozen while the broker comes back and the new log fills, so that
+    # its first fetch finds records there (without the freeze, whether it fetches before
+    # its group's rejoin resets its positions is a matter of milliseconds).
+    os.kill(notifier.proc.pid, signal.SIGSTOP)
+    try:
+        own_broker.restart()
+        asyncio.run(kafka.ensure_topics(settings))
+        # More than before on every partition: a notifier fetching from its old
+        # positions would skip the first ones.
+        after = [notification(f"t-{i}", percent=str(p)) for p in range(50, 65)
+                 for i in range(4)]
+        publish_each(after)
+    finally:
+        os.kill(notifier.proc.pid, signal.SIGCONT)
+
+    wanted = {idempotency_key(n) for n in after}
+    wait_for(lambda: wanted - set(keys()), lambda missing: not missing, timeout=90,
+             what=f"every notification after the restart delivered\n{notifier.log()}")
+    wait_for(notifier.health, lambda status: status == 200, timeout=30,
+             what="/healthz ready again")
+    notifier.alive()
+    assert notifier.metric('tally_notifier_reconnects_total{dependency="kafka"}') >= 1
+    assert notifier.stop() == 0
+    delivered = keys()
+    assert {key: delivered.count(key) for key in wanted} == dict.fromkeys(wanted, 1)
 
 
 def test_notifier_started_before_the_broker_waits_for_it_and_then_delivers(

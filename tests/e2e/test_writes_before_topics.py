@@ -9,7 +9,7 @@ it does not list the topic; when the topic is then created it gives those partit
 offsets out again from 0, so a record acknowledged after the creation gets an offset
 inside a batch stored before it, and a reader that read that batch is past it and never
 sees the record. Before the fix, 12 of about 1,600 records acknowledged after the restart
-were missing in each of three runs of this test (the fault run lost the first events
+were missing in each of four runs of this test (the fault run lost the first events
 sent after the switch, which follows `ensure_topics`). Tally's producers now write only
 to topics the broker lists (`runtime.kafka._WritesOnlyToListedTopics`), so no such write
 is acknowledged: they wait for the topic job.

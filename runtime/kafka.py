@@ -10,14 +10,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+import weakref
 from functools import lru_cache
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.client import AIOKafkaClient, ConnectionGroup
+from aiokafka.cluster import ClusterMetadata
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from aiokafka.helpers import create_ssl_context
 from aiokafka.partitioner import murmur2
+from aiokafka.protocol.metadata import MetadataRequest
+from aiokafka.protocol.produce import ProduceRequest
 
 from runtime.settings import Settings
 from schemas import topics as topic_specs
@@ -79,7 +84,67 @@ def producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
                              else settings.kafka_compression),
     }
     options.update(overrides)
-    return AIOKafkaProducer(**options)
+    made = AIOKafkaProducer(**options)
+    _WritesOnlyToListedTopics(made.client)
+    return made
+
+
+class TopicNotListedError(KafkaError):  # type: ignore[misc]
+    """The broker behind this connection does not list a topic a write is for (yet).
+
+    aiokafka retries it after `retry_backoff_ms`, without a metadata refresh, until the
+    topic exists or the batch expires (the caller then sees a timeout: the SDK spools)."""
+
+    retriable = True
+    invalid_metadata = False
+
+
+class _WritesOnlyToListedTopics:
+    """A producer's writes go only to topics the broker lists, checked once per
+    connection and topic (issue 17).
+
+    A broker that comes back empty on the same address (Tansu keeps its log in memory) is
+    reached again by every producer that was running, with the metadata it cached:
+    aiokafka retries what was in flight. Tansu acknowledges such writes into a topic it
+    has not created, and once the topic is created it gives their offsets out again, so
+    records acknowledged just after the creation sit inside batches stored before it and
+    are never read (docs/architecture.md, "Limits"). A broker lists only the topics it
+    has created, so no write is sent on a connection before that connection's broker
+    has listed its topic; a new broker is a new connection. Costs one metadata request
+    per connection and topic.
+    """
+
+    def __init__(self, client: AIOKafkaClient) -> None:
+        self.client = client
+        self.send_unchecked = client.send
+        self.listed: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
+        client.send = self.send
+
+    async def send(self, node_id: Any, request: Any, *,
+                   group: ConnectionGroup = ConnectionGroup.DEFAULT) -> Any:
+        if isinstance(request, ProduceRequest):
+            await self._check(node_id, group, {topic for topic, _ in request._topics})
+        return await self.send_unchecked(node_id, request, group=group)
+
+    async def _check(self, node_id: Any, group: ConnectionGroup, topics: set[str]) -> None:
+        # Connected first, so the connection checked is the one the write then goes on.
+        if not await self.client.ready(node_id, group=group):
+            return  # the send below raises NodeNotReadyError, which aiokafka retries
+        conn = self.client._conns[(node_id, group)]
+        listed = self.listed.get(conn)
+        if listed is not None and topics <= listed:
+            return
+        answer = await self.send_unchecked(node_id, MetadataRequest(None), group=group)
+        cluster = ClusterMetadata()
+        cluster.update_metadata(answer)
+        now_listed = cluster.topics(exclude_internal_topics=False)
+        if self.client._conns.get((node_id, group)) is conn:
+            self.listed[conn] = set(now_listed)
+        missing = topics - now_listed
+        if missing:
+            raise TopicNotListedError(
+                f"the broker does not list {', '.join(sorted(missing))}: not created yet "
+                "(a broker that lost its log: the topic job creates them)")
 
 
 def consumer(settings: Settings, *topic_names: str, **overrides: Any) -> AIOKafkaConsumer:

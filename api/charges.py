@@ -5,7 +5,8 @@ plan slices, upgrades inside a cycle, trials, minimums): the current cycle by
 `rate_cycle_usage` with `now` as the cutoff, each past cycle by its invoice's usage and
 minimum lines (`invoice_schedule`, the invoice job's own computation, on the same
 subscription history and ledger), or, for an ended cycle whose invoice is not due yet, by
-`rate_cycle_usage` on what is counted now.
+`rate_cycle_usage` on what is counted now. A past cycle is one entry per currency, as it is
+one invoice per currency (rule 10): amounts of two currencies are never added together.
 
 Any other tenant (the default plan, a subscription Stripe bills) has no invoice from Tally:
 each meter's quantity, allowance, hard limit and quota state come from the worker's
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 from collections import defaultdict
+from collections.abc import Sequence
 from datetime import datetime
 from decimal import Decimal
 
@@ -31,7 +33,14 @@ from domain.invoices import invoice_schedule
 from domain.periods import Period
 from domain.rating import overage_charge
 from domain.subscriptions import Subscription, derive_subscriptions
-from domain.usage_charges import UsageRecord, rate_cycle_usage, round_line
+from domain.usage_charges import (
+    Line,
+    PlanSlice,
+    UsageRecord,
+    plan_slices,
+    rate_cycle_usage,
+    round_line,
+)
 from runtime import read_models
 from runtime.postgres import AsyncConnection
 from runtime.read_models import fetch_async
@@ -145,7 +154,8 @@ def _ended_cycles(subscription: Subscription, now: datetime) -> list[tuple[Cycle
 async def invoiced_past_cycles(conn: AsyncConnection, catalog: Catalog, tenant: str,
                                now: datetime, limit: int) -> list[models.UsageCycle] | None:
     """The `limit` cycles ended before `now`, newest first, rated exactly as their invoices
-    are (module docstring); None without a subscription Tally invoices."""
+    are (module docstring), one entry per currency of a cycle (`_cycle_per_currency`); None
+    without a subscription Tally invoices."""
     subscriptions = await _subscriptions(conn, catalog, tenant, now)
     billed = [s for s in subscriptions or () if s.invoiced_by_tally and s.paid]
     if subscriptions is None or not billed:
@@ -171,18 +181,37 @@ async def invoiced_past_cycles(conn: AsyncConnection, catalog: Catalog, tenant: 
             except DomainError:
                 return None
             cutoff, basis = now, BILLING_BASIS
+        seen = [r for r in records if r.ingested_at <= cutoff]
+        result += _cycle_per_currency(catalog, tenant, plan_slices(sub, full), period, seen,
+                                      lines, basis)
+    return result
+
+
+def _cycle_per_currency(catalog: Catalog, tenant: str, slices: Sequence[PlanSlice],
+                        period: Cycle, records: list[UsageRecord], lines: list[Line],
+                        basis: str) -> list[models.UsageCycle]:
+    """A rated cycle as one entry per currency of its plan slices, as it has one invoice per
+    currency (docs/billing.md rule 10): each entry's plan is the last one in that currency,
+    its usage that of the slices in that currency, its amounts those of its lines; never
+    amounts of two currencies added together."""
+    by_currency: dict[str, list[PlanSlice]] = defaultdict(list)
+    for part in slices:
+        by_currency[catalog.plans[part.plan_id].currency].append(part)
+    entries = []
+    for currency, parts in sorted(by_currency.items()):
+        mine = [line for line in lines if line.currency == currency]
         amounts: dict[str, int] = defaultdict(int)
-        for line in lines:
+        for line in mine:
             if line.meter is not None:
                 amounts[line.meter] += line.amount_cents
-        plan_id = sub.plan_before(period.end)
-        used = _fold(catalog, [r for r in records if r.ingested_at <= cutoff])
-        result.append(models.UsageCycle(
-            tenant=tenant, plan_id=plan_id, currency=catalog.plans[plan_id].currency,
-            period_start=period.start, period_end=period.end,
-            meters=_meters(catalog, plan_id, used, amounts),
-            charges_cents=sum(line.amount_cents for line in lines), charges_basis=basis))
-    return result
+        plan_id = parts[-1].plan_id
+        used = _fold(catalog, [r for r in records
+                               if any(p.start <= r.time < p.end for p in parts)])
+        entries.append(models.UsageCycle(
+            tenant=tenant, plan_id=plan_id, currency=currency, period_start=period.start,
+            period_end=period.end, meters=_meters(catalog, plan_id, used, amounts),
+            charges_cents=sum(line.amount_cents for line in mine), charges_basis=basis))
+    return entries
 
 
 def _fold(catalog: Catalog, records: list[UsageRecord]) -> dict[str, Decimal]:

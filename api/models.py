@@ -80,10 +80,15 @@ class MeterUsage(BaseModel):
 
 
 class UsageCycle(BaseModel):
+    """A cycle's usage and what it costs, in one currency. Money is never added across
+    currencies: a past cycle whose plans are in several currencies (a plan change across
+    currencies) is one entry per currency, as it is one invoice per currency."""
+
     model_config = Frozen
     tenant: str
-    plan_id: str
-    currency: str
+    plan_id: str = Field(description="the plan in force last in the cycle among those "
+                         "billed in `currency`")
+    currency: str = Field(description="the currency of every amount of this entry")
     period_start: datetime
     period_end: datetime
     meters: list[MeterUsage]
@@ -94,7 +99,11 @@ class UsageCycle(BaseModel):
 class UsageHistory(BaseModel):
     model_config = Frozen
     tenant: str
-    cycles: list[UsageCycle]
+    cycles: list[UsageCycle] = Field(description=(
+        "newest first; one entry per cycle and currency (by currency within a cycle): a "
+        "cycle with a plan change across currencies has one entry per currency, each with "
+        "the usage of the plan slices in that currency and the amounts of that currency's "
+        "invoice, as `GET /v1/tenants/{tenant}/invoices` lists one invoice per currency"))
 
 
 class Subscription(BaseModel):

@@ -121,8 +121,10 @@ async def usage_history(caller: CallerDep, catalog: CatalogDep, conn: ConnDep,
     """The last `cycles` cycles before the current one, with quantities and amounts. With a
     subscription Tally invoices, each cycle's amounts are its invoice's usage and minimum
     lines (plan slices, upgrades inside the cycle, trials, minimums); an ended cycle whose
-    invoice is not due yet is rated on what is counted now. Otherwise, per stored period
-    under the plan the worker counted it in."""
+    invoice is not due yet is rated on what is counted now. A cycle whose plans are in
+    several currencies has one invoice per currency, so one entry per currency here: its
+    usage under that currency's plans and that invoice's amounts, never a sum across
+    currencies. Otherwise, per stored period under the plan the worker counted it in."""
     caller.require_read(tenant)
     await known_tenant(conn, tenant)
     return models.UsageHistory(tenant=tenant, cycles=await charges.past_cycles(

@@ -23,6 +23,12 @@ truth of DESIGN.md, the Kafka log (`tally.usage`), read through the ledger where
   letter names, not by its id: another record carrying the same id (a malformed copy, a
   retry) says nothing about the one the worker may still count.
 
+The projector's refusals (`tally.projection_errors`, and dead letters whose source topic
+is `tally.usage.accepted`) are not looked for: the worker accepts only what every later
+stage can store (schemas/validation.py, README "What Tally accepts"), so an event the
+worker accepted from `consume` reaches the ledger; the projector refuses only records the
+current worker did not write (an older worker's, another producer's).
+
 Each sweep counts its outcomes in `tally_api_reservations_swept_total{outcome}` (settled,
 released: never published, dead_lettered: released because the worker refused its
 event, published: found in the log, still waiting for the ledger) and sets

@@ -79,10 +79,11 @@ def issue_invoices(api: ApiServer, stripe_double_url: str, now: datetime,
     run_invoices(settings, now, RetryPolicy(3, 0.005, 0.02, 10), catalog=catalog)
 
 
-def invoiced(api: ApiServer, tenant: str) -> dict[datetime, tuple[str, list[tuple[
-        str | None, str, int]]]]:
-    """The tenant's issued cycle and final invoices by cycle start: currency, and their
-    usage and minimum lines (meter, kind, amount)."""
+def invoiced(api: ApiServer, tenant: str) -> dict[tuple[datetime, str], list[tuple[
+        str | None, str, int]]]:
+    """The tenant's issued cycle and final invoices by cycle start and currency (one invoice
+    per currency, docs/billing.md rule 10): their usage and minimum lines (meter, kind,
+    amount)."""
     url = api.settings.database_url
     assert url is not None
     with psycopg.connect(url) as conn:
@@ -91,9 +92,9 @@ def invoiced(api: ApiServer, tenant: str) -> dict[datetime, tuple[str, list[tupl
             " FROM tally.invoices i LEFT JOIN tally.invoice_lines l ON l.invoice_id ="
             " i.invoice_id AND l.kind IN ('usage', 'minimum') WHERE i.tenant_id = %s"
             " AND i.kind IN ('cycle', 'final') ORDER BY l.line_no", (tenant,)).fetchall()
-    found: dict[datetime, tuple[str, list[tuple[str | None, str, int]]]] = {}
+    found: dict[tuple[datetime, str], list[tuple[str | None, str, int]]] = {}
     for start, currency, meter, kind, amount in rows:
-        lines = found.setdefault(start, (currency, []))[1]
+        lines = found.setdefault((start, currency), [])
         if kind is not None:
             lines.append((meter, kind, amount))
     return found
@@ -108,15 +109,16 @@ def history(api: ApiServer, tenant: str) -> list[dict[str, Any]]:
 
 
 def assert_history_is_the_invoices(api: ApiServer, tenant: str) -> list[dict[str, Any]]:
-    """Every cycle of the tenant's history is one issued invoice's cycle, in its currency,
+    """Every entry of the tenant's history is one issued invoice's cycle and currency,
     each meter's amount the sum of its usage lines, the charges those and the minimum
-    top-up; and every issued cycle invoice is in the history."""
+    top-up; and every issued cycle invoice is in the history, once."""
     cycles = history(api, tenant)
     invoices = invoiced(api, tenant)
-    assert {datetime.fromisoformat(c["period_start"]) for c in cycles} == set(invoices)
-    for cycle in cycles:
-        currency, lines = invoices[datetime.fromisoformat(cycle["period_start"])]
-        assert cycle["currency"] == currency
+    shown_invoices = [(datetime.fromisoformat(c["period_start"]), c["currency"])
+                      for c in cycles]
+    assert sorted(shown_invoices) == sorted(invoices)
+    for cycle, key in zip(cycles, shown_invoices, strict=True):
+        lines = invoices[key]
         assert cycle["charges_cents"] == sum(amount for _, _, amount in lines)
         per_meter: dict[str, int] = defaultdict(int)
         for meter, kind, amount in lines:
@@ -149,7 +151,7 @@ def test_history_of_a_cycle_with_an_upgrade_equals_its_issued_invoice(
         [(meter, quantity, start, end, "pro") for meter, quantity in (
             ("api_calls", 96_000), ("executions", 2_500), ("tokens", 3_000_000))])
     issue_invoices(api, stripe_double_url, now, api_catalog)
-    assert invoiced(api, "acme")[start][1]  # usage lines of both slices
+    assert invoiced(api, "acme")[(start, "usd")]  # usage lines of both slices
 
     cycles = assert_history_is_the_invoices(api, "acme")
     assert len(cycles) == 1  # one cycle ended; the current one is not history
@@ -210,7 +212,7 @@ def test_history_of_a_cycle_topped_up_to_the_plans_minimum(
 
     cycles = assert_history_is_the_invoices(api, "acme")
     assert len(cycles) == 1
-    assert sorted(invoiced(api, "acme")[start][1], key=str) == sorted(
+    assert sorted(invoiced(api, "acme")[(start, "usd")], key=str) == sorted(
         [("api_calls", "usage", 200), ("executions", "usage", 0), ("tokens", "usage", 0),
          (None, "minimum", 4800)],
         key=str)
@@ -230,5 +232,39 @@ def test_history_of_a_tenant_billed_in_euros(
 
     cycles = assert_history_is_the_invoices(api, "acme")
     assert [c["currency"] for c in cycles] == ["eur"]
-    assert invoiced(api, "acme")[start][0] == "eur"
+    assert list(invoiced(api, "acme")) == [(start, "eur")]
     assert cycles[0]["charges_cents"] > 0
+
+
+def test_history_of_a_cycle_changing_currency_shows_each_currencys_invoice(
+        api: ApiServer, stripe_double_url: str, api_catalog: Catalog) -> None:
+    # Starter in dollars for ten days, then Pro billed in euros: the cycle has an invoice
+    # per currency (docs/billing.md rule 10), and so an entry per currency in history, its
+    # usage that of its own plan slice and its amounts its own invoice's.
+    now = datetime.now(UTC).replace(microsecond=0)
+    start = now - timedelta(days=50)
+    end = add_months(start, 1)
+    change = start + timedelta(days=10)
+    period = {"period_start": start.isoformat(), "period_end": end.isoformat()}
+    record_history(
+        api, "acme",
+        [("created", {"plan_id": "starter", **period}, start),
+         ("plan_changed", {"plan_id": "pro_eur", **period}, change)],
+        [("u1", "api_calls", 9_000, start + timedelta(days=5)),  # Starter's slice, in USD
+         ("u2", "executions", 1_400, start + timedelta(days=6)),
+         ("u3", "api_calls", 170_000, start + timedelta(days=20)),  # Pro's, in EUR
+         ("u4", "executions", 9_500, start + timedelta(days=21))])
+    issue_invoices(api, stripe_double_url, now, api_catalog)
+    invoices = invoiced(api, "acme")
+    assert set(invoices) == {(start, "eur"), (start, "usd")}
+    assert all(sum(a for _, _, a in invoices[key]) > 0 for key in invoices)
+
+    cycles = assert_history_is_the_invoices(api, "acme")
+    assert [(c["currency"], c["plan_id"]) for c in cycles] == [("eur", "pro_eur"),
+                                                               ("usd", "starter")]
+    assert {datetime.fromisoformat(c["period_end"]) for c in cycles} == {end}
+    used = {c["currency"]: {m["meter"]: m["used"] for m in c["meters"]} for c in cycles}
+    assert used["usd"]["api_calls"] == "9000"  # its own slice's, not the cycle's 179,000
+    assert used["usd"]["executions"] == "1400"
+    assert used["eur"]["api_calls"] == "170000"
+    assert used["eur"]["executions"] == "9500"

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import sys
 import tempfile
@@ -44,6 +45,7 @@ import orjson
 import psycopg
 
 from bench.bench_latency import stack
+from bench.procs import CpuMeter
 from bench.profiling import Profile, format_summary
 from bench.report import append_rows
 from devtools.child import start_tally, wait_healthy
@@ -214,7 +216,11 @@ def select_one(database_url: str, n: int) -> list[float]:
 
 async def measure(url: str, database_url: str, tenants: int, now: datetime,
                   requests: int, rate: int, seconds: float, seed: int,
+                  pids: dict[str, int | None],
                   profile: tuple[int, Path] | None = None) -> list[dict[str, Any]]:
+    """The figures (module docstring). `pids`: the processes whose CPU the open loop of
+    consumes is charged with (the API, the broker, Postgres, and this load generator,
+    which shares the machine: its cores say whether it could keep the rate)."""
     rng = random.Random(seed)
     month = calendar_month(now)
     names = [f"t{i:05d}" for i in range(tenants)]
@@ -269,7 +275,13 @@ async def measure(url: str, database_url: str, tenants: int, now: datetime,
         base_loop, _ = await open_loop(session, rate, seconds, health)
         profiler = Profile(profile[0], seconds).__enter__() if profile else None
         before = await consume_phases(session)
+        cpu = CpuMeter({**pids, "load generator": os.getpid()},
+                       alone=frozenset({"load generator"}))
+        cpu.start()
+        wall = time.perf_counter()
         latencies, statuses = await open_loop(session, rate, seconds, consume)
+        wall = time.perf_counter() - wall
+        cores = cpu.stop()
         after = await consume_phases(session)
         phases = {phase: round((s - before.get(phase, (0, 0))[0])
                                / max(n - before.get(phase, (0, 0))[1], 1) * 1000, 3)
@@ -280,6 +292,10 @@ async def measure(url: str, database_url: str, tenants: int, now: datetime,
                 f"tally api serve, entitlement consumes at {rate}/s", profiler.summary()))
         rows.append({"bench": "read_consume", **percentiles(latencies), "statuses": statuses,
                      "rate": rate, "seconds": seconds, "phase_mean_ms": phases,
+                 "cores": cores,
+                 # The API's CPU per consume: what bounds its throughput on one core.
+                 "api_cpu_ms_per_consume": round(cores["api"] * wall * 1000
+                                                 / len(latencies), 3),
                      "baseline_http": percentiles(base_loop),
                      "target_p99_ms": TARGETS_MS["consume"]})
     return rows
@@ -287,7 +303,7 @@ async def measure(url: str, database_url: str, tenants: int, now: datetime,
 
 def run(args: argparse.Namespace, home: Path) -> list[dict[str, Any]]:
     now = datetime.now(UTC)
-    with stack(home) as (bootstrap, database_url, _):
+    with stack(home) as (bootstrap, database_url, pids):
         tokens = home / "tokens.json"
         tokens.write_text(json.dumps({TOKEN: {"service": "bench/read", "tenants": "*",
                                               "scopes": ["admin", "read", "usage", "quota"]}}))
@@ -314,7 +330,8 @@ def run(args: argparse.Namespace, home: Path) -> list[dict[str, Any]]:
                        if args.profile_dir is not None else None)
             rows = asyncio.run(measure(f"http://127.0.0.1:{port}", database_url,
                                        args.tenants, now, args.requests, args.rate,
-                                       args.seconds, args.seed, profile))
+                                       args.seconds, args.seed, {**pids, "api": api.pid},
+                                       profile))
         finally:
             api.terminate()
             api.wait(30)

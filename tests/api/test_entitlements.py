@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import psycopg
 
+from domain.periods import Period, add_months, anniversary_period, calendar_month
 from runtime import kafka
 from runtime.settings import Settings
 from schemas.codec import decode_record
@@ -102,3 +104,40 @@ def test_consume_is_idempotent_by_id_and_check_records_nothing(api: ApiServer) -
         "remaining": "600", "plan_id": "free", "period_start": None, "period_end": None,
         "id": "order-2", "duplicate": False}
     assert reserved(api.settings) == 1
+
+
+def test_consume_reads_usage_in_the_subscription_period_not_the_calendar_month(
+        api: ApiServer) -> None:
+    # A consume first reads the usage of the calendar month (or of the key's last period),
+    # then the plan reads: for a subscribed tenant the period is the subscription's
+    # anniversary period, and the usage must be read again for it. A reservation of 1000
+    # (the free plan's hard limit) lies in one of the two periods and not the other.
+    now = datetime.now(UTC)
+    month = calendar_month(now)
+    anchor_start = month.start - timedelta(days=1)
+    anchor = Period(anchor_start, add_months(anchor_start, 1))
+    period = anniversary_period(anchor, now)
+    assert period != month
+    inside_period_only = period.start < month.start
+    reserved_at = (period.start if inside_period_only else month.start) + timedelta(seconds=1)
+    with psycopg.connect(database_url_of(api), autocommit=True) as conn:
+        conn.execute("INSERT INTO tally.subscriptions VALUES ('acme', 'free', 'active', %s, %s,"
+                     " NULL, NULL, now())", (anchor.start, anchor.end))
+        conn.execute("INSERT INTO tally.entitlement_reservations (tenant_id, event_id, meter,"
+                     " event_time, quantity) VALUES ('acme', 'earlier', 'api_calls', %s, 1000)",
+                     (reserved_at,))
+    client = httpx.Client(base_url=api.url, timeout=10, headers=api.headers("tok-acme"))
+    for i in range(2):  # the second consume starts from the period the first one found
+        answer = client.post("/v1/entitlements/consume", json={
+            "tenant": "acme", "meter": "api_calls", "id": f"now-{i}"})
+        body = answer.json()
+        assert body["period_start"] == period.start.isoformat().replace("+00:00", "Z")
+        if inside_period_only:  # the limit is reached in the subscription's period
+            assert (answer.status_code, body["used"]) == (402, "1000")
+        else:  # the reservation is in the calendar month only: nothing used in the period
+            assert (answer.status_code, body["used"]) == (200, str(i))
+
+
+def database_url_of(api: ApiServer) -> str:
+    assert api.settings.database_url is not None
+    return api.settings.database_url

@@ -19,11 +19,10 @@ from psycopg_pool import AsyncConnectionPool
 from api.entitlements import Entitlements
 from api.errors import Unavailable
 from api.sweeper import run_sweeper
-from producers import ProducerOptions, UsageProducer, build_usage_event
+from producers import ProducerOptions, UsageProducer
 from runtime.plans import CatalogFollower
 from runtime.postgres import AsyncConnection
 from runtime.settings import Settings
-from schemas.events import UsageEvent
 from schemas.plans import Catalog
 
 log = logging.getLogger(__name__)
@@ -61,10 +60,9 @@ class Context:
 
     async def _publish(self, tenant: str, meter: str, quantity: Decimal, event_id: str,
                        time: datetime, dimensions: dict[str, str]) -> None:
-        event = UsageEvent.model_validate(build_usage_event(
-            tenant, meter, quantity, dimensions=dimensions, event_id=event_id, time=time,
-            source="tally/api"))
-        await self.producer.publish([event], wait=True)
+        # The SDK's own path (its fast check, no model built) and wait for the broker.
+        await self.producer.record(tenant, meter, quantity, dimensions=dimensions,
+                                   event_id=event_id, time=time, wait=True)
 
     async def start(self) -> None:
         await self.pool.open()

@@ -54,13 +54,16 @@ Limits, honestly:
   there, as with any eventually consistent counter. The guarantee is for `consume`.
 - latest: two reservations with the same time are ordered by id, while the log orders
   their events by publish order; times are taken to the microsecond, so ties are rare.
-- The decision reads Postgres: it is as available as Postgres, and costs one round trip
-  under the lock. Throughput per (tenant, meter) key is one decision at a time.
+- The decision reads Postgres: it is as available as Postgres, and costs two round trips
+  under the lock (three when the key's period is not the one it had last: `consume`).
+  Throughput per (tenant, meter) key is one decision at a time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import re
 import time
 import weakref
 from collections.abc import Awaitable, Callable
@@ -69,6 +72,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+import psycopg
 from prometheus_client import Histogram
 from psycopg import AsyncClientCursor
 from psycopg.pq import TransactionStatus
@@ -123,6 +127,8 @@ class Entitlements:
         self._publish = publish
         self._catalog = catalog
         self._clock = clock
+        # The pooled connections whose session has the decision's statements prepared.
+        self._prepared: weakref.WeakSet[AsyncConnection] = weakref.WeakSet()
         # Each key's period at its last consume, when not the calendar month (`consume`).
         self._periods: dict[tuple[str, str], Period] = {}
         # One lock per key while anyone waits on it or holds it; then it is collected.
@@ -172,7 +178,10 @@ class Entitlements:
         the lock was granted. Every statement sent costs the API Python work (psycopg's
         pipeline mode spent most of a consume's CPU on it): so the usage is read for the
         period the key had last time (or the calendar month) before the plan reads say
-        which period it is; when they say another, it is read again."""
+        which period it is; when they say another, it is read again. The statements are
+        server-side prepared once per connection (`_STATEMENTS`): a simple query is
+        otherwise parsed and planned each time, which doubled Postgres's CPU per
+        consume."""
         catalog, unique = self._spec(meter, dimensions)
         kind = KINDS[catalog.meters[meter].aggregation]
         started = time.perf_counter()
@@ -185,6 +194,14 @@ class Entitlements:
                            "q": quantity})
             cur = AsyncClientCursor(conn)
             try:
+                if conn not in self._prepared:
+                    try:
+                        await cur.execute(_PREPARE_ALL)
+                    except BaseException:
+                        # Some may be prepared: closed, the pool replaces the connection.
+                        await conn.close()
+                        raise
+                    self._prepared.add(conn)
                 await cur.execute(_DECISION_TEXT[kind.name], params)
                 earlier = _reserved_at(await _next_row(cur, 2))  # after BEGIN, the lock
                 subscription = await _next_row(cur, 1, class_row(queries.SubscriptionRow))
@@ -194,7 +211,7 @@ class Entitlements:
                 if standing.period != guess:  # read again, for the period it is
                     self._remember_period(tenant, meter, standing.period)
                     params.update(s=standing.period.start, e=standing.period.end)
-                    await cur.execute(_USED_SQL[kind.name], params)
+                    await cur.execute(_EXECUTE[f"used_{kind.name}"], params)
                     used = _used_of(await cur.fetchone())
                 if earlier is not None:  # reserved before: allowed, at its first time
                     decision = _duplicate(_decide(kind, standing, meter, quantity,
@@ -207,9 +224,10 @@ class Entitlements:
                 reserve = decision.allowed and not decision.duplicate
                 await cur.execute(_RESERVE_AND_COMMIT if reserve else "COMMIT", params)
             except BaseException:
-                if conn.info.transaction_status == TransactionStatus.INERROR or (
-                        conn.info.transaction_status == TransactionStatus.INTRANS):
-                    await conn.rollback()
+                if conn.info.transaction_status in (TransactionStatus.INTRANS,
+                                                    TransactionStatus.INERROR):
+                    with contextlib.suppress(psycopg.Error):  # the pool then discards it
+                        await conn.rollback()
                 raise
         decided = time.perf_counter()
         CONSUME_SECONDS.labels("queue").observe(locked - started)
@@ -289,21 +307,46 @@ _USED = (
     "     AND meter = %(m)s AND period_start = %(s)s AND unique_value = %(u)s)"
     "   AND NOT EXISTS (SELECT 1 FROM pending WHERE unique_value = %(u)s)")
 _USED_SQL = {name: _USED.replace("{value}", kind.pending_sql) for name, kind in KINDS.items()}
-# The first round trip of a consume (its results in this order; `consume`).
-_DECISION_TEXT = {name: "; ".join((
-    "BEGIN",
-    "SELECT pg_advisory_xact_lock(%(space)s, hashtext(%(key)s))",
+# The statements of a consume, by name, prepared once in each pooled connection's session
+# (`Entitlements._prepared`) and run by EXECUTE with the same named parameters
+# (`_prepare_statement`).
+_STATEMENTS = {
+    "lock": "SELECT pg_advisory_xact_lock(%(space)s, hashtext(%(key)s))",
     # The time of the id's reservation, if there is one; a retry touches it, so that the
     # sweeper leaves it alone while the retry publishes (api/sweeper.py).
-    "UPDATE tally.entitlement_reservations SET touched_at = now()"
-    " WHERE tenant_id = %(t)s AND event_id = %(id)s RETURNING event_time",
-    queries.SUBSCRIPTION_SQL,
-    queries.USAGE_AT_SQL,
-    used)) for name, used in _USED_SQL.items()}
-_RESERVE_AND_COMMIT = (
-    "INSERT INTO tally.entitlement_reservations"
-    " (tenant_id, event_id, meter, event_time, quantity, unique_value)"
-    " VALUES (%(t)s, %(id)s, %(m)s, %(at)s, %(q)s, %(u)s); COMMIT")
+    "touch": "UPDATE tally.entitlement_reservations SET touched_at = now()"
+             " WHERE tenant_id = %(t)s AND event_id = %(id)s RETURNING event_time",
+    "subscription": queries.SUBSCRIPTION_SQL,
+    "usage_at": queries.USAGE_AT_SQL,
+    **{f"used_{name}": used for name, used in _USED_SQL.items()},
+    "reserve": "INSERT INTO tally.entitlement_reservations"
+               " (tenant_id, event_id, meter, event_time, quantity, unique_value)"
+               " VALUES (%(t)s, %(id)s, %(m)s, %(at)s, %(q)s, %(u)s)",
+}
+
+
+def _prepare_statement(name: str, query: str) -> tuple[str, str]:
+    """PREPARE of `query` as `tally_consume_<name>`, and the EXECUTE that runs it."""
+    names: list[str] = []
+
+    def number(placeholder: re.Match[str]) -> str:
+        if placeholder[1] not in names:
+            names.append(placeholder[1])
+        return f"${names.index(placeholder[1]) + 1}"
+
+    body = re.sub(r"%\((\w+)\)s", number, query)
+    args = ", ".join(f"%({n})s" for n in names)
+    return (f"PREPARE tally_consume_{name} AS {body}",
+            f"EXECUTE tally_consume_{name}({args})")
+
+
+_PREPARE_ALL = "; ".join(_prepare_statement(n, q)[0] for n, q in _STATEMENTS.items())
+_EXECUTE = {n: _prepare_statement(n, q)[1] for n, q in _STATEMENTS.items()}
+# The first round trip of a consume (its results in this order; `consume`).
+_DECISION_TEXT = {name: "; ".join((
+    "BEGIN", _EXECUTE["lock"], _EXECUTE["touch"], _EXECUTE["subscription"],
+    _EXECUTE["usage_at"], _EXECUTE[f"used_{name}"])) for name in KINDS}
+_RESERVE_AND_COMMIT = f"{_EXECUTE['reserve']}; COMMIT"
 _PERIODS_KEPT = 65_536  # (tenant, meter) keys whose last period is remembered
 
 

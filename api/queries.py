@@ -112,8 +112,8 @@ async def usage_at(conn: AsyncConnection, tenant: str, at: datetime) -> list[Per
 async def standing(conn: AsyncConnection, tenant: str, at: datetime
                    ) -> tuple[SubscriptionRow | None, list[PeriodUsage]]:
     """`subscription` and `usage_at` together: both statements are sent before either
-    answer is read, so in pipeline mode (an entitlement decision) they cost one round
-    trip together."""
+    answer is read, so in pipeline mode (an entitlement check) they cost one round trip
+    together."""
     async with conn.cursor(row_factory=class_row(SubscriptionRow)) as subs, \
             conn.cursor(row_factory=class_row(PeriodUsage)) as usage:
         await subs.execute(SUBSCRIPTION_SQL, {"t": tenant})

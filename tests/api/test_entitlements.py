@@ -4,17 +4,21 @@ by id, and concurrent consumers never pass a hard limit, in one API process or s
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import httpx
 import psycopg
 
 from domain.periods import Period, add_months, anniversary_period, calendar_month
 from runtime import kafka
+from runtime.postgres import migrate
 from runtime.settings import Settings
 from schemas.codec import decode_record
-from tests.api.conftest import ApiServer
+from tests.api.conftest import TOKENS, ApiServer
+from tests.kafka_helpers import publish_seed_catalog
 
 HARD_LIMIT = 1000  # api_calls on the seed catalog's free plan, the default plan
 
@@ -136,6 +140,27 @@ def test_consume_reads_usage_in_the_subscription_period_not_the_calendar_month(
             assert (answer.status_code, body["used"]) == (402, "1000")
         else:  # the reservation is in the calendar month only: nothing used in the period
             assert (answer.status_code, body["used"]) == (200, str(i))
+
+
+def test_consume_before_the_database_is_migrated_answers_503_then_works_once_it_is(
+        settings_factory: Callable[..., Settings], database_url: str, tmp_path: Path,
+        api_factory: Callable[[Settings], ApiServer]) -> None:
+    # A consume prepares its statements in the session of its pooled connection first:
+    # on a database without the tables, some are prepared and the rest fail. That
+    # connection must not be used again as if none were (PREPARE would then find its
+    # first statement already there).
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(json.dumps(TOKENS))
+    settings = settings_factory(database_url=database_url, tokens_file=tokens)
+    publish_seed_catalog(settings)
+    api = api_factory(settings)
+    client = httpx.Client(base_url=api.url, timeout=10, headers=api.headers("tok-acme"))
+    use = {"tenant": "acme", "meter": "api_calls", "id": "early"}
+    before = client.post("/v1/entitlements/consume", json=use)
+    assert before.status_code == 503 and "migrate" in before.json()["error"]
+    migrate(database_url)
+    after = client.post("/v1/entitlements/consume", json=use)
+    assert (after.status_code, after.json()["used"]) == (200, "0")
 
 
 def database_url_of(api: ApiServer) -> str:

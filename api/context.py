@@ -19,11 +19,10 @@ from psycopg_pool import AsyncConnectionPool
 from api.entitlements import Entitlements
 from api.errors import Unavailable
 from api.sweeper import run_sweeper
-from producers import ProducerOptions, UsageProducer, build_usage_event
+from producers import ProducerOptions, UsageProducer
 from runtime.plans import CatalogFollower
 from runtime.postgres import AsyncConnection
 from runtime.settings import Settings
-from schemas.events import UsageEvent
 from schemas.plans import Catalog
 
 log = logging.getLogger(__name__)
@@ -46,9 +45,12 @@ class Context:
         self.follower = CatalogFollower(settings, lambda _: None)
         # A consume waits for its event's acknowledgement: the SDK's default linger (20 ms,
         # for throughput) and aiokafka's (5 ms, runtime.kafka.producer) would be most of its
-        # latency. 1 ms in the SDK still batches concurrent consumes into one record.
+        # latency. None in the SDK either: a batch holds one tenant's events, and consumes
+        # of one tenant and meter are decided one at a time (api.entitlements), so waiting
+        # gathers nothing; a batch is still sealed only once the loop turns, with every
+        # event of that tenant recorded in the same turn.
         self.producer = UsageProducer(settings, ProducerOptions(
-            source="tally/api", linger_ms=1, kafka_options={"linger_ms": 0}))
+            source="tally/api", linger_ms=0, kafka_options={"linger_ms": 0}))
         self.entitlements = Entitlements(self.pool.connection, self._publish, self.catalog,
                                          clock)
         self._tasks: list[asyncio.Task[None]] = []
@@ -61,10 +63,9 @@ class Context:
 
     async def _publish(self, tenant: str, meter: str, quantity: Decimal, event_id: str,
                        time: datetime, dimensions: dict[str, str]) -> None:
-        event = UsageEvent.model_validate(build_usage_event(
-            tenant, meter, quantity, dimensions=dimensions, event_id=event_id, time=time,
-            source="tally/api"))
-        await self.producer.publish([event], wait=True)
+        # The SDK's own path (its fast check, no model built) and wait for the broker.
+        await self.producer.record(tenant, meter, quantity, dimensions=dimensions,
+                                   event_id=event_id, time=time, wait=True)
 
     async def start(self) -> None:
         await self.pool.open()

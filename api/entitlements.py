@@ -54,29 +54,36 @@ Limits, honestly:
   there, as with any eventually consistent counter. The guarantee is for `consume`.
 - latest: two reservations with the same time are ordered by id, while the log orders
   their events by publish order; times are taken to the microsecond, so ties are rare.
-- The decision reads Postgres: it is as available as Postgres, and costs one round trip
-  under the lock. Throughput per (tenant, meter) key is one decision at a time.
+- The decision reads Postgres: it is as available as Postgres, and costs two round trips
+  under the lock (three when the key's period is not the one it had last: `consume`).
+  Throughput per (tenant, meter) key is one decision at a time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import re
 import time
 import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
 from decimal import Decimal
-from typing import Any, LiteralString
+from typing import Any
 
+import psycopg
 from prometheus_client import Histogram
-from psycopg import sql
+from psycopg import AsyncClientCursor
+from psycopg.pq import TransactionStatus
+from psycopg.rows import AsyncRowFactory, class_row, tuple_row
 
+from api import queries
 from api.errors import NotFound, Unavailable, Unprocessable
-from api.tenant_plan import TenantPlan, tenant_plan
+from api.tenant_plan import TenantPlan, plan_at, tenant_plan
 from domain import quota
-from domain.meters import KINDS
-from domain.periods import Period
+from domain.meters import KINDS, MeterKind
+from domain.periods import Period, calendar_month
 from runtime.postgres import AsyncConnection
 from schemas.plans import Catalog
 
@@ -120,6 +127,10 @@ class Entitlements:
         self._publish = publish
         self._catalog = catalog
         self._clock = clock
+        # The pooled connections whose session has the decision's statements prepared.
+        self._prepared: weakref.WeakSet[AsyncConnection] = weakref.WeakSet()
+        # Each key's period at its last consume, when not the calendar month (`consume`).
+        self._periods: dict[tuple[str, str], Period] = {}
         # One lock per key while anyone waits on it or holds it; then it is collected.
         self._locks: weakref.WeakValueDictionary[tuple[str, str], asyncio.Lock] = (
             weakref.WeakValueDictionary())
@@ -149,43 +160,75 @@ class Entitlements:
                     dimensions: dict[str, str]) -> Decision:
         """Would this use be allowed now? Records nothing."""
         catalog, unique = self._spec(meter, dimensions)
+        kind = KINDS[catalog.meters[meter].aggregation]
         async with self._connect() as conn, conn.pipeline():
             standing = await tenant_plan(conn, catalog, tenant, self._clock(), meter)
-            return await self._decide(conn, catalog, standing, meter, quantity, unique)
+            used = await _used(conn, kind, _params(tenant, meter, standing.period, None,
+                                                   unique))
+        return _decide(kind, standing, meter, quantity, used)
 
     async def consume(self, tenant: str, meter: str, quantity: Decimal, event_id: str,
                       dimensions: dict[str, str]) -> Decision:
-        """Check and record as one step (module docstring, steps 1 to 4)."""
+        """Check and record as one step (module docstring, steps 1 to 4).
+
+        Two round trips, each ONE text of statements sent as one simple query (a client
+        cursor binds the parameters): BEGIN, the advisory lock, the reservation lookup, the
+        plan reads and the usage read; then the reservation and COMMIT. Each statement of
+        a text reads its own snapshot, so the reads see every decision committed before
+        the lock was granted. Every statement sent costs the API Python work (psycopg's
+        pipeline mode spent most of a consume's CPU on it): so the usage is read for the
+        period the key had last time (or the calendar month) before the plan reads say
+        which period it is; when they say another, it is read again. The statements are
+        server-side prepared once per connection (`_STATEMENTS`): a simple query is
+        otherwise parsed and planned each time, which doubled Postgres's CPU per
+        consume."""
         catalog, unique = self._spec(meter, dimensions)
+        kind = KINDS[catalog.meters[meter].aggregation]
         started = time.perf_counter()
-        # In pipeline mode, statements go out without waiting for the answers before them,
-        # and the server runs them in order: BEGIN, the lock, the reservation lookup and
-        # the plan reads take one round trip, the usage read one, the reservation and
-        # COMMIT one (a consume was eight round trips, most of its decision time).
-        async with self._lock(tenant, meter), self._connect() as conn, conn.pipeline(), \
-                conn.transaction():
+        async with self._lock(tenant, meter), self._connect() as conn:
             locked = time.perf_counter()
-            await conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))",
-                               (LOCK_SPACE, f"{tenant}/{meter}"))
             now = self._clock()
-            reserved = await conn.execute(_TOUCH_RESERVATION, (tenant, event_id))
-            standing = await tenant_plan(conn, catalog, tenant, now, meter)
-            earlier = _reserved_at(await reserved.fetchone())
-            if earlier is not None:
-                decision = await self._decide(conn, catalog, standing, meter, quantity,
-                                              unique)
-                decision = _duplicate(decision, quantity, event_id)
-                event_time = earlier
-            else:
-                decision = await self._decide(conn, catalog, standing, meter, quantity,
-                                              unique, event_id)
-                event_time = now
-                if decision.allowed and not decision.duplicate:
-                    await conn.execute(
-                        "INSERT INTO tally.entitlement_reservations"
-                        " (tenant_id, event_id, meter, event_time, quantity, unique_value)"
-                        " VALUES (%s, %s, %s, %s, %s, %s)",
-                        (tenant, event_id, meter, now, quantity, unique))
+            guess = self._period_guess(tenant, meter, now)
+            params = _params(tenant, meter, guess, event_id, unique)
+            params.update({"space": LOCK_SPACE, "key": f"{tenant}/{meter}", "at": now,
+                           "q": quantity})
+            cur = AsyncClientCursor(conn)
+            try:
+                if conn not in self._prepared:
+                    try:
+                        await cur.execute(_PREPARE_ALL)
+                    except BaseException:
+                        # Some may be prepared: closed, the pool replaces the connection.
+                        await conn.close()
+                        raise
+                    self._prepared.add(conn)
+                await cur.execute(_DECISION_TEXT[kind.name], params)
+                earlier = _reserved_at(await _next_row(cur, 2))  # after BEGIN, the lock
+                subscription = await _next_row(cur, 1, class_row(queries.SubscriptionRow))
+                usage = await _next_rows(cur, class_row(queries.PeriodUsage))
+                used = _used_of(await _next_row(cur, 1))
+                standing = plan_at(catalog, tenant, now, subscription, usage, meter)
+                if standing.period != guess:  # read again, for the period it is
+                    self._remember_period(tenant, meter, standing.period)
+                    params.update(s=standing.period.start, e=standing.period.end)
+                    await cur.execute(_EXECUTE[f"used_{kind.name}"], params)
+                    used = _used_of(await cur.fetchone())
+                if earlier is not None:  # reserved before: allowed, at its first time
+                    decision = _duplicate(_decide(kind, standing, meter, quantity,
+                                                  replace(used, counted=False)),
+                                          quantity, event_id)
+                    event_time = earlier
+                else:
+                    decision = _decide(kind, standing, meter, quantity, used, event_id)
+                    event_time = now
+                reserve = decision.allowed and not decision.duplicate
+                await cur.execute(_RESERVE_AND_COMMIT if reserve else "COMMIT", params)
+            except BaseException:
+                if conn.info.transaction_status in (TransactionStatus.INTRANS,
+                                                    TransactionStatus.INERROR):
+                    with contextlib.suppress(psycopg.Error):  # the pool then discards it
+                        await conn.rollback()
+                raise
         decided = time.perf_counter()
         CONSUME_SECONDS.labels("queue").observe(locked - started)
         CONSUME_SECONDS.labels("decide").observe(decided - locked)
@@ -199,22 +242,38 @@ class Entitlements:
             CONSUME_SECONDS.labels("publish").observe(time.perf_counter() - decided)
         return decision
 
-    async def _decide(self, conn: AsyncConnection, catalog: Catalog, standing: TenantPlan,
-                      meter: str, quantity: Decimal, unique: str | None,
-                      event_id: str | None = None) -> Decision:
-        tenant = standing.tenant_id
-        terms = standing.plan.meters.get(meter)
-        limit = terms.hard_limit if terms is not None else None
-        kind = KINDS[catalog.meters[meter].aggregation]
-        used, counted, new_unique = await _used(conn, kind.pending_sql, tenant, meter,
-                                                standing.period, event_id, unique)
-        if counted:  # the id is in the ledger already: counted, nothing more to do
-            return Decision(tenant, meter, quantity, True, "already recorded", used, limit,
-                            quota.remaining(used, terms), standing.plan_id, standing.period,
-                            event_id, duplicate=True)
-        verdict = quota.check_after(used, kind.after_use(used, quantity, new_unique), limit)
-        return Decision(tenant, meter, quantity, verdict.allowed, verdict.reason, used, limit,
-                        verdict.remaining, standing.plan_id, standing.period, event_id)
+    def _period_guess(self, tenant: str, meter: str, now: datetime) -> Period:
+        last = self._periods.get((tenant, meter))
+        return last if last is not None and now in last else calendar_month(now)
+
+    def _remember_period(self, tenant: str, meter: str, period: Period) -> None:
+        if len(self._periods) >= _PERIODS_KEPT:  # bounded: a cache, not a record
+            self._periods.clear()
+        self._periods[(tenant, meter)] = period
+
+
+@dataclass(frozen=True)
+class _Used:
+    """What one snapshot says of a meter in a period (`_USED`)."""
+
+    value: Decimal  # with the uses reserved but not in the ledger yet
+    counted: bool  # the use's id is in the ledger already
+    new_unique: bool  # the use's unique value is not counted nor reserved in the period
+
+
+def _decide(kind: MeterKind, standing: TenantPlan, meter: str, quantity: Decimal,
+            used: _Used, event_id: str | None = None) -> Decision:
+    tenant = standing.tenant_id
+    terms = standing.plan.meters.get(meter)
+    limit = terms.hard_limit if terms is not None else None
+    if used.counted:  # the id is in the ledger already: counted, nothing more to do
+        return Decision(tenant, meter, quantity, True, "already recorded", used.value, limit,
+                        quota.remaining(used.value, terms), standing.plan_id,
+                        standing.period, event_id, duplicate=True)
+    verdict = quota.check_after(used.value,
+                                kind.after_use(used.value, quantity, used.new_unique), limit)
+    return Decision(tenant, meter, quantity, verdict.allowed, verdict.reason, used.value,
+                    limit, verdict.remaining, standing.plan_id, standing.period, event_id)
 
 
 def _duplicate(decision: Decision, quantity: Decimal, event_id: str) -> Decision:
@@ -222,41 +281,102 @@ def _duplicate(decision: Decision, quantity: Decimal, event_id: str) -> Decision
                    event_id=event_id, duplicate=True)
 
 
-# The time of an event id's reservation, if there is one; a retry touches it, so that the
-# sweeper leaves it alone while the retry publishes (api/sweeper.py).
-_TOUCH_RESERVATION: LiteralString = (
-    "UPDATE tally.entitlement_reservations SET touched_at = now()"
-    " WHERE tenant_id = %s AND event_id = %s RETURNING event_time")
+def _params(tenant: str, meter: str, period: Period, event_id: str | None,
+            unique: str | None) -> dict[str, Any]:
+    return {"t": tenant, "m": meter, "s": period.start, "e": period.end, "id": event_id,
+            "u": unique}
+
+
+# In one snapshot: the meter's value in the period [s, e) with the uses reserved but not
+# yet in the ledger, as its kind folds them (`pending_sql`, in place of {value}); whether
+# the id is in the ledger already; whether the unique value is one the period has not
+# counted nor reserved.
+_USED = (
+    "WITH ledger AS (SELECT quantity, value_time FROM tally.usage_by_period"
+    "   WHERE tenant_id = %(t)s AND meter = %(m)s AND period_start = %(s)s),"
+    " pending AS (SELECT r.* FROM tally.entitlement_reservations r"
+    "   WHERE r.tenant_id = %(t)s AND r.meter = %(m)s"
+    "   AND r.event_time >= %(s)s AND r.event_time < %(e)s"
+    "   AND NOT EXISTS (SELECT 1 FROM tally.usage_event_keys k"
+    "     WHERE k.tenant_id = r.tenant_id AND k.event_id = r.event_id))"
+    " SELECT {value},"
+    " %(id)s::text IS NOT NULL AND EXISTS (SELECT 1 FROM tally.usage_event_keys"
+    "   WHERE tenant_id = %(t)s AND event_id = %(id)s),"
+    " %(u)s::text IS NOT NULL"
+    "   AND NOT EXISTS (SELECT 1 FROM tally.usage_period_uniques WHERE tenant_id = %(t)s"
+    "     AND meter = %(m)s AND period_start = %(s)s AND unique_value = %(u)s)"
+    "   AND NOT EXISTS (SELECT 1 FROM pending WHERE unique_value = %(u)s)")
+_USED_SQL = {name: _USED.replace("{value}", kind.pending_sql) for name, kind in KINDS.items()}
+# The statements of a consume, by name, prepared once in each pooled connection's session
+# (`Entitlements._prepared`) and run by EXECUTE with the same named parameters
+# (`_prepare_statement`).
+_STATEMENTS = {
+    "lock": "SELECT pg_advisory_xact_lock(%(space)s, hashtext(%(key)s))",
+    # The time of the id's reservation, if there is one; a retry touches it, so that the
+    # sweeper leaves it alone while the retry publishes (api/sweeper.py).
+    "touch": "UPDATE tally.entitlement_reservations SET touched_at = now()"
+             " WHERE tenant_id = %(t)s AND event_id = %(id)s RETURNING event_time",
+    "subscription": queries.SUBSCRIPTION_SQL,
+    "usage_at": queries.USAGE_AT_SQL,
+    **{f"used_{name}": used for name, used in _USED_SQL.items()},
+    "reserve": "INSERT INTO tally.entitlement_reservations"
+               " (tenant_id, event_id, meter, event_time, quantity, unique_value)"
+               " VALUES (%(t)s, %(id)s, %(m)s, %(at)s, %(q)s, %(u)s)",
+}
+
+
+def _prepare_statement(name: str, query: str) -> tuple[str, str]:
+    """PREPARE of `query` as `tally_consume_<name>`, and the EXECUTE that runs it."""
+    names: list[str] = []
+
+    def number(placeholder: re.Match[str]) -> str:
+        if placeholder[1] not in names:
+            names.append(placeholder[1])
+        return f"${names.index(placeholder[1]) + 1}"
+
+    body = re.sub(r"%\((\w+)\)s", number, query)
+    args = ", ".join(f"%({n})s" for n in names)
+    return (f"PREPARE tally_consume_{name} AS {body}",
+            f"EXECUTE tally_consume_{name}({args})")
+
+
+_PREPARE_ALL = "; ".join(_prepare_statement(n, q)[0] for n, q in _STATEMENTS.items())
+_EXECUTE = {n: _prepare_statement(n, q)[1] for n, q in _STATEMENTS.items()}
+# The first round trip of a consume (its results in this order; `consume`).
+_DECISION_TEXT = {name: "; ".join((
+    "BEGIN", _EXECUTE["lock"], _EXECUTE["touch"], _EXECUTE["subscription"],
+    _EXECUTE["usage_at"], _EXECUTE[f"used_{name}"])) for name in KINDS}
+_RESERVE_AND_COMMIT = f"{_EXECUTE['reserve']}; COMMIT"
+_PERIODS_KEPT = 65_536  # (tenant, meter) keys whose last period is remembered
 
 
 def _reserved_at(row: tuple[Any, ...] | None) -> datetime | None:
     return row[0] if row is not None and isinstance(row[0], datetime) else None
 
 
-async def _used(conn: AsyncConnection, pending_sql: str, tenant: str, meter: str,
-                period: Period, event_id: str | None, unique: str | None
-                ) -> tuple[Decimal, bool, bool]:
-    """In one snapshot: the meter's value in `period` with the uses reserved but not yet in
-    the ledger, as its kind folds them (`pending_sql`); whether `event_id` is in the
-    ledger already; whether `unique` is a value the period has not counted nor reserved."""
-    query = sql.SQL(
-        "WITH ledger AS (SELECT quantity, value_time FROM tally.usage_by_period"
-        "   WHERE tenant_id = %(t)s AND meter = %(m)s AND period_start = %(s)s),"
-        " pending AS (SELECT r.* FROM tally.entitlement_reservations r"
-        "   WHERE r.tenant_id = %(t)s AND r.meter = %(m)s"
-        "   AND r.event_time >= %(s)s AND r.event_time < %(e)s"
-        "   AND NOT EXISTS (SELECT 1 FROM tally.usage_event_keys k"
-        "     WHERE k.tenant_id = r.tenant_id AND k.event_id = r.event_id))"
-        " SELECT {value},"
-        " %(id)s::text IS NOT NULL AND EXISTS (SELECT 1 FROM tally.usage_event_keys"
-        "   WHERE tenant_id = %(t)s AND event_id = %(id)s),"
-        " %(u)s::text IS NOT NULL"
-        "   AND NOT EXISTS (SELECT 1 FROM tally.usage_period_uniques WHERE tenant_id = %(t)s"
-        "     AND meter = %(m)s AND period_start = %(s)s AND unique_value = %(u)s)"
-        "   AND NOT EXISTS (SELECT 1 FROM pending WHERE unique_value = %(u)s)"
-    ).format(value=sql.SQL(pending_sql))
-    cur = await conn.execute(query, {"t": tenant, "m": meter, "s": period.start,
-                                     "e": period.end, "id": event_id, "u": unique})
-    row = await cur.fetchone()
+def _used_of(row: tuple[Any, ...] | None) -> _Used:
     assert row is not None
-    return Decimal(row[0]), bool(row[1]), bool(row[2])
+    return _Used(Decimal(row[0]), bool(row[1]), bool(row[2]))
+
+
+async def _next_rows(cur: AsyncClientCursor[Any], row_factory: AsyncRowFactory[Any] = tuple_row,
+                     skip: int = 1) -> list[Any]:
+    """The rows of the result `skip` results after the current one, made by
+    `row_factory`."""
+    for _ in range(skip):
+        if not cur.nextset():
+            raise AssertionError("a statement of the decision returned no result")
+    cur.row_factory = row_factory
+    return await cur.fetchall()
+
+
+async def _next_row(cur: AsyncClientCursor[Any], skip: int = 1,
+                    row_factory: AsyncRowFactory[Any] = tuple_row) -> Any:
+    rows = await _next_rows(cur, row_factory, skip)
+    return rows[0] if rows else None
+
+
+async def _used(conn: AsyncConnection, kind: MeterKind, params: dict[str, Any]) -> _Used:
+    """`_USED` for a check (no lock, no transaction)."""
+    cur = await conn.execute(_USED_SQL[kind.name], params)
+    return _used_of(await cur.fetchone())

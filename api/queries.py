@@ -69,14 +69,16 @@ class SubscriptionRow:
     updated_at: datetime
 
 
-_SUBSCRIPTION: LiteralString = (
+# Named parameters (t: the tenant; at: the instant): the entitlement decision sends these
+# in one text with its other statements (api.entitlements).
+SUBSCRIPTION_SQL: LiteralString = (
     "SELECT tenant_id, plan_id, status, current_period_start, current_period_end,"
     " stripe_customer_id, stripe_subscription_id, updated_at"
-    " FROM tally.subscriptions WHERE tenant_id = %s")
+    " FROM tally.subscriptions WHERE tenant_id = %(t)s")
 
 
 async def subscription(conn: AsyncConnection, tenant: str) -> SubscriptionRow | None:
-    found = await rows(conn, SubscriptionRow, _SUBSCRIPTION, (tenant,))
+    found = await rows(conn, SubscriptionRow, SUBSCRIPTION_SQL, {"t": tenant})
     return found[0] if found else None
 
 
@@ -96,26 +98,26 @@ class PeriodUsage:
     event_count: int
 
 
-_USAGE_AT: LiteralString = (
+USAGE_AT_SQL: LiteralString = (
     "SELECT tenant_id, meter, period_start, period_end, plan_id, quantity, event_count"
-    " FROM tally.usage_by_period WHERE tenant_id = %s"
-    " AND period_start <= %s AND %s < period_end ORDER BY meter")
+    " FROM tally.usage_by_period WHERE tenant_id = %(t)s"
+    " AND period_start <= %(at)s AND %(at)s < period_end ORDER BY meter")
 
 
 async def usage_at(conn: AsyncConnection, tenant: str, at: datetime) -> list[PeriodUsage]:
     """Each meter's usage in the worker's period that contains `at`."""
-    return await rows(conn, PeriodUsage, _USAGE_AT, (tenant, at, at))
+    return await rows(conn, PeriodUsage, USAGE_AT_SQL, {"t": tenant, "at": at})
 
 
 async def standing(conn: AsyncConnection, tenant: str, at: datetime
                    ) -> tuple[SubscriptionRow | None, list[PeriodUsage]]:
     """`subscription` and `usage_at` together: both statements are sent before either
-    answer is read, so in pipeline mode (an entitlement decision) they cost one round
-    trip together."""
+    answer is read, so in pipeline mode (an entitlement check) they cost one round trip
+    together."""
     async with conn.cursor(row_factory=class_row(SubscriptionRow)) as subs, \
             conn.cursor(row_factory=class_row(PeriodUsage)) as usage:
-        await subs.execute(_SUBSCRIPTION, (tenant,))
-        await usage.execute(_USAGE_AT, (tenant, at, at))
+        await subs.execute(SUBSCRIPTION_SQL, {"t": tenant})
+        await usage.execute(USAGE_AT_SQL, {"t": tenant, "at": at})
         found = await subs.fetchall()
         return (found[0] if found else None), await usage.fetchall()
 

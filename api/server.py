@@ -1,5 +1,10 @@
 """Serving the API with uvicorn until SIGTERM/SIGINT (uvicorn drains requests, then the
-app's lifespan closes the producer, flushing what it holds, and the pool)."""
+app's lifespan closes the producer, flushing what it holds, and the pool).
+
+uvicorn runs on uvloop with the httptools parser, named here rather than left to "auto"
+so that a missing package fails at start instead of silently serving on the pure-Python
+h11 parser and asyncio loop, which cost more CPU per request than a consume's decision
+(bench/results/notes.md)."""
 
 from __future__ import annotations
 
@@ -11,4 +16,5 @@ from runtime.settings import Settings
 
 def serve(settings: Settings, host: str, port: int) -> None:
     uvicorn.run(create_app(settings), host=host, port=port, log_level="warning",
-                access_log=False, proxy_headers=False, server_header=False)
+                access_log=False, proxy_headers=False, server_header=False,
+                loop="uvloop", http="httptools")

@@ -11,6 +11,7 @@ applies, as in the worker.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -52,6 +53,14 @@ async def tenant_plan(conn: AsyncConnection, catalog: Catalog, tenant: str, now:
     """The plan and period of `tenant` at `now` (of `meter`'s row when the worker wrote
     one)."""
     subscription, usage = await queries.standing(conn, tenant, now)
+    return plan_at(catalog, tenant, now, subscription, usage, meter)
+
+
+def plan_at(catalog: Catalog, tenant: str, now: datetime,
+            subscription: queries.SubscriptionRow | None,
+            usage: Sequence[queries.PeriodUsage], meter: str | None = None) -> TenantPlan:
+    """`tenant_plan` from the rows `queries.standing` read (the entitlement decision reads
+    them in its own round trip)."""
     period = period_of(subscription, now)
     plan_id = plan_id_of(subscription, catalog, now)
     for row in usage:

@@ -30,11 +30,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,7 @@ import orjson
 import psycopg
 
 from bench.bench_latency import stack
+from bench.procs import CpuMeter
 from bench.profiling import Profile, format_summary
 from bench.report import append_rows
 from devtools.child import start_tally, wait_healthy
@@ -202,6 +205,22 @@ async def consume_phases(session: aiohttp.ClientSession) -> dict[str, tuple[floa
     return {phase: (v[0], v[1]) for phase, v in found.items()}
 
 
+async def metered(pids: dict[str, int | None],
+                  loop: Awaitable[tuple[list[float], dict[str, int]]]
+                  ) -> tuple[list[float], dict[str, int], dict[str, float], float]:
+    """An open loop's latencies and statuses, the cores each process in `pids` and this
+    load generator (which shares the machine: its cores say whether it could keep the
+    rate) used meanwhile, and the API's CPU milliseconds per request."""
+    cpu = CpuMeter({**pids, "load generator": os.getpid()},
+                   alone=frozenset({"load generator"}))
+    cpu.start()
+    wall = time.perf_counter()
+    latencies, statuses = await loop
+    wall = time.perf_counter() - wall
+    cores = cpu.stop()
+    return latencies, statuses, cores, round(cores["api"] * wall * 1000 / len(latencies), 3)
+
+
 def select_one(database_url: str, n: int) -> list[float]:
     with psycopg.connect(database_url, autocommit=True) as conn:
         latencies = []
@@ -214,7 +233,10 @@ def select_one(database_url: str, n: int) -> list[float]:
 
 async def measure(url: str, database_url: str, tenants: int, now: datetime,
                   requests: int, rate: int, seconds: float, seed: int,
+                  pids: dict[str, int | None],
                   profile: tuple[int, Path] | None = None) -> list[dict[str, Any]]:
+    """The figures (module docstring). `pids`: the processes whose CPU the open loops are
+    charged with (the API, the broker, Postgres; `metered`)."""
     rng = random.Random(seed)
     month = calendar_month(now)
     names = [f"t{i:05d}" for i in range(tenants)]
@@ -266,10 +288,12 @@ async def measure(url: str, database_url: str, tenants: int, now: datetime,
         rows.append({"bench": "read_consume_sequential", **percentiles(latencies),
                      "statuses": consumed, "baseline_http": baselines["http"],
                      "baseline_select_1": baselines["select_1"]})
-        base_loop, _ = await open_loop(session, rate, seconds, health)
+        base_loop, _, base_cores, base_cpu = await metered(
+            pids, open_loop(session, rate, seconds, health))
         profiler = Profile(profile[0], seconds).__enter__() if profile else None
         before = await consume_phases(session)
-        latencies, statuses = await open_loop(session, rate, seconds, consume)
+        latencies, statuses, cores, cpu = await metered(
+            pids, open_loop(session, rate, seconds, consume))
         after = await consume_phases(session)
         phases = {phase: round((s - before.get(phase, (0, 0))[0])
                                / max(n - before.get(phase, (0, 0))[1], 1) * 1000, 3)
@@ -280,14 +304,18 @@ async def measure(url: str, database_url: str, tenants: int, now: datetime,
                 f"tally api serve, entitlement consumes at {rate}/s", profiler.summary()))
         rows.append({"bench": "read_consume", **percentiles(latencies), "statuses": statuses,
                      "rate": rate, "seconds": seconds, "phase_mean_ms": phases,
-                     "baseline_http": percentiles(base_loop),
+                     "cores": cores,
+                     # The API's CPU per consume: what bounds its throughput on one core.
+                     "api_cpu_ms_per_consume": cpu,
+                     "baseline_http": {**percentiles(base_loop), "cores": base_cores,
+                                       "api_cpu_ms_per_request": base_cpu},
                      "target_p99_ms": TARGETS_MS["consume"]})
     return rows
 
 
 def run(args: argparse.Namespace, home: Path) -> list[dict[str, Any]]:
     now = datetime.now(UTC)
-    with stack(home) as (bootstrap, database_url, _):
+    with stack(home) as (bootstrap, database_url, pids):
         tokens = home / "tokens.json"
         tokens.write_text(json.dumps({TOKEN: {"service": "bench/read", "tenants": "*",
                                               "scopes": ["admin", "read", "usage", "quota"]}}))
@@ -314,7 +342,8 @@ def run(args: argparse.Namespace, home: Path) -> list[dict[str, Any]]:
                        if args.profile_dir is not None else None)
             rows = asyncio.run(measure(f"http://127.0.0.1:{port}", database_url,
                                        args.tenants, now, args.requests, args.rate,
-                                       args.seconds, args.seed, profile))
+                                       args.seconds, args.seed, {**pids, "api": api.pid},
+                                       profile))
         finally:
             api.terminate()
             api.wait(30)

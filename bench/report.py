@@ -237,6 +237,11 @@ def read_section(raw: dict[str, list[dict[str, Any]]]) -> list[str]:
         phases = ", ".join(f"{k} {v} ms" for k, v in consume["phase_mean_ms"].items())
         lines += ["", f"Consume, mean time per phase in the API (`tally_api_consume_phase_"
                   f"seconds`): {phases}."]
+    if consume and "api_cpu_ms_per_consume" in consume:
+        bare = consume["baseline_http"].get("api_cpu_ms_per_request", "?")
+        cores = ", ".join(f"{k} {v}" for k, v in consume.get("cores", {}).items())
+        lines += ["", f"The API's CPU per consume: {consume['api_cpu_ms_per_consume']} ms "
+                  f"(per bare request: {bare} ms); cores used during the consumes: {cores}."]
     return lines
 
 

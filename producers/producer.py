@@ -206,13 +206,15 @@ class UsageProducer(Delivery):
     async def record(
         self, tenant: str, meter: str, quantity: int | float | Decimal | str, *,
         dimensions: Mapping[str, str] | None = None, event_id: str | None = None,
-        time: datetime | None = None,
+        time: datetime | None = None, wait: bool = False,
     ) -> None:
         """Record usage: `quantity` of `meter` by `tenant`, at `time` (default now).
 
         `event_id` (default: a new UUIDv7) is the idempotency key: retry with the same id
         and the event is counted once. Raises InvalidEventError (every problem listed) or
         PayloadTooLargeError before anything is buffered; awaits while the buffer is full.
+        With `wait`, return only once the event's batch was acknowledged by Kafka or written
+        to the spool; raises DeliveryError if it was lost.
         """
         # The hot path (target 300k events/s): the commonest call straight to its bytes, then
         # the fast check, then the model when needed.
@@ -238,9 +240,13 @@ class UsageProducer(Delivery):
             batch.nbytes += size
             batch.count += 1
             self._buffered += 1
-        elif self._add(self._usage_topic, tenant, encoded).sealed:
-            # Let the sender hand the record to Kafka before more events pile up.
-            await asyncio.sleep(0)
+        else:
+            batch = self._add(self._usage_topic, tenant, encoded)
+            if batch.sealed:
+                # Let the sender hand the record to Kafka before more events pile up.
+                await asyncio.sleep(0)
+        if wait:
+            await self._delivered([batch])
 
     async def subscription_event(
         self, kind: SubscriptionKind, tenant: str, plan_id: str, period_start: datetime,
@@ -310,12 +316,16 @@ class UsageProducer(Delivery):
             )
             batches[id(batch)] = batch
         if wait and batches:
-            waiters = []
-            for batch in batches.values():
-                if batch.waiter is None:
-                    batch.waiter = self._loop.create_future()
-                waiters.append(batch.waiter)
-            await asyncio.gather(*waiters)
+            await self._delivered(batches.values())
+
+    async def _delivered(self, batches: Iterable[Batch]) -> None:
+        """Until each batch was acknowledged or spooled; DeliveryError if one was lost."""
+        waiters = []
+        for batch in batches:
+            if batch.waiter is None:
+                batch.waiter = self._loop.create_future()
+            waiters.append(batch.waiter)
+        await asyncio.gather(*waiters)
 
     # -- state, for health checks and tests ------------------------------------------------
 

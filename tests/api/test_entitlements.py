@@ -4,15 +4,21 @@ by id, and concurrent consumers never pass a hard limit, in one API process or s
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import httpx
 import psycopg
 
+from domain.periods import Period, add_months, anniversary_period, calendar_month
 from runtime import kafka
+from runtime.postgres import migrate
 from runtime.settings import Settings
 from schemas.codec import decode_record
-from tests.api.conftest import ApiServer
+from tests.api.conftest import TOKENS, ApiServer
+from tests.kafka_helpers import publish_seed_catalog
 
 HARD_LIMIT = 1000  # api_calls on the seed catalog's free plan, the default plan
 
@@ -102,3 +108,61 @@ def test_consume_is_idempotent_by_id_and_check_records_nothing(api: ApiServer) -
         "remaining": "600", "plan_id": "free", "period_start": None, "period_end": None,
         "id": "order-2", "duplicate": False}
     assert reserved(api.settings) == 1
+
+
+def test_consume_reads_usage_in_the_subscription_period_not_the_calendar_month(
+        api: ApiServer) -> None:
+    # A consume first reads the usage of the calendar month (or of the key's last period),
+    # then the plan reads: for a subscribed tenant the period is the subscription's
+    # anniversary period, and the usage must be read again for it. A reservation of 1000
+    # (the free plan's hard limit) lies in one of the two periods and not the other.
+    now = datetime.now(UTC)
+    month = calendar_month(now)
+    anchor_start = month.start - timedelta(days=1)
+    anchor = Period(anchor_start, add_months(anchor_start, 1))
+    period = anniversary_period(anchor, now)
+    assert period != month
+    inside_period_only = period.start < month.start
+    reserved_at = (period.start if inside_period_only else month.start) + timedelta(seconds=1)
+    with psycopg.connect(database_url_of(api), autocommit=True) as conn:
+        conn.execute("INSERT INTO tally.subscriptions VALUES ('acme', 'free', 'active', %s, %s,"
+                     " NULL, NULL, now())", (anchor.start, anchor.end))
+        conn.execute("INSERT INTO tally.entitlement_reservations (tenant_id, event_id, meter,"
+                     " event_time, quantity) VALUES ('acme', 'earlier', 'api_calls', %s, 1000)",
+                     (reserved_at,))
+    client = httpx.Client(base_url=api.url, timeout=10, headers=api.headers("tok-acme"))
+    for i in range(2):  # the second consume starts from the period the first one found
+        answer = client.post("/v1/entitlements/consume", json={
+            "tenant": "acme", "meter": "api_calls", "id": f"now-{i}"})
+        body = answer.json()
+        assert body["period_start"] == period.start.isoformat().replace("+00:00", "Z")
+        if inside_period_only:  # the limit is reached in the subscription's period
+            assert (answer.status_code, body["used"]) == (402, "1000")
+        else:  # the reservation is in the calendar month only: nothing used in the period
+            assert (answer.status_code, body["used"]) == (200, str(i))
+
+
+def test_consume_before_the_database_is_migrated_answers_503_then_works_once_it_is(
+        settings_factory: Callable[..., Settings], database_url: str, tmp_path: Path,
+        api_factory: Callable[[Settings], ApiServer]) -> None:
+    # A consume prepares its statements in the session of its pooled connection first:
+    # on a database without the tables, some are prepared and the rest fail. That
+    # connection must not be used again as if none were (PREPARE would then find its
+    # first statement already there).
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(json.dumps(TOKENS))
+    settings = settings_factory(database_url=database_url, tokens_file=tokens)
+    publish_seed_catalog(settings)
+    api = api_factory(settings)
+    client = httpx.Client(base_url=api.url, timeout=10, headers=api.headers("tok-acme"))
+    use = {"tenant": "acme", "meter": "api_calls", "id": "early"}
+    before = client.post("/v1/entitlements/consume", json=use)
+    assert before.status_code == 503 and "migrate" in before.json()["error"]
+    migrate(database_url)
+    after = client.post("/v1/entitlements/consume", json=use)
+    assert (after.status_code, after.json()["used"]) == (200, "0")
+
+
+def database_url_of(api: ApiServer) -> str:
+    assert api.settings.database_url is not None
+    return api.settings.database_url

@@ -105,6 +105,31 @@ def test_a_partial_batch_is_sent_after_linger_without_flush(
     assert [len(r.events) for r in received] == [3]
 
 
+def test_record_with_wait_returns_once_the_broker_acknowledged_the_event(
+    settings_factory: SettingsFactory,
+) -> None:
+    # The entitlement API publishes a consumed use this way: its answer must not go out
+    # before the event is in the log.
+    settings = settings_factory()
+
+    async def scenario() -> list[Any]:
+        async with UsageProducer(settings, ProducerOptions(linger_ms=200)) as producer:
+            await producer.record("tenant-a", "api_calls", 1)
+            assert producer.buffered_events == 1  # without wait: buffered, lingering
+            await producer.record("tenant-b", "api_calls", Decimal("2.5"), event_id="use-1",
+                                  dimensions={"endpoint": "/v1/x"}, time=T0, wait=True)
+            # tenant-b's batch is acknowledged (and tenant-a's, sealed before it: batches
+            # are settled in seal order).
+            assert producer.buffered_events == 0
+            received = await consume(settings, settings.topics.usage, 2, timeout=10)
+            return received
+
+    events = {e["subject"]: e for e in all_events(run(scenario()))}
+    assert events["tenant-b"]["id"] == "use-1"
+    assert events["tenant-b"]["data"] == {"meter": "api_calls", "quantity": "2.5",
+                                          "dimensions": {"endpoint": "/v1/x"}}
+
+
 def test_subscription_helpers_publish_to_the_subscriptions_topic(
     settings_factory: SettingsFactory,
 ) -> None:

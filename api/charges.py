@@ -5,8 +5,10 @@ plan slices, upgrades inside a cycle, trials, minimums): the current cycle by
 `rate_cycle_usage` with `now` as the cutoff, each past cycle by its invoice's usage and
 minimum lines (`invoice_schedule`, the invoice job's own computation, on the same
 subscription history and ledger), or, for an ended cycle whose invoice is not due yet, by
-`rate_cycle_usage` on what is counted now. A past cycle is one entry per currency, as it is
-one invoice per currency (rule 10): amounts of two currencies are never added together.
+`rate_cycle_usage` on what is counted now. A cycle's amounts are per currency, as it is one
+invoice per currency (rule 10): a past cycle is one entry per currency, the current one has
+the amounts of the currency in force now and one entry per other currency of the cycle;
+amounts of two currencies are never added together.
 
 Any other tenant (the default plan, a subscription Stripe bills) has no invoice from Tally:
 each meter's quantity, allowance, hard limit and quota state come from the worker's
@@ -90,13 +92,16 @@ def _meters(catalog: Catalog, plan_id: str, used: dict[str, Decimal],
 
 
 async def billing_cycle(conn: AsyncConnection, catalog: Catalog, tenant: str, now: datetime
-                        ) -> models.UsageCycle | None:
+                        ) -> models.CurrentUsage | None:
     """The cycle containing `now` as invoicing sees it (docs/billing.md): the live
     subscription Tally invoices, derived from the tenant's whole subscription history, its
     monthly cycle from the anchor, and the cycle's usage lines and minimum top-up rated by
-    `rate_cycle_usage` with `now` as the cutoff: what the cycle's invoice would carry were
-    nothing more counted. None without such a subscription (none, Stripe bills it, or in
-    its trial) or when the history cannot be billed (the invoice job reports that)."""
+    `rate_cycle_usage` with `now` as the cutoff: what the cycle's invoices would carry were
+    nothing more counted. Amounts are those of the currency of the plan in force now; those
+    of the cycle's other currencies (a plan change across currencies) are the entries of
+    `other_currencies`, one per currency as their invoices (rule 10), never added in. None
+    without such a subscription (none, Stripe bills it, or in its trial) or when the
+    history cannot be billed (the invoice job reports that)."""
     subscriptions = await _subscriptions(conn, catalog, tenant, now)
     if subscriptions is None:
         return None
@@ -113,15 +118,25 @@ async def billing_cycle(conn: AsyncConnection, catalog: Catalog, tenant: str, no
         return None
     plan_id = live.plan_at(now)
     plan = catalog.plans[plan_id]
-    used = _fold(catalog, [r for r in usage if cycle.start <= r.time < cycle.end])
+    # Usage against allowance and hard limit is the whole cycle's, under the plan in force:
+    # the worker counts a subscription period, not a plan slice (api.tenant_plan), so that
+    # is what its quota sees; only the amounts are split by currency.
+    in_cycle = [r for r in usage if cycle.start <= r.time < cycle.end]
     amounts: dict[str, int] = defaultdict(int)
-    for (_, meter), (_, amount) in rated.amounts.items():
-        amounts[meter] += amount
-    return models.UsageCycle(
+    for (currency, meter), (_, amount) in rated.amounts.items():
+        if currency == plan.currency:
+            amounts[meter] += amount
+    others = [entry for entry in _cycle_per_currency(
+        catalog, tenant, plan_slices(live, cycle), cycle,
+        [r for r in in_cycle if r.ingested_at <= now], list(rated.lines), BILLING_BASIS)
+        if entry.currency != plan.currency]
+    return models.CurrentUsage(
         tenant=tenant, plan_id=plan_id, currency=plan.currency, period_start=cycle.start,
-        period_end=cycle.end, meters=_meters(catalog, plan_id, used, amounts),
-        charges_cents=sum(line.amount_cents for line in rated.lines),
-        charges_basis=BILLING_BASIS)
+        period_end=cycle.end, meters=_meters(catalog, plan_id, _fold(catalog, in_cycle),
+                                             amounts),
+        charges_cents=sum(line.amount_cents for line in rated.lines
+                          if line.currency == plan.currency),
+        charges_basis=BILLING_BASIS, other_currencies=others)
 
 
 async def _subscriptions(conn: AsyncConnection, catalog: Catalog, tenant: str, now: datetime
@@ -230,7 +245,7 @@ def _fold(catalog: Catalog, records: list[UsageRecord]) -> dict[str, Decimal]:
 
 
 async def current_cycle(conn: AsyncConnection, catalog: Catalog, tenant: str, now: datetime
-                        ) -> models.UsageCycle:
+                        ) -> models.CurrentUsage:
     """The cycle containing `now`, rated so far: the billing model's cycle when the tenant
     has a subscription Tally invoices, else the worker's period."""
     billed = await billing_cycle(conn, catalog, tenant, now)
@@ -239,7 +254,8 @@ async def current_cycle(conn: AsyncConnection, catalog: Catalog, tenant: str, no
     standing = await tenant_plan(conn, catalog, tenant, now)
     used = {row.meter: row.quantity for row in standing.usage
             if row.period_start == standing.period.start}
-    return _cycle(catalog, tenant, standing.plan_id, standing.period, used)
+    return models.CurrentUsage(**dict(_cycle(catalog, tenant, standing.plan_id,
+                                             standing.period, used)))
 
 
 async def past_cycles(conn: AsyncConnection, catalog: Catalog, tenant: str, now: datetime,

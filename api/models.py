@@ -96,6 +96,26 @@ class UsageCycle(BaseModel):
     charges_basis: str  # how the charges were rated
 
 
+class CurrentUsage(UsageCycle):
+    """The current cycle so far. Its top-level amounts are in the currency of the plan in
+    force now, the one the cycle's next invoice for that plan is in; a cycle with a plan
+    change across currencies has one invoice per currency (docs/billing.md rule 10), so the
+    amounts of its other currencies are entries of `other_currencies`, never added in."""
+
+    # Why this shape: the one-currency cycle (nearly every one) reads as before, each
+    # figure in `currency`; a client that reads only the top level never gets a sum of two
+    # currencies; and each other currency is shown as `usage/history` shows that cycle's
+    # entry in it once it has ended.
+    other_currencies: list[UsageCycle] = Field(default_factory=list, description=(
+        "empty unless the cycle changed plan across currencies: one entry per other "
+        "currency of the cycle (by currency), each with the usage of the plan slices in "
+        "that currency against the last of them and the amounts that currency's invoice "
+        "for the cycle would carry were nothing more counted, as `usage/history` will "
+        "show it; the top-level fields are the currency in force now, their meters' usage "
+        "and quota states the whole cycle's against the plan in force (as the worker "
+        "counts the period), their amounts only that currency's"))
+
+
 class UsageHistory(BaseModel):
     model_config = Frozen
     tenant: str

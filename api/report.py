@@ -79,20 +79,27 @@ def _num(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
+def _by_currency(cycle: dict[str, Any]) -> list[dict[str, Any]]:
+    """A tenant's current cycle as one entry per currency, the one in force first: its
+    amounts are never added across currencies (`models.CurrentUsage`)."""
+    return [cycle, *cycle["other_currencies"]]
+
+
 def table(report: dict[str, Any]) -> str:
     out = [f"Tally report at {report['at']}", ""]
     out.append(f"{'tenant':<20} {'plan':<11} {'meter':<12} {'used':>12} {'included':>10} "
                f"{'limit':>10} {'state':<9} {'charge':>9}")
     for cycle in report["tenants"]:
-        c = models.UsageCycle.model_validate(cycle)
-        for m in c.meters:
-            charge = "-" if m.amount_cents is None else f"{m.amount_cents / 100:.2f}"
-            out.append(f"{c.tenant[:20]:<20} {c.plan_id[:11]:<11} {m.meter[:12]:<12} "
-                       f"{_num(m.used):>12} {_num(m.included):>10} {_num(m.hard_limit):>10} "
-                       f"{m.state:<9} {charge:>9}")
-        total = "-" if c.charges_cents is None else f"{c.charges_cents / 100:.2f} {c.currency}"
-        out.append(f"{'':<20} cycle {c.period_start:%Y-%m-%d}..{c.period_end:%Y-%m-%d}, "
-                   f"usage charges so far: {total}")
+        for c in map(models.UsageCycle.model_validate, _by_currency(cycle)):
+            for m in c.meters:
+                charge = "-" if m.amount_cents is None else f"{m.amount_cents / 100:.2f}"
+                out.append(f"{c.tenant[:20]:<20} {c.plan_id[:11]:<11} {m.meter[:12]:<12} "
+                           f"{_num(m.used):>12} {_num(m.included):>10} "
+                           f"{_num(m.hard_limit):>10} {m.state:<9} {charge:>9}")
+            total = ("-" if c.charges_cents is None
+                     else f"{c.charges_cents / 100:.2f} {c.currency}")
+            out.append(f"{'':<20} cycle {c.period_start:%Y-%m-%d}..{c.period_end:%Y-%m-%d}, "
+                       f"usage charges so far: {total}")
     out += ["", "Recent invoices"]
     out += [f"  {i['invoice_id']}  {i['status']:<10} {i['total_cents'] / 100:>10.2f} "
             f"{i['currency']}" for i in report["invoices"]] or ["  (none)"]
@@ -103,15 +110,19 @@ def table(report: dict[str, Any]) -> str:
 
 
 def rows_csv(report: dict[str, Any]) -> str:
+    """One row per tenant, currency and meter: `amount_cents` is in the row's `currency`."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(["tenant", "plan_id", "period_start", "period_end", "meter", "used",
-                     "included", "hard_limit", "remaining", "state", "amount_cents"])
+                     "included", "hard_limit", "remaining", "state", "amount_cents",
+                     "currency"])
     for cycle in report["tenants"]:
-        for m in cycle["meters"]:
-            writer.writerow([cycle["tenant"], cycle["plan_id"], cycle["period_start"],
-                             cycle["period_end"], m["meter"], m["used"], m["included"],
-                             m["hard_limit"], m["remaining"], m["state"], m["amount_cents"]])
+        for c in _by_currency(cycle):
+            for m in c["meters"]:
+                writer.writerow([c["tenant"], c["plan_id"], c["period_start"],
+                                 c["period_end"], m["meter"], m["used"], m["included"],
+                                 m["hard_limit"], m["remaining"], m["state"],
+                                 m["amount_cents"], c["currency"]])
     return buffer.getvalue()
 
 

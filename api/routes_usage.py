@@ -101,13 +101,17 @@ async def query_meter(
                               group=r.group, value=r.value, events=r.events) for r in found])
 
 
-@router.get("/tenants/{tenant}/usage/current", response_model=models.UsageCycle,
+@router.get("/tenants/{tenant}/usage/current", response_model=models.CurrentUsage,
             responses=ERRORS, tags=["usage"])
 async def current_usage(caller: CallerDep, catalog: CatalogDep, conn: ConnDep,
-                        rt: RuntimeDep, tenant: Tenant) -> models.UsageCycle:
+                        rt: RuntimeDep, tenant: Tenant) -> models.CurrentUsage:
     """Each meter's usage in the current cycle against its allowance and hard limit, its
-    quota state, and the charges so far, rated by the billing model. A valid tenant id
-    with no usage and no subscription has no cycle to show: 404 (a bad id: 400)."""
+    quota state, and the charges so far, rated by the billing model. Amounts are never
+    added across currencies (one invoice per currency): the top-level ones are in the
+    currency of the plan in force now, so a one-currency cycle reads as one figure per
+    meter and one total; a cycle with a plan change across currencies lists each other
+    currency's usage and charges in `other_currencies`. A valid tenant id with no usage
+    and no subscription has no cycle to show: 404 (a bad id: 400)."""
     caller.require_read(tenant)
     await known_tenant(conn, tenant)
     return await charges.current_cycle(conn, catalog, tenant, rt.clock())

@@ -13,7 +13,13 @@ import time as _time
 from typing import Any, Literal
 
 from producers import metrics
-from producers.errors import PayloadTooLargeError, Problem, ProducerClosedError, SpoolFullError
+from producers.errors import (
+    PayloadTooLargeError,
+    Problem,
+    ProducerClosedError,
+    ProducerError,
+    SpoolFullError,
+)
 from producers.options import ProducerOptions
 
 
@@ -35,7 +41,9 @@ class Batch:
 
     __slots__ = (
         "count",
+        "finished",
         "key",
+        "lost",
         "nbytes",
         "parts",
         "sealed",
@@ -60,6 +68,9 @@ class Batch:
         self.value = b""
         self.timer: asyncio.TimerHandle | None = None
         self.waiter: asyncio.Future[None] | None = None
+        # Set when the batch is settled, for a caller that starts waiting only afterwards.
+        self.finished = False
+        self.lost: ProducerError | None = None
 
 
 class Batching:

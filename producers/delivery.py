@@ -133,8 +133,9 @@ class Delivery(Batching):
         else:
             log.error("kafka unavailable and no spool: %d events lost", batch.count)
         self._lost += batch.count
+        batch.lost = DeliveryError(f"{batch.count} events lost")
         if batch.waiter is not None and not batch.waiter.done():
-            batch.waiter.set_exception(DeliveryError(f"{batch.count} events lost"))
+            batch.waiter.set_exception(batch.lost)
 
     def _finish(self, batch: Batch) -> None:
         self._buffered -= batch.count
@@ -142,6 +143,7 @@ class Delivery(Batching):
         self._finished_seq = batch.seq  # the completer finishes batches in seal order
         metrics.BUFFERED_EVENTS.dec(batch.count)
         batch.value = b""
+        batch.finished = True
         if batch.waiter is not None and not batch.waiter.done():
             batch.waiter.set_result(None)
         self._notify()

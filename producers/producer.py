@@ -322,6 +322,10 @@ class UsageProducer(Delivery):
         """Until each batch was acknowledged or spooled; DeliveryError if one was lost."""
         waiters = []
         for batch in batches:
+            if batch.lost is not None:
+                raise batch.lost
+            if batch.finished:  # settled while the caller was still adding events
+                continue
             if batch.waiter is None:
                 batch.waiter = self._loop.create_future()
             waiters.append(batch.waiter)

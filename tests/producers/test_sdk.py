@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -15,6 +16,7 @@ from producers import (
     ProducerOptions,
     SyncUsageProducer,
     UsageProducer,
+    build_usage_event,
 )
 from runtime.settings import Settings
 from schemas import codec
@@ -128,6 +130,26 @@ def test_record_with_wait_returns_once_the_broker_acknowledged_the_event(
     assert events["tenant-b"]["id"] == "use-1"
     assert events["tenant-b"]["data"] == {"meter": "api_calls", "quantity": "2.5",
                                           "dimensions": {"endpoint": "/v1/x"}}
+
+
+def test_publish_with_wait_returns_when_a_batch_settled_before_the_wait_began(
+    settings_factory: SettingsFactory,
+) -> None:
+    # Room for one event: the second event of the call waits for room until the first
+    # one's batch is acknowledged, so that batch is settled before `publish` starts waiting
+    # on its batches. The wait must see it settled, not hang on a waiter nobody resolves.
+    settings = settings_factory()
+    events = [UsageEvent.model_validate(build_usage_event(
+        tenant, "api_calls", 1, event_id=f"e-{tenant}", time=T0, source="svc/test"))
+        for tenant in ("tenant-a", "tenant-b")]
+
+    async def scenario() -> int:
+        async with UsageProducer(settings, ProducerOptions(
+                max_buffered_events=1, linger_ms=0)) as producer:
+            await asyncio.wait_for(producer.publish(events, wait=True), 30)
+            return producer.buffered_events
+
+    assert run(scenario()) == 0
 
 
 def test_subscription_helpers_publish_to_the_subscriptions_topic(

@@ -44,6 +44,7 @@ from devtools import devstack
 from devtools.child import healthy, start_tally
 from devtools.demo import stripe_double_process
 from runtime import kafka
+from runtime.backoff import Backoff, first_line
 from runtime.plans import publish_catalog
 from runtime.postgres import migrate
 from runtime.settings import Settings
@@ -199,7 +200,19 @@ class Pipeline:
                 if attempt == 99:
                     raise
                 time.sleep(0.2)
-        asyncio.run(kafka.ensure_topics(self.settings))
+        # As a deployment's topic job would: a broker just started may refuse its first
+        # connections (seen once in ~12 restarts), so the creation is retried for a while.
+        backoff = Backoff(first=0.2, longest=2.0)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                asyncio.run(kafka.ensure_topics(self.settings))
+                return
+            except kafka.KafkaUnavailable as e:
+                if time.monotonic() > deadline:
+                    raise
+                log(f"topics not created yet ({first_line(e)}); retrying")
+                time.sleep(backoff.next_delay())
 
     def run_push(self, timeout: float = 180) -> tuple[int, float]:
         """`tally jobs push-usage` to completion: (exit code, seconds)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -52,11 +53,41 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _wait_for_port(port: int, timeout: float, what: str, log: Path | None = None) -> None:
+def _ephemeral_ports() -> range:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return range(int(low), int(high) + 1)
+    except (OSError, ValueError):
+        return range(32768, 61000)  # Linux's default
+
+
+def restartable_port() -> int:
+    """A free loopback port outside the kernel's ephemeral range, for a server started
+    again on the same port (the broker of the fault tests). A port inside that range can,
+    while nothing listens on it, be taken by a client reconnecting to it: Linux may give
+    the client that very port as its source and connect the socket to itself, and the
+    restarted server then fails with "address in use" (seen in `make faults`)."""
+    ephemeral = _ephemeral_ports()
+    candidates = [p for p in range(20000, 32768) if p not in ephemeral] or list(
+        range(ephemeral.stop, 65536))
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.choice(candidates)
+        with socket.socket() as s, contextlib.suppress(OSError):
+            s.bind(("127.0.0.1", port))
+            return port
+    raise DevStackError("no free loopback port outside the ephemeral range")
+
+
+def _wait_for_port(port: int, timeout: float, what: str, log: Path | None = None,
+                   ready: Callable[[], bool] = lambda: True) -> None:
+    """Until something answers on `port` and `ready()` says it is the server just started
+    (not one still going away there)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
-            return
+            if ready():
+                return
         time.sleep(0.1)
     tail = log.read_text()[-2000:] if log and log.exists() else ""
     raise DevStackError(f"{what} did not answer on 127.0.0.1:{port} within {timeout:.0f}s\n{tail}")
@@ -72,12 +103,22 @@ def tansu_binary() -> Path:
 
 
 def start_kafka(home: Path, port: int | None = None) -> tuple[str, int]:
-    """Start Tansu on `port` (default: a free loopback port); return (bootstrap address,
-    pid). Tansu is memory-only: started again on the same port, it is a broker that lost
-    every topic (the fault tests use that)."""
-    port = port or free_port()
+    """Start Tansu on `port` (default: a free loopback port outside the ephemeral range,
+    so that it can be started there again); return (bootstrap address, pid). Tansu is
+    memory-only: started again on the same port, it is a broker that lost every topic (the
+    fault tests use that)."""
+    port = port or restartable_port()
     url = f"tcp://127.0.0.1:{port}"
     log = home / "tansu.log"
+    # A broker stopped a moment ago may still listen there: this one would fail to bind
+    # (Tansu then panics in a task and stays up without listening) while the port check
+    # below reached the old one.
+    deadline = time.monotonic() + 10
+    while not _bindable(port):
+        if time.monotonic() > deadline:
+            raise DevStackError(f"127.0.0.1:{port} is still taken: cannot start Tansu there")
+        time.sleep(0.05)
+    logged_before = log.stat().st_size if log.exists() else 0
     with log.open("ab") as out:
         proc = subprocess.Popen(
             [str(tansu_binary()), "broker", "--listener-url", url,
@@ -85,8 +126,20 @@ def start_kafka(home: Path, port: int | None = None) -> tuple[str, int]:
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True,  # outlives `tally dev up`; not killed by its Ctrl-C
         )
-    _wait_for_port(port, 30, "Tansu", log)
+    _wait_for_port(port, 30, "Tansu", log,
+                   ready=lambda: b"ready in" in log.read_bytes()[logged_before:])
     return f"127.0.0.1:{port}", proc.pid
+
+
+def _bindable(port: int) -> bool:
+    """Whether a server (with SO_REUSEADDR, as Tansu) could listen on the port now."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 def _pg_bin_dir() -> Path:
@@ -169,16 +222,18 @@ def restart_postgres(pg_data: Path) -> None:
 
 
 def stop_kafka(pid: int) -> None:
+    """SIGTERM, and SIGKILL after 5 s; returns once the process is gone (so its port is
+    free for a broker started there again)."""
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGTERM)
-        for _ in range(50):
-            # Reap it when it is our child (else it lingers as a zombie and looks alive).
-            with contextlib.suppress(ChildProcessError):
-                if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                    return
-            os.kill(pid, 0)
-            time.sleep(0.1)
-        os.killpg(pid, signal.SIGKILL)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            os.killpg(pid, sig)
+            for _ in range(50):
+                # Reap it when it is our child (else it lingers as a zombie and looks alive).
+                with contextlib.suppress(ChildProcessError):
+                    if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                        return
+                os.kill(pid, 0)
+                time.sleep(0.1)
 
 
 def stop_postgres(pg_data: Path) -> None:

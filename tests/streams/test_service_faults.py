@@ -160,7 +160,7 @@ def test_notifier_outlives_a_broker_restart_and_delivers_what_comes_after_once(
 def test_notifier_started_before_the_broker_waits_for_it_and_then_delivers(
     tmp_path: Path, notifiers: list[NotifierProcess],
 ) -> None:
-    port = devstack.free_port()
+    port = devstack.restartable_port()
     settings = Settings(kafka_bootstrap_servers=f"127.0.0.1:{port}", topic_prefix="late.",
                         partitions=2)
     received: list[str] = []
@@ -208,7 +208,7 @@ async def _until(condition: Callable[[], bool], what: str, timeout: float = 90) 
 def test_worker_started_before_the_broker_waits_for_it_instead_of_failing(
     tmp_path: Path,
 ) -> None:
-    port = devstack.free_port()  # nothing listens there
+    port = devstack.restartable_port()  # nothing listens there (nor can a client take it)
     settings = Settings(kafka_bootstrap_servers=f"127.0.0.1:{port}", topic_prefix="late.")
     log_path = tmp_path / "worker.log"
     proc = start_tally(settings, ["worker", "--web-port", str(devstack.free_port())], log_path)

@@ -66,7 +66,8 @@ def restartable_port() -> int:
     again on the same port (the broker of the fault tests). A port inside that range can,
     while nothing listens on it, be taken by a client reconnecting to it: Linux may give
     the client that very port as its source and connect the socket to itself, and the
-    restarted server then fails with "address in use" (seen in `make faults`)."""
+    restarted server would then fail with "address in use" (a hazard, not the cause of the
+    `make faults` failures of 2026-12-07: those were the old broker still listening)."""
     ephemeral = _ephemeral_ports()
     candidates = [p for p in range(20000, 32768) if p not in ephemeral] or list(
         range(ephemeral.stop, 65536))

@@ -147,6 +147,22 @@ class _WritesOnlyToListedTopics:
                 "(a broker that lost its log: the topic job creates them)")
 
 
+class _Consumer(AIOKafkaConsumer):  # type: ignore[misc]
+    """aiokafka's consumer, safe to stop as soon as it has started.
+
+    aiokafka 0.14.0: a consumer without a group starts a background task at the end of
+    `start()`; `stop()` cancels it and awaits it, and a task cancelled before its first
+    step raises `CancelledError` into the caller, which looks like the caller being
+    cancelled. A check that found nothing to read (every topic gone after the broker
+    restarted empty) stopped its consumer that soon, and the worker's log watch ended
+    silently with it (tests/streams/test_log_loss.py). One step of the loop after
+    `start()` lets the task begin, so `stop()` ends it normally."""
+
+    async def start(self) -> None:
+        await super().start()
+        await asyncio.sleep(0)
+
+
 def consumer(settings: Settings, *topic_names: str, **overrides: Any) -> AIOKafkaConsumer:
     options: dict[str, Any] = {
         **connection(settings),
@@ -159,7 +175,7 @@ def consumer(settings: Settings, *topic_names: str, **overrides: Any) -> AIOKafk
         "fetch_max_bytes": 32 << 20,
     }
     options.update(overrides)
-    return AIOKafkaConsumer(*topic_names, **options)
+    return _Consumer(*topic_names, **options)
 
 
 async def ensure_topics(settings: Settings) -> list[str]:

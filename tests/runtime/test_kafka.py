@@ -28,6 +28,21 @@ def test_every_codec_round_trips_through_the_broker(
     assert sorted((r.key.decode(), r.value) for r in got) == sorted(records)
 
 
+def test_a_consumer_stops_cleanly_right_after_it_started(
+    settings_factory: Callable[..., Settings],
+) -> None:
+    """aiokafka's own consumer raises CancelledError from a stop() right after start()
+    (runtime/kafka.py, _Consumer); the worker's log watch died of it without a word."""
+    settings = settings_factory()
+
+    async def start_and_stop() -> None:
+        consumer = kafka.consumer(settings)
+        await consumer.start()
+        await consumer.stop()
+
+    asyncio.run(start_and_stop())  # no CancelledError
+
+
 def test_an_unknown_codec_is_a_settings_error() -> None:
     with pytest.raises(SettingsError, match="kafka_compression"):
         Settings.load({"TALLY_KAFKA_COMPRESSION": "brotli"})

@@ -39,8 +39,12 @@ class Context:
     def __init__(self, settings: Settings, clock: Clock) -> None:
         self.settings = settings
         self.clock = clock
+        # Every connection opened at start: a pool that grows on demand makes the requests
+        # of a burst wait for new Postgres sessions (and their prepared statements), 20-50
+        # ms at the start of 500 consumes/s (bench/results/notes.md).
         self.pool = AsyncConnectionPool(
-            settings.require_database(), min_size=1, max_size=settings.api_pool_size,
+            settings.require_database(), min_size=settings.api_pool_size,
+            max_size=settings.api_pool_size,
             open=False, kwargs={"autocommit": True}, timeout=10)
         self.follower = CatalogFollower(settings, lambda _: None)
         # A consume waits for its event's acknowledgement: the SDK's default linger (20 ms,

@@ -19,8 +19,10 @@
 3. Entitlement consume end to end (decision, reservation, publish acknowledged by the
    broker) at a fixed rate of 500 requests/s, open loop: each request is timed from the
    instant it was due, so a slow answer delays none and hides none (target p99 < 10 ms);
-   the baseline is the same open loop on `/healthz`. Before it, consumes one at a time
-   give the latency of a consume with no queue before it.
+   its baselines are the same open loop on `/healthz` and on the consume's own I/O from
+   this process without the API (two Postgres round trips, one acknowledged publish:
+   `consume_io`), which says what the machine's Postgres and broker allow. Before it,
+   consumes one at a time give the latency of a consume with no queue before it.
 
 Appends one JSON line per figure to `--out`.
 """
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -36,7 +39,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -44,6 +47,7 @@ from typing import Any
 import aiohttp
 import orjson
 import psycopg
+from psycopg_pool import AsyncConnectionPool
 
 from bench.bench_latency import stack
 from bench.procs import CpuMeter
@@ -164,9 +168,10 @@ async def sequential(session: aiohttp.ClientSession, paths: list[str]) -> tuple[
     return latencies, statuses
 
 
-async def open_loop(session: aiohttp.ClientSession, rate: int, seconds: float,
-                    request: Any) -> tuple[list[float], dict[str, int]]:
-    """`rate` requests a second for `seconds`, each timed from when it was due."""
+async def open_loop(rate: int, seconds: float, operation: Callable[[int], Awaitable[str]]
+                    ) -> tuple[list[float], dict[str, int]]:
+    """`rate` operations a second for `seconds`, each timed from when it was due;
+    `operation(i)` gives the answer's status."""
     latencies: list[float] = []
     statuses: dict[str, int] = {}
     total = int(rate * seconds)
@@ -178,17 +183,53 @@ async def open_loop(session: aiohttp.ClientSession, rate: int, seconds: float,
         if delay > 0:
             await asyncio.sleep(delay)
         status = "timeout"
-        try:
-            async with request(session, i) as answer:
-                await answer.read()
-                status = str(answer.status)
-        except TimeoutError:  # overloaded: counted, and its time stays in the figures
-            pass
+        with contextlib.suppress(TimeoutError):  # overloaded: counted, its time kept
+            status = await operation(i)
         latencies.append(time.perf_counter() - due)
         statuses[status] = statuses.get(status, 0) + 1
 
     await asyncio.gather(*(one(i) for i in range(total)))
     return latencies, statuses
+
+
+def http(session: aiohttp.ClientSession, request: Callable[[aiohttp.ClientSession, int], Any]
+         ) -> Callable[[int], Awaitable[str]]:
+    """An open loop's operation: the HTTP request `request(session, i)`, read whole."""
+    async def operation(i: int) -> str:
+        async with request(session, i) as answer:
+            await answer.read()
+            return str(answer.status)
+    return operation
+
+
+@contextlib.asynccontextmanager
+async def consume_io(settings: Settings) -> AsyncIterator[Callable[[int], Awaitable[str]]]:
+    """The I/O of a consume without the API, from this process: the deciding transaction's
+    two Postgres round trips (BEGIN, an advisory lock and a read; an insert and COMMIT) and
+    one event of the same size published and acknowledged by the broker, with no linger.
+    Its latency at the same rate is what the machine's Postgres and broker allow; the rest
+    of a consume's is the API's own work."""
+    pool = AsyncConnectionPool(settings.require_database(), min_size=20, max_size=20,
+                               open=False, kwargs={"autocommit": True})
+    producer = kafka.producer(settings, linger_ms=0)
+    await pool.open(wait=True)
+    await producer.start()
+    try:
+        async with pool.connection() as conn:
+            await conn.execute("CREATE TABLE IF NOT EXISTS bench_consume_io (id text)")
+
+        async def operation(i: int) -> str:
+            async with pool.connection() as conn:
+                await conn.execute(f"BEGIN; SELECT pg_advisory_xact_lock(1, {i % 1000});"
+                                   " SELECT count(*) FROM bench_consume_io WHERE id = 'x'")
+                await conn.execute("INSERT INTO bench_consume_io VALUES ('y'); COMMIT")
+            await producer.send_and_wait(settings.topics.usage, b"x" * 300,
+                                         key=f"io-{i % 1000}".encode())
+            return "ok"
+        yield operation
+    finally:
+        await producer.stop()
+        await pool.close()
 
 
 async def consume_phases(session: aiohttp.ClientSession) -> dict[str, tuple[float, float]]:
@@ -231,7 +272,7 @@ def select_one(database_url: str, n: int) -> list[float]:
     return latencies
 
 
-async def measure(url: str, database_url: str, tenants: int, now: datetime,
+async def measure(url: str, settings: Settings, tenants: int, now: datetime,
                   requests: int, rate: int, seconds: float, seed: int,
                   pids: dict[str, int | None],
                   profile: tuple[int, Path] | None = None) -> list[dict[str, Any]]:
@@ -250,7 +291,7 @@ async def measure(url: str, database_url: str, tenants: int, now: datetime,
         warm = [f"/v1/tenants/{rng.choice(names)}/usage/current" for _ in range(50)]
         await sequential(session, warm + ["/healthz"] * 50)
         base, _ = await sequential(session, ["/healthz"] * requests)
-        sql_base = await asyncio.to_thread(select_one, database_url, requests)
+        sql_base = await asyncio.to_thread(select_one, settings.require_database(), requests)
         baselines = {"http": percentiles(base), "select_1": percentiles(sql_base)}
         query = (f"from={month.start.isoformat()}&to={month.end.isoformat()}"
                  "&window=day&group_by=region").replace("+", "%2B")
@@ -289,12 +330,14 @@ async def measure(url: str, database_url: str, tenants: int, now: datetime,
                      "statuses": consumed, "baseline_http": baselines["http"],
                      "baseline_select_1": baselines["select_1"]})
         base_loop, _, base_cores, base_cpu = await metered(
-            pids, open_loop(session, rate, seconds, health))
+            pids, open_loop(rate, seconds, http(session, health)))
         profiler = Profile(profile[0], seconds).__enter__() if profile else None
         before = await consume_phases(session)
         latencies, statuses, cores, cpu = await metered(
-            pids, open_loop(session, rate, seconds, consume))
+            pids, open_loop(rate, seconds, http(session, consume)))
         after = await consume_phases(session)
+        async with consume_io(settings) as io:
+            io_loop, _ = await open_loop(rate, seconds, io)
         phases = {phase: round((s - before.get(phase, (0, 0))[0])
                                / max(n - before.get(phase, (0, 0))[1], 1) * 1000, 3)
                   for phase, (s, n) in after.items()}
@@ -309,6 +352,7 @@ async def measure(url: str, database_url: str, tenants: int, now: datetime,
                      "api_cpu_ms_per_consume": cpu,
                      "baseline_http": {**percentiles(base_loop), "cores": base_cores,
                                        "api_cpu_ms_per_request": base_cpu},
+                     "baseline_consume_io": percentiles(io_loop),
                      "target_p99_ms": TARGETS_MS["consume"]})
     return rows
 
@@ -340,7 +384,7 @@ def run(args: argparse.Namespace, home: Path) -> list[dict[str, Any]]:
             wait_healthy(port, timeout=120)
             profile = ((api.pid, args.profile_dir / "profile-api-consume.txt")
                        if args.profile_dir is not None else None)
-            rows = asyncio.run(measure(f"http://127.0.0.1:{port}", database_url,
+            rows = asyncio.run(measure(f"http://127.0.0.1:{port}", settings,
                                        args.tenants, now, args.requests, args.rate,
                                        args.seconds, args.seed, {**pids, "api": api.pid},
                                        profile))

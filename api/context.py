@@ -52,9 +52,11 @@ class Context:
         # latency. None in the SDK either: a batch holds one tenant's events, and consumes
         # of one tenant and meter are decided one at a time (api.entitlements), so waiting
         # gathers nothing; a batch is still sealed only once the loop turns, with every
-        # event of that tenant recorded in the same turn.
+        # event of that tenant recorded in the same turn. Batches of one event or a few
+        # are not compressed: it costs CPU on every consume and saves nothing.
         self.producer = UsageProducer(settings, ProducerOptions(
-            source="tally/api", linger_ms=0, kafka_options={"linger_ms": 0}))
+            source="tally/api", linger_ms=0,
+            kafka_options={"linger_ms": 0, "compression_type": None}))
         self.entitlements = Entitlements(self.pool.connection, self._publish, self.catalog,
                                          clock)
         self._tasks: list[asyncio.Task[None]] = []

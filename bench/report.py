@@ -76,6 +76,12 @@ def _rounds(row: dict[str, Any]) -> str:
     return f"median of {row['rounds']} rounds" if row.get("rounds", 1) > 1 else ""
 
 
+def _round_p99s(row: dict[str, Any]) -> str:
+    rounds = row.get("round_figures", [])
+    return (f"rounds' p99 {', '.join(str(r['p99_ms']) for r in rounds)} ms"
+            if len(rounds) > 1 else "")
+
+
 def _share(value: float, target: float) -> str:
     return "" if value >= target else f"{value / target:.0%} of the target"
 
@@ -211,17 +217,9 @@ def read_figures(rows: list[dict[str, Any]]) -> list[Figure]:
             f"{label} p99{rate}", row["p99_ms"], "ms", base_name, base,
             _ratio(row["p99_ms"], base), f"< {target:g} ms" if target else "",
             row["p99_ms"] < target if target else None,
-            "; ".join(n for n in (size, f"p50 {row['p50_ms']} ms", _rounds(row)) if n)))
+            "; ".join(n for n in (size, f"p50 {row['p50_ms']} ms", _rounds(row),
+                                  _round_p99s(row)) if n)))
     return out
-
-
-def _rounds(row: dict[str, Any]) -> str:
-    """How a figure measured in rounds was chosen, and every round's p99."""
-    rounds = row.get("rounds", [])
-    if len(rounds) < 2:
-        return ""
-    return (f"the median of {len(rounds)} rounds by p99; rounds' p99 "
-            f"{', '.join(str(r['p99_ms']) for r in rounds)} ms")
 
 
 def read_section(raw: dict[str, list[dict[str, Any]]]) -> list[str]:
@@ -262,12 +260,12 @@ def read_section(raw: dict[str, list[dict[str, Any]]]) -> list[str]:
                   "Postgres round trips under an advisory lock, one event published and "
                   f"acknowledged): p50 / p95 / p99 {io['p50_ms']} / {io['p95_ms']} / "
                   f"**{io['p99_ms']}** ms."]
-    if consume and len(consume.get("rounds", [])) > 1:
+    if consume and len(consume.get("round_figures", [])) > 1:
         lines += ["", "Consume rounds at the same rate (each followed by its I/O alone), "
                   "the median kept above: " + "; ".join(
                       f"p50 / p95 / p99 / max {r['p50_ms']} / {r['p95_ms']} / {r['p99_ms']} / "
                       f"{r['max_ms']} ms (I/O alone p99 {r['io_p99_ms']} ms)"
-                      for r in consume["rounds"]) + "."]
+                      for r in consume["round_figures"]) + "."]
     return lines
 
 

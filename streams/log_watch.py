@@ -117,6 +117,16 @@ class LogWatch:
             except (KafkaError, OSError, TimeoutError) as e:
                 log.info("log watch: check skipped (%r)", e)
                 continue
+            except asyncio.CancelledError:
+                # Not this watch being cancelled, but a client library raising it from
+                # inside a check (aiokafka did: runtime/kafka.py, _Consumer): a watch that
+                # ended with it would leave the worker unwatched without a word.
+                task = asyncio.current_task()
+                if task is None or task.cancelling():
+                    raise
+                log.error("log watch: a check ended in a CancelledError nobody asked for;"
+                          " skipped")
+                continue
             if found is not None:
                 await self.on_lost(*found)
                 return

@@ -1,12 +1,17 @@
-"""The log watch's judgement (streams/log_watch.py): a log whose start moved back, or whose
-first record changed, is another log; one whose start moved forward is the same one."""
+"""The log watch (streams/log_watch.py): its judgement (a log whose start moved back, or
+whose first record changed, is another log; one whose start moved forward is the same
+one), and its loop, which only its own cancellation ends."""
 
 from __future__ import annotations
 
+import asyncio
+
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from streams.log_watch import Mark, Waiting, judge, mark_of, waiting
+from runtime.settings import Settings
+from streams.log_watch import LogWatch, Mark, Waiting, judge, mark_of, waiting
 
 marks = st.builds(Mark, st.integers(0, 10**9), st.integers(0, 2**41), st.integers(0, 2**32 - 1))
 
@@ -54,3 +59,55 @@ def test_a_position_at_or_past_the_reported_end_never_waits(
     # taken for "nothing to read", never for a stall.
     end = max(0, position - short)
     assert waiting(Waiting(position, 0.0), position, end, now) is None
+
+
+class _CheckCancelledFromInside(LogWatch):
+    """A check that raises CancelledError once (as aiokafka's consumer did from `stop()`),
+    then finds a lost log."""
+
+    def __init__(self) -> None:
+        super().__init__(Settings(), [], 0.0, self._lost, "usage", dict, 60.0)
+        self.checks = 0
+        self.lost: list[str] = []
+
+    async def _lost(self, reason: str, what: str) -> None:
+        self.lost.append(reason)
+
+    async def check(self) -> tuple[str, str] | None:
+        self.checks += 1
+        if self.checks == 1:
+            raise asyncio.CancelledError
+        return "log_lost", "usage partition 0"
+
+
+def test_a_cancelled_error_from_inside_a_check_does_not_end_the_watch() -> None:
+    watch = _CheckCancelledFromInside()
+    asyncio.run(asyncio.wait_for(watch.run(), 5))
+    assert watch.checks == 2 and watch.lost == ["log_lost"]
+
+
+class _SlowCheck(LogWatch):
+    def __init__(self) -> None:
+        super().__init__(Settings(), [], 0.0, _never, "usage", dict, 60.0)
+        self.checking = asyncio.Event()
+
+    async def check(self) -> tuple[str, str] | None:
+        self.checking.set()
+        await asyncio.sleep(3600)
+        return None
+
+
+def test_the_watch_still_stops_when_it_is_cancelled_during_a_check() -> None:
+    async def cancel_a_watch() -> None:
+        watch = _SlowCheck()
+        task = asyncio.create_task(watch.run())
+        await watch.checking.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(asyncio.wait_for(cancel_a_watch(), 5))
+
+
+async def _never(reason: str, what: str) -> None:
+    raise AssertionError("no check should find anything")

@@ -74,8 +74,7 @@ def restartable_port() -> int:
     rng = random.Random()
     for _ in range(200):
         port = rng.choice(candidates)
-        with socket.socket() as s, contextlib.suppress(OSError):
-            s.bind(("127.0.0.1", port))
+        if _bindable(port):
             return port
     raise DevStackError("no free loopback port outside the ephemeral range")
 

@@ -339,28 +339,28 @@ async def measure(url: str, settings: Settings, tenants: int, now: datetime,
         # figure is the median round's (as the worker's are medians of rounds), with
         # every round kept beside it.
         rounds = []
-        for round_no in range(consume_rounds):
-            profiler = (Profile(profile[0], seconds).__enter__()
-                        if profile is not None and round_no == 0 else None)
-            before = await consume_phases(session)
-            latencies, statuses, cores, cpu = await metered(
-                pids, open_loop(rate, seconds, http(session, consume)))
-            after = await consume_phases(session)
-            if profiler is not None and profile is not None:
-                profiler.__exit__(None, None, None)
-                profile[1].write_text(format_summary(
-                    f"tally api serve, entitlement consumes at {rate}/s", profiler.summary()))
-            async with consume_io(settings) as io:
+        async with consume_io(settings) as io:  # its pool and producer, once
+            for round_no in range(consume_rounds):
+                profiler = (Profile(profile[0], seconds).__enter__()
+                            if profile is not None and round_no == 0 else None)
+                before = await consume_phases(session)
+                latencies, statuses, cores, cpu = await metered(
+                    pids, open_loop(rate, seconds, http(session, consume)))
+                after = await consume_phases(session)
+                if profiler is not None and profile is not None:
+                    profiler.__exit__(None, None, None)
+                    profile[1].write_text(format_summary(
+                        f"tally api serve, entitlement consumes at {rate}/s", profiler.summary()))
                 io_loop, _ = await open_loop(rate, seconds, io)
-            rounds.append({
-                **percentiles(latencies), "statuses": statuses, "cores": cores,
-                "phase_mean_ms": {
-                    phase: round((s - before.get(phase, (0, 0))[0])
-                                 / max(n - before.get(phase, (0, 0))[1], 1) * 1000, 3)
-                    for phase, (s, n) in after.items()},
-                # The API's CPU per consume: what bounds its throughput on one core.
-                "api_cpu_ms_per_consume": cpu,
-                "baseline_consume_io": percentiles(io_loop)})
+                rounds.append({
+                    **percentiles(latencies), "statuses": statuses, "cores": cores,
+                    "phase_mean_ms": {
+                        phase: round((s - before.get(phase, (0, 0))[0])
+                                     / max(n - before.get(phase, (0, 0))[1], 1) * 1000, 3)
+                        for phase, (s, n) in after.items()},
+                    # The API's CPU per consume: what bounds its throughput on one core.
+                    "api_cpu_ms_per_consume": cpu,
+                    "baseline_consume_io": percentiles(io_loop)})
         median = sorted(rounds, key=lambda r: r["p99_ms"])[len(rounds) // 2]
         rows.append({"bench": "read_consume", **median, "rate": rate, "seconds": seconds,
                      "rounds": len(rounds),

@@ -10,7 +10,20 @@ decision is taken by one owner at a time, in two rings:
    the same key queue here and hold no database connection while they wait;
 2. across API processes, a Postgres advisory lock on the same key, taken in the
    transaction that decides (`pg_advisory_xact_lock`): every API process talking to the
-   same database agrees on one owner at a time.
+   same database agrees on one owner at a time. The use's event id is locked too (its
+   own lock space): two uses of one id on two meters, at once, are decided one after the
+   other, the second as the duplicate of the first, not both reserving the id.
+
+Consumes that arrive together are decided together (`_decide_batch`): one transaction
+takes every use's advisory locks, in the order of the locks (two batches, in one process
+or two, may wait for each other, never deadlock), then reads for every use, then reserves
+the allowed ones and commits: two round trips for the batch instead of two per use. A key
+has at most one use in a batch (ring 1 holds the others back), and so has an event id
+(`_take_batch`: the second use of an id would not see the first's reservation). A batch
+waits for nothing: it takes what is queued when one of a few deciders is free, so a lone
+consume is decided at once, and a burst (requests that queued behind a stall of the
+machine) drains at a lower cost per use, instead of queueing for connections at a higher
+one (bench/results/notes.md).
 
 What "used" is, under the lock, in ONE statement (one snapshot): the meter's value in the
 current period with the uses reserved but not in the ledger yet, as the meter's kind folds
@@ -54,9 +67,12 @@ Limits, honestly:
   there, as with any eventually consistent counter. The guarantee is for `consume`.
 - latest: two reservations with the same time are ordered by id, while the log orders
   their events by publish order; times are taken to the microsecond, so ties are rare.
-- The decision reads Postgres: it is as available as Postgres, and costs two round trips
-  under the lock (three when the key's period is not the one it had last: `consume`).
-  Throughput per (tenant, meter) key is one decision at a time.
+- The decision reads Postgres: it is as available as Postgres, and costs its batch two
+  round trips under the locks (three when a key's period is not the one it had last:
+  `_decide_batch`). Throughput per (tenant, meter) key is one decision at a time. A
+  batch fails or commits as one: a database error answers 503 to every use in it.
+- A request that goes away while its batch decides (its client disconnected) may leave
+  its use reserved and unpublished: the sweeper releases it, as after a failed publish.
 """
 
 from __future__ import annotations
@@ -88,12 +104,16 @@ from runtime.postgres import AsyncConnection
 from schemas.plans import Catalog
 
 LOCK_SPACE = 0x7A11_0090  # the advisory-lock key space of entitlement decisions
+ID_LOCK_SPACE = 0x7A11_0091  # and of the event ids they reserve
 # Where a consume's time goes: waiting for its key's lock in this process and for a pooled
 # connection (queue), the deciding transaction (advisory lock, reads, reservation, commit),
 # the publish until acknowledged.
 CONSUME_SECONDS = Histogram(
     "tally_api_consume_phase_seconds", "Time of each phase of an entitlement consume",
     ["phase"], buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1, 5))
+BATCH_SIZE = Histogram("tally_api_consume_batch_uses",
+                       "Consumes decided together in one transaction", [],
+                       buckets=(1, 2, 4, 8, 16, 32, 64))
 
 
 @dataclass(frozen=True)
@@ -134,6 +154,8 @@ class Entitlements:
         # One lock per key while anyone waits on it or holds it; then it is collected.
         self._locks: weakref.WeakValueDictionary[tuple[str, str], asyncio.Lock] = (
             weakref.WeakValueDictionary())
+        self._queue: list[_Use] = []  # uses waiting for a batch (`_take_batch`)
+        self._deciders: set[asyncio.Task[None]] = set()
 
     def _lock(self, tenant: str, meter: str) -> asyncio.Lock:
         lock = self._locks.get((tenant, meter))
@@ -169,29 +191,74 @@ class Entitlements:
 
     async def consume(self, tenant: str, meter: str, quantity: Decimal, event_id: str,
                       dimensions: dict[str, str]) -> Decision:
-        """Check and record as one step (module docstring, steps 1 to 4).
-
-        Two round trips, each ONE text of statements sent as one simple query (a client
-        cursor binds the parameters): BEGIN, the advisory lock, the reservation lookup, the
-        plan reads and the usage read; then the reservation and COMMIT. Each statement of
-        a text reads its own snapshot, so the reads see every decision committed before
-        the lock was granted. Every statement sent costs the API Python work (psycopg's
-        pipeline mode spent most of a consume's CPU on it): so the usage is read for the
-        period the key had last time (or the calendar month) before the plan reads say
-        which period it is; when they say another, it is read again. The statements are
-        server-side prepared once per connection (`_STATEMENTS`): a simple query is
-        otherwise parsed and planned each time, which doubled Postgres's CPU per
-        consume."""
+        """Check and record as one step (module docstring, steps 1 to 4): decided in a
+        batch (`_decide_batch`), then published."""
         catalog, unique = self._spec(meter, dimensions)
-        kind = KINDS[catalog.meters[meter].aggregation]
+        use = _Use(tenant, meter, quantity, event_id, unique, KINDS[catalog.meters[meter]
+                   .aggregation], catalog, asyncio.get_running_loop().create_future())
         started = time.perf_counter()
-        async with self._lock(tenant, meter), self._connect() as conn:
-            locked = time.perf_counter()
+        async with self._lock(tenant, meter):
+            self._queue.append(use)
+            if len(self._deciders) < _DECIDERS:
+                decider = asyncio.create_task(self._decide_queued())
+                self._deciders.add(decider)
+                decider.add_done_callback(self._deciders.discard)
+            decision, event_time = await use.done
+        decided = time.perf_counter()
+        CONSUME_SECONDS.labels("queue").observe(use.taken - started)
+        CONSUME_SECONDS.labels("decide").observe(decided - use.taken)
+        if decision.allowed:
+            try:
+                await self._publish(tenant, meter, quantity, event_id, event_time, dimensions)
+            except Exception as e:
+                raise Unavailable(
+                    f"the use was allowed and reserved, but publishing its event failed "
+                    f"({e}): consume again with the same id to complete it") from e
+            CONSUME_SECONDS.labels("publish").observe(time.perf_counter() - decided)
+        return decision
+
+    async def _decide_queued(self) -> None:
+        """Decide batches of the queued uses until none is left (one of `_DECIDERS`)."""
+        while batch := _take_batch(self._queue, _BATCH_MAX):
+            try:
+                results = await self._decide_batch(batch)
+            except asyncio.CancelledError:
+                for use in batch:
+                    use.done.cancel()
+                raise
+            except Exception as e:
+                for use in batch:
+                    if not use.done.done():
+                        use.done.set_exception(e)
+                continue
+            for use, result in zip(batch, results, strict=True):
+                if not use.done.done():
+                    use.done.set_result(result)
+
+    async def _decide_batch(self, batch: list[_Use]) -> list[tuple[Decision, datetime]]:
+        """Each use's decision and its event's time, in one transaction of two round
+        trips, each ONE text of statements sent as one simple query (the client cursor
+        binds each use's parameters into it): BEGIN, the advisory locks (`lock_all`), and
+        each use's reservation lookup, plan reads and usage read; then the reservations
+        and COMMIT. Each statement of a text reads its own snapshot, so the reads see
+        every decision committed before the locks were granted. Every statement sent
+        costs the API Python work (psycopg's pipeline mode spent most of a consume's CPU
+        on it): so the usage is read for the period the key had last time (or the
+        calendar month) before the plan reads say which period it is; for a key they say
+        another, it is read again. The statements are server-side prepared once per
+        connection (`_STATEMENTS`): a simple query is otherwise parsed and planned each
+        time, which doubled Postgres's CPU per consume."""
+        BATCH_SIZE.observe(len(batch))
+        async with self._connect() as conn:
+            taken = time.perf_counter()
             now = self._clock()
-            guess = self._period_guess(tenant, meter, now)
-            params = _params(tenant, meter, guess, event_id, unique)
-            params.update({"space": LOCK_SPACE, "key": f"{tenant}/{meter}", "at": now,
-                           "q": quantity})
+            params = []
+            for use in batch:
+                use.taken = taken
+                guess = self._period_guess(use.tenant, use.meter, now)
+                params.append({**_params(use.tenant, use.meter, guess, use.event_id,
+                                         use.unique),
+                               "at": now, "q": use.quantity})
             cur = AsyncClientCursor(conn)
             try:
                 if conn not in self._prepared:
@@ -202,45 +269,51 @@ class Entitlements:
                         await conn.close()
                         raise
                     self._prepared.add(conn)
-                await cur.execute(_DECISION_TEXT[kind.name], params)
-                earlier = _reserved_at(await _next_row(cur, 2))  # after BEGIN, the lock
-                subscription = await _next_row(cur, 1, class_row(queries.SubscriptionRow))
-                usage = await _next_rows(cur, class_row(queries.PeriodUsage))
-                used = _used_of(await _next_row(cur, 1))
-                standing = plan_at(catalog, tenant, now, subscription, usage, meter)
-                if standing.period != guess:  # read again, for the period it is
-                    self._remember_period(tenant, meter, standing.period)
-                    params.update(s=standing.period.start, e=standing.period.end)
-                    await cur.execute(_EXECUTE[f"used_{kind.name}"], params)
-                    used = _used_of(await cur.fetchone())
-                if earlier is not None:  # reserved before: allowed, at its first time
-                    decision = _duplicate(_decide(kind, standing, meter, quantity,
-                                                  replace(used, counted=False)),
-                                          quantity, event_id)
-                    event_time = earlier
-                else:
-                    decision = _decide(kind, standing, meter, quantity, used, event_id)
-                    event_time = now
-                reserve = decision.allowed and not decision.duplicate
-                await cur.execute(_RESERVE_AND_COMMIT if reserve else "COMMIT", params)
+                await cur.execute("; ".join((
+                    "BEGIN", cur.mogrify(_EXECUTE["lock_all"], _advisory_locks(batch)),
+                    *(cur.mogrify(_READS[use.kind.name], p)
+                      for use, p in zip(batch, params, strict=True)))))
+                reads = []
+                for i, use in enumerate(batch):
+                    # after BEGIN and the locks for the first use; then one result apart
+                    earlier = _reserved_at(await _next_row(cur, 2 if i == 0 else 1))
+                    subscription = await _next_row(cur, 1, class_row(queries.SubscriptionRow))
+                    usage = await _next_rows(cur, class_row(queries.PeriodUsage))
+                    reads.append(_Read(earlier, plan_at(use.catalog, use.tenant, now,
+                                                        subscription, usage, use.meter),
+                                       _used_of(await _next_row(cur, 1))))
+                moved = [(read, p, use) for read, p, use in zip(reads, params, batch, strict=True)
+                         if read.standing.period != Period(p["s"], p["e"])]
+                if moved:  # read again, for the period it is
+                    for read, p, use in moved:
+                        self._remember_period(use.tenant, use.meter, read.standing.period)
+                        p.update(s=read.standing.period.start, e=read.standing.period.end)
+                    await cur.execute("; ".join(cur.mogrify(_EXECUTE[f"used_{use.kind.name}"],
+                                                            p) for _, p, use in moved))
+                    for i, (read, _, _) in enumerate(moved):
+                        read.used = _used_of(await _next_row(cur, 0 if i == 0 else 1))
+                results = []
+                reserve = []
+                for use, p, read in zip(batch, params, reads, strict=True):
+                    if read.earlier is not None:  # reserved before: allowed, at its first time
+                        results.append((_duplicate(
+                            _decide(use.kind, read.standing, use.meter, use.quantity,
+                                    replace(read.used, counted=False)),
+                            use.quantity, use.event_id), read.earlier))
+                        continue
+                    decision = _decide(use.kind, read.standing, use.meter, use.quantity,
+                                       read.used, use.event_id)
+                    results.append((decision, now))
+                    if decision.allowed and not decision.duplicate:
+                        reserve.append(cur.mogrify(_EXECUTE["reserve"], p))
+                await cur.execute("; ".join((*reserve, "COMMIT")))
             except BaseException:
                 if conn.info.transaction_status in (TransactionStatus.INTRANS,
                                                     TransactionStatus.INERROR):
                     with contextlib.suppress(psycopg.Error):  # the pool then discards it
                         await conn.rollback()
                 raise
-        decided = time.perf_counter()
-        CONSUME_SECONDS.labels("queue").observe(locked - started)
-        CONSUME_SECONDS.labels("decide").observe(decided - locked)
-        if decision.allowed:
-            try:
-                await self._publish(tenant, meter, quantity, event_id, event_time, dimensions)
-            except Exception as e:
-                raise Unavailable(
-                    f"the use was allowed and reserved, but publishing its event failed "
-                    f"({e}): consume again with the same id to complete it") from e
-            CONSUME_SECONDS.labels("publish").observe(time.perf_counter() - decided)
-        return decision
+        return results
 
     def _period_guess(self, tenant: str, meter: str, now: datetime) -> Period:
         last = self._periods.get((tenant, meter))
@@ -259,6 +332,61 @@ class _Used:
     value: Decimal  # with the uses reserved but not in the ledger yet
     counted: bool  # the use's id is in the ledger already
     new_unique: bool  # the use's unique value is not counted nor reserved in the period
+
+
+@dataclass
+class _Read:
+    """What a batch's first round trip read for one use."""
+
+    earlier: datetime | None  # the time of the use's reservation, if its id has one
+    standing: TenantPlan
+    used: _Used
+
+
+@dataclass(eq=False)
+class _Use:
+    """One consume waiting for its batch's decision, or in it."""
+
+    tenant: str
+    meter: str
+    quantity: Decimal
+    event_id: str
+    unique: str | None
+    kind: MeterKind
+    catalog: Catalog
+    done: asyncio.Future[tuple[Decision, datetime]]
+    taken: float = 0.0  # when a batch took it (time.perf_counter)
+
+
+def _advisory_locks(batch: list[_Use]) -> dict[str, list[Any]]:
+    """The advisory locks a batch's transaction takes (`lock_all`): each use's key, and its
+    event id (module docstring)."""
+    spaces: list[int] = []
+    keys: list[str] = []
+    for use in batch:
+        spaces += (LOCK_SPACE, ID_LOCK_SPACE)
+        keys += (f"{use.tenant}/{use.meter}", f"{use.tenant}/{use.event_id}")
+    return {"spaces": spaces, "keys": keys}
+
+
+def _take_batch(queue: list[_Use], limit: int) -> list[_Use]:
+    """The queued uses to decide together, first come first, up to `limit`: at most one
+    per key and one per event id (module docstring); the others stay queued, in order.
+    Uses whose request is gone (cancelled) are dropped."""
+    batch: list[_Use] = []
+    taken: set[tuple[str, str]] = set()
+    rest: list[_Use] = []
+    for use in queue:
+        if use.done.done():
+            continue
+        key, id_ = (use.tenant, "m:" + use.meter), (use.tenant, "i:" + use.event_id)
+        if len(batch) < limit and key not in taken and id_ not in taken:
+            batch.append(use)
+            taken.update((key, id_))
+        else:
+            rest.append(use)
+    queue[:] = rest
+    return batch
 
 
 def _decide(kind: MeterKind, standing: TenantPlan, meter: str, quantity: Decimal,
@@ -311,7 +439,12 @@ _USED_SQL = {name: _USED.replace("{value}", kind.pending_sql) for name, kind in 
 # (`Entitlements._prepared`) and run by EXECUTE with the same named parameters
 # (`_prepare_statement`).
 _STATEMENTS = {
-    "lock": "SELECT pg_advisory_xact_lock(%(space)s, hashtext(%(key)s))",
+    # Every key's lock, in the order of the locks themselves (their hashes): two batches
+    # needing the same locks take them in the same order, so neither waits for the other
+    # while holding what the other waits for.
+    "lock_all": "SELECT count(pg_advisory_xact_lock(space, h)) FROM (SELECT DISTINCT space,"
+                " hashtext(k) AS h FROM unnest(%(spaces)s::int[], %(keys)s::text[])"
+                " AS lock(space, k) ORDER BY space, h) AS ordered",
     # The time of the id's reservation, if there is one; a retry touches it, so that the
     # sweeper leaves it alone while the retry publishes (api/sweeper.py).
     "touch": "UPDATE tally.entitlement_reservations SET touched_at = now()"
@@ -342,11 +475,17 @@ def _prepare_statement(name: str, query: str) -> tuple[str, str]:
 
 _PREPARE_ALL = "; ".join(_prepare_statement(n, q)[0] for n, q in _STATEMENTS.items())
 _EXECUTE = {n: _prepare_statement(n, q)[1] for n, q in _STATEMENTS.items()}
-# The first round trip of a consume (its results in this order; `consume`).
-_DECISION_TEXT = {name: "; ".join((
-    "BEGIN", _EXECUTE["lock"], _EXECUTE["touch"], _EXECUTE["subscription"],
-    _EXECUTE["usage_at"], _EXECUTE[f"used_{name}"])) for name in KINDS}
-_RESERVE_AND_COMMIT = f"{_EXECUTE['reserve']}; COMMIT"
+# What the first round trip of a batch reads for each use, by its meter's kind (results
+# in this order; `_decide_batch`).
+_READS = {name: "; ".join((
+    _EXECUTE["touch"], _EXECUTE["subscription"], _EXECUTE["usage_at"],
+    _EXECUTE[f"used_{name}"])) for name in KINDS}
+# Deciders at a time per API process, each with its batch's connection: a lone consume
+# finds one free and is decided at once; when all are busy, what arrives meanwhile queues
+# for the next batch. Few: a batch costs about what one use does, and the machine's cores
+# run Postgres too.
+_DECIDERS = 4
+_BATCH_MAX = 64  # uses per batch: its texts stay small
 _PERIODS_KEPT = 65_536  # (tenant, meter) keys whose last period is remembered
 
 

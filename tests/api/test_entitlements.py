@@ -166,3 +166,66 @@ def test_consume_before_the_database_is_migrated_answers_503_then_works_once_it_
 def database_url_of(api: ApiServer) -> str:
     assert api.settings.database_url is not None
     return api.settings.database_url
+
+
+def batched_uses(api: ApiServer) -> tuple[float, float]:
+    """(uses, batches) decided so far, from the API's /metrics."""
+    text = httpx.get(f"{api.url}/metrics", timeout=10).text
+    found = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("tally_api_consume_batch_uses_sum", "tally_api_consume_batch_uses_count"):
+            found[name] = float(value)
+    return found["tally_api_consume_batch_uses_sum"], found["tally_api_consume_batch_uses_count"]
+
+
+def test_consumes_of_many_tenants_decided_together_each_stop_exactly_at_the_limit(
+        api: ApiServer) -> None:
+    # 8 tenants x 8 consumers at once: the uses of different tenants share batches (one
+    # transaction, every key's lock), and still each tenant records exactly its limit.
+    tenants = [f"batch-{n}" for n in range(8)]
+    statuses: dict[str, list[int]] = {t: [] for t in tenants}
+
+    async def consumer(tenant: str, n: int, client: httpx.AsyncClient) -> None:
+        for i in range(HARD_LIMIT):
+            answer = await client.post("/v1/entitlements/consume", json={
+                "tenant": tenant, "meter": "api_calls", "quantity": "25",
+                "id": f"{tenant}-{n}-{i}"})
+            statuses[tenant].append(answer.status_code)
+            if answer.status_code != 200:
+                return
+
+    async def race_all() -> None:
+        async with httpx.AsyncClient(base_url=api.url, timeout=60,
+                                     headers=api.headers("tok-usage-only"),
+                                     limits=httpx.Limits(max_connections=64)) as client:
+            await asyncio.gather(*(consumer(t, n, client) for t in tenants for n in range(8)))
+
+    asyncio.run(race_all())
+    for tenant in tenants:  # 40 uses of 25 reach 1,000; each consumer's next one is refused
+        assert sorted(statuses[tenant]) == [200] * 40 + [402] * 8, tenant
+    with psycopg.connect(database_url_of(api)) as conn:
+        rows = conn.execute("SELECT tenant_id, sum(quantity) FROM tally.entitlement_reservations"
+                            " WHERE tenant_id LIKE 'batch-%' GROUP BY tenant_id").fetchall()
+    assert {t: int(q) for t, q in rows} == dict.fromkeys(tenants, HARD_LIMIT)
+    uses, batches = batched_uses(api)
+    assert uses == 8 * 48 and batches < uses  # some uses were decided together
+
+
+def test_one_id_consumed_on_two_meters_at_once_is_one_use(api: ApiServer) -> None:
+    # The two uses of an id must not share a batch: neither would see the other's
+    # reservation, and the second insert of the id would fail the whole batch.
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=api.url, timeout=60,
+                                     headers=api.headers("tok-acme"),
+                                     limits=httpx.Limits(max_connections=32)) as client:
+            return await asyncio.gather(*(
+                client.post("/v1/entitlements/consume", json={
+                    "tenant": "acme", "meter": meter, "id": f"same-{i}"})
+                for i in range(16) for meter in ("api_calls", "executions")))
+
+    answers = asyncio.run(burst())
+    assert [a.status_code for a in answers] == [200] * 32
+    # each id: one use recorded, the other answered as its duplicate
+    assert sorted(a.json()["duplicate"] for a in answers) == [False] * 16 + [True] * 16
+    assert reserved(api.settings) == 16

@@ -14,6 +14,13 @@ from api.app import create_app
 from runtime.gc_tuning import tune_gc
 from runtime.settings import Settings
 
+# How long an idle client connection stays open. uvicorn's default, 5 s, is shorter than a
+# load balancer's idle timeout (60 s on the common ones): the balancer would reuse a
+# connection the API is closing (a 502 for that request), and every service pausing for
+# more than 5 s pays a new connection on its next consume. Longer than the balancer's, so
+# the balancer closes first.
+KEEP_ALIVE_SECONDS = 75
+
 
 def serve(settings: Settings, host: str, port: int) -> None:
     app = create_app(settings)
@@ -22,4 +29,4 @@ def serve(settings: Settings, host: str, port: int) -> None:
     tune_gc()
     uvicorn.run(app, host=host, port=port, log_level="warning",
                 access_log=False, proxy_headers=False, server_header=False,
-                loop="uvloop", http="httptools")
+                loop="uvloop", http="httptools", timeout_keep_alive=KEEP_ALIVE_SECONDS)

@@ -22,7 +22,6 @@ import os
 import resource
 import statistics
 import sys
-import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,6 +30,7 @@ import orjson
 from aiokafka import TopicPartition, codec
 
 from bench.bench_worker import make_records
+from bench.scratch import scratch_home
 from devtools import devstack
 from runtime import kafka
 from runtime.settings import COMPRESSIONS, Settings
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.events < 500 or args.rounds < 1:
         parser.error("--events must be at least 500 and --rounds at least 1")
     address, pid = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", ""), None
-    home = Path(tempfile.mkdtemp(prefix="tally-bench-compression-"))
+    home = scratch_home("tally-bench-compression-")
     if not address:
         address, pid = devstack.start_kafka(home)
     try:

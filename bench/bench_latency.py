@@ -42,7 +42,6 @@ import contextlib
 import os
 import statistics
 import sys
-import tempfile
 import time
 import urllib.request
 import uuid
@@ -59,6 +58,7 @@ import psycopg
 from bench.procs import CpuMeter, postgres_pid
 from bench.profiling import Profile, format_summary
 from bench.report import append_rows
+from bench.scratch import scratch_home
 from devtools import devstack
 from devtools.child import start_tally, wait_healthy
 from producers import ProducerOptions, UsageProducer
@@ -465,7 +465,7 @@ def main() -> int:
     parser.add_argument("--profile-dir", type=Path, default=None,
                         help=f"profile the worker and projector at {PROFILED_RATE:,}/s")
     args = parser.parse_args()
-    home = Path(tempfile.mkdtemp(prefix="tally-bench-latency-"))
+    home = scratch_home("tally-bench-latency-")
     rows = run(args, home)
     append_rows(args.out, rows)
     return 0

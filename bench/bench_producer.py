@@ -23,7 +23,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 import uuid
 from datetime import UTC, datetime
@@ -32,6 +31,7 @@ from typing import Any
 
 import orjson
 
+from bench.scratch import scratch_home
 from devtools import devstack
 from producers import ProducerOptions, UsageProducer
 from runtime import kafka
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench/results/producer.json"))
     args = parser.parse_args(argv)
 
-    home = Path(tempfile.mkdtemp(prefix="tally-bench-"))
+    home = scratch_home("tally-bench-")
     with devstack.embedded_where_missing(home, os.environ, postgres=False) as env:
         address = env["KAFKA_BOOTSTRAP_SERVERS"]
         result = asyncio.run(_run(address, args.events, args.tenants, args.partitions,

@@ -37,7 +37,6 @@ import os
 import platform
 import random
 import statistics
-import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -53,6 +52,7 @@ from aiokafka.structs import ConsumerRecord
 from pydantic import TypeAdapter
 
 from bench.profiling import Profile, format_summary
+from bench.scratch import scratch_home
 from devtools import devstack
 from projections.batch import Batch
 from projections.ledger import create_month_partitions
@@ -262,7 +262,7 @@ def database(admin_url: str) -> Iterator[str]:
 
 @contextmanager
 def postgres() -> Iterator[str]:
-    home = Path(tempfile.mkdtemp(prefix="tally-bench-"))
+    home = scratch_home("tally-bench-")
     with devstack.embedded_where_missing(home, os.environ, kafka=False) as env:
         yield env["DATABASE_URL"]
 

@@ -22,7 +22,10 @@
    its baselines are the same open loop on `/healthz` and on the consume's own I/O from
    this process without the API (two Postgres round trips, one acknowledged publish:
    `consume_io`), which says what the machine's Postgres and broker allow. Before it,
-   consumes one at a time give the latency of a consume with no queue before it.
+   consumes one at a time give the latency of a consume with no queue before it. After
+   them, one round at 1,200 requests/s (`--overload-rate`, no target): what the API holds
+   when requests arrive faster than one at a time can be decided, with its consumes'
+   uses per batch and its I/O alone at that rate.
 
 Appends one JSON line per figure to `--out`.
 """
@@ -36,7 +39,6 @@ import json
 import os
 import random
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -53,6 +55,7 @@ from bench.bench_latency import stack
 from bench.procs import CpuMeter
 from bench.profiling import Profile, format_summary
 from bench.report import append_rows
+from bench.scratch import scratch_home
 from devtools.child import start_tally, wait_healthy
 from devtools.devstack import free_port
 from domain.periods import add_months, calendar_month
@@ -253,6 +256,19 @@ async def consume_phases(session: aiohttp.ClientSession) -> dict[str, tuple[floa
     return {phase: (v[0], v[1]) for phase, v in found.items()}
 
 
+async def batch_uses(session: aiohttp.ClientSession) -> tuple[float, float]:
+    """(uses, batches) of the consumes decided so far, from the API's /metrics."""
+    async with session.get("/metrics") as answer:
+        text = await answer.text()
+    found = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("tally_api_consume_batch_uses_sum", "tally_api_consume_batch_uses_count"):
+            found[name] = float(value)
+    return (found.get("tally_api_consume_batch_uses_sum", 0.0),
+            found.get("tally_api_consume_batch_uses_count", 0.0))
+
+
 async def metered(pids: dict[str, int | None],
                   loop: Awaitable[tuple[list[float], dict[str, int]]]
                   ) -> tuple[list[float], dict[str, int], dict[str, float], float]:
@@ -280,7 +296,8 @@ def select_one(database_url: str, n: int) -> list[float]:
 
 
 async def measure(url: str, settings: Settings, tenants: int, now: datetime,
-                  requests: int, rate: int, seconds: float, consume_rounds: int, seed: int,
+                  requests: int, rate: int, overload_rate: int, seconds: float,
+                  consume_rounds: int, seed: int,
                   pids: dict[str, int | None],
                   profile: tuple[int, Path] | None = None) -> list[dict[str, Any]]:
     """The figures (module docstring). `pids`: the processes whose CPU the open loops are
@@ -365,6 +382,20 @@ async def measure(url: str, settings: Settings, tenants: int, now: datetime,
                     # The API's CPU per consume: what bounds its throughput on one core.
                     "api_cpu_ms_per_consume": cpu,
                     "baseline_consume_io": percentiles(io_loop)})
+            # Beyond the target: requests arriving faster than one at a time can be decided
+            # (a burst, or 2.4x the target's rate) queue, and are decided together
+            # (api/entitlements.py); no target, what the API holds.
+            batched = await batch_uses(session)
+            latencies, statuses, cores, cpu = await metered(
+                pids, open_loop(overload_rate, seconds, http(session, consume)))
+            uses, batches = (after - before for after, before in
+                             zip(await batch_uses(session), batched, strict=True))
+            io_loop, _ = await open_loop(overload_rate, seconds, io)
+            overload = {"bench": "read_consume_overload", **percentiles(latencies),
+                        "statuses": statuses, "rate": overload_rate, "seconds": seconds,
+                        "cores": cores, "api_cpu_ms_per_consume": cpu,
+                        "uses_per_batch": round(uses / max(batches, 1), 2),
+                        "baseline_consume_io": percentiles(io_loop)}
         median = sorted(rounds, key=lambda r: r["p99_ms"])[len(rounds) // 2]
         rows.append({"bench": "read_consume", **median, "rate": rate, "seconds": seconds,
                      "rounds": len(rounds),
@@ -374,6 +405,7 @@ async def measure(url: str, settings: Settings, tenants: int, now: datetime,
                      "baseline_http": {**percentiles(base_loop), "cores": base_cores,
                                        "api_cpu_ms_per_request": base_cpu},
                      "target_p99_ms": TARGETS_MS["consume"]})
+        rows.append({**overload, "baseline_http": rows[-1]["baseline_http"]})
     return rows
 
 
@@ -406,7 +438,7 @@ def run(args: argparse.Namespace, home: Path) -> list[dict[str, Any]]:
                        if args.profile_dir is not None else None)
             rows = asyncio.run(measure(f"http://127.0.0.1:{port}", settings,
                                        args.tenants, now, args.requests, args.rate,
-                                       args.seconds, args.rounds, args.seed,
+                                       args.overload_rate, args.seconds, args.rounds, args.seed,
                                        {**pids, "api": api.pid}, profile))
         finally:
             api.terminate()
@@ -421,6 +453,8 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=2000,
                         help="sequential requests per figure")
     parser.add_argument("--rate", type=int, default=500, help="consumes per second")
+    parser.add_argument("--overload-rate", type=int, default=1200,
+                        help="consumes per second of the overload round (no target)")
     parser.add_argument("--seconds", type=float, default=10,
                         help="of consumes at --rate, each round")
     parser.add_argument("--rounds", type=int, default=3,
@@ -430,7 +464,7 @@ def main() -> int:
     parser.add_argument("--profile-dir", type=Path, default=None,
                         help="profile `tally api serve` during the consumes (py-spy)")
     args = parser.parse_args()
-    home = Path(tempfile.mkdtemp(prefix="tally-bench-read-"))
+    home = scratch_home("tally-bench-read-")
     rows = run(args, home)
     append_rows(args.out, rows)
     for row in rows:

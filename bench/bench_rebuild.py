@@ -23,7 +23,6 @@ import asyncio
 import os
 import platform
 import sys
-import tempfile
 import time
 import uuid
 from datetime import UTC, datetime
@@ -36,6 +35,7 @@ import psycopg
 from bench.bench_projection import EVENTS_PER_RECORD, make_records
 from bench.bench_worker import publish
 from bench.profiling import Profile, format_summary
+from bench.scratch import scratch_home
 from devtools import devstack
 from projections.projector import Projector
 from projections.rebuild import Progress, checksum, rebuild
@@ -98,7 +98,7 @@ def main() -> int:
     parser.add_argument("--profile-dir", type=Path, default=None,
                         help="py-spy summary of the rebuild (this process) there")
     args = parser.parse_args()
-    home = Path(tempfile.mkdtemp(prefix="tally-bench-rebuild-"))
+    home = scratch_home("tally-bench-rebuild-")
     with devstack.embedded_where_missing(home, os.environ) as env:
         url = _fresh_database(env["DATABASE_URL"])
         settings = Settings(kafka_bootstrap_servers=env["KAFKA_BOOTSTRAP_SERVERS"],

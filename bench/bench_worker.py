@@ -51,6 +51,7 @@ import orjson
 from bench.procs import PeakRss
 from bench.profiling import Profile, format_summary
 from bench.report import append_rows
+from bench.scratch import scratch_home
 from devtools import devstack
 from devtools.child import start_tally
 from runtime import kafka
@@ -284,7 +285,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
-    home = Path(tempfile.mkdtemp(prefix="tally-bench-worker-"))
+    home = scratch_home("tally-bench-worker-")
     with devstack.embedded_where_missing(home, os.environ, postgres=False) as env:
         bootstrap = env["KAFKA_BOOTSTRAP_SERVERS"]
         rows = bench_dataset("batch", bootstrap, args.batch_events, 500, home, args.rounds,

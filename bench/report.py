@@ -192,7 +192,8 @@ def figures(rows: dict[str, list[dict[str, Any]]]) -> list[Figure]:
 _READ = {"read_meter_query": "meter query (one tenant, one month, by day, by one dimension)",
          "read_current_usage": "current usage with charges",
          "read_consume_sequential": "entitlement consume end to end, one at a time",
-         "read_consume": "entitlement consume end to end"}
+         "read_consume": "entitlement consume end to end",
+         "read_consume_overload": "entitlement consume end to end, beyond the target rate"}
 
 
 def read_figures(rows: list[dict[str, Any]]) -> list[Figure]:
@@ -260,6 +261,15 @@ def read_section(raw: dict[str, list[dict[str, Any]]]) -> list[str]:
                   "Postgres round trips under an advisory lock, one event published and "
                   f"acknowledged): p50 / p95 / p99 {io['p50_ms']} / {io['p95_ms']} / "
                   f"**{io['p99_ms']}** ms."]
+    overload = _find(rows, bench="read_consume_overload")
+    if overload:
+        io = overload["baseline_consume_io"]
+        lines += ["", f"Consume at {overload['rate']} requests/s (no target: "
+                  "beyond what one-at-a-time decisions would hold): p50 / p95 / p99 "
+                  f"{overload['p50_ms']} / {overload['p95_ms']} / **{overload['p99_ms']}** ms, "
+                  f"{overload['uses_per_batch']} uses decided per batch, "
+                  f"{overload['api_cpu_ms_per_consume']} ms of the API's CPU per consume; "
+                  f"its I/O alone p99 {io['p99_ms']} ms."]
     if consume and len(consume.get("round_figures", [])) > 1:
         lines += ["", "Consume rounds at the same rate (each followed by its I/O alone), "
                   "the median kept above: " + "; ".join(

@@ -105,9 +105,9 @@ from schemas.plans import Catalog
 
 LOCK_SPACE = 0x7A11_0090  # the advisory-lock key space of entitlement decisions
 ID_LOCK_SPACE = 0x7A11_0091  # and of the event ids they reserve
-# Where a consume's time goes: waiting for its key's lock in this process and for a pooled
-# connection (queue), the deciding transaction (advisory lock, reads, reservation, commit),
-# the publish until acknowledged.
+# Where a consume's time goes: waiting for its key's lock in this process, for a decider
+# and its pooled connection (queue), the deciding transaction (advisory locks, reads,
+# reservations, commit), the publish until acknowledged.
 CONSUME_SECONDS = Histogram(
     "tally_api_consume_phase_seconds", "Time of each phase of an entitlement consume",
     ["phase"], buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1, 5))
@@ -200,9 +200,7 @@ class Entitlements:
         async with self._lock(tenant, meter):
             self._queue.append(use)
             if len(self._deciders) < _DECIDERS:
-                decider = asyncio.create_task(self._decide_queued())
-                self._deciders.add(decider)
-                decider.add_done_callback(self._deciders.discard)
+                self._deciders.add(asyncio.create_task(self._decide_queued()))
             decision, event_time = await use.done
         decided = time.perf_counter()
         CONSUME_SECONDS.labels("queue").observe(use.taken - started)
@@ -218,7 +216,19 @@ class Entitlements:
         return decision
 
     async def _decide_queued(self) -> None:
-        """Decide batches of the queued uses until none is left (one of `_DECIDERS`)."""
+        """Decide batches of the queued uses until none is left (one of `_DECIDERS`).
+
+        It leaves `_deciders` in the same step as it finds the queue empty: removed by a
+        done-callback instead (a loop turn later), a use queued in between by a consume
+        that counted it as running would wait with no decider left to take it."""
+        try:
+            await self._decide_batches()
+        finally:
+            task = asyncio.current_task()
+            if task is not None:
+                self._deciders.discard(task)
+
+    async def _decide_batches(self) -> None:
         while batch := _take_batch(self._queue, _BATCH_MAX):
             try:
                 results = await self._decide_batch(batch)

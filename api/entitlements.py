@@ -70,7 +70,9 @@ Limits, honestly:
 - The decision reads Postgres: it is as available as Postgres, and costs its batch two
   round trips under the locks (three when a key's period is not the one it had last:
   `_decide_batch`). Throughput per (tenant, meter) key is one decision at a time. A
-  batch fails or commits as one: a database error answers 503 to every use in it.
+  batch fails or commits as one: a database error answers 503 to every use in it. And
+  a batch waits for all its locks: a key another API process is deciding delays the
+  batch's other uses by that decision (milliseconds).
 - A request that goes away while its batch decides (its client disconnected) may leave
   its use reserved and unpublished: the sweeper releases it, as after a failed publish.
 """

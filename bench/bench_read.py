@@ -58,6 +58,7 @@ from bench.report import append_rows
 from bench.scratch import scratch_home
 from devtools.child import start_tally, wait_healthy
 from devtools.devstack import free_port
+from devtools.metrics import sample_sum
 from domain.periods import add_months, calendar_month
 from runtime import kafka
 from runtime.plans import publish_catalog
@@ -260,13 +261,8 @@ async def batch_uses(session: aiohttp.ClientSession) -> tuple[float, float]:
     """(uses, batches) of the consumes decided so far, from the API's /metrics."""
     async with session.get("/metrics") as answer:
         text = await answer.text()
-    found = {}
-    for line in text.splitlines():
-        name, _, value = line.partition(" ")
-        if name in ("tally_api_consume_batch_uses_sum", "tally_api_consume_batch_uses_count"):
-            found[name] = float(value)
-    return (found.get("tally_api_consume_batch_uses_sum", 0.0),
-            found.get("tally_api_consume_batch_uses_count", 0.0))
+    return (sample_sum(text, "tally_api_consume_batch_uses_sum"),
+            sample_sum(text, "tally_api_consume_batch_uses_count"))
 
 
 async def metered(pids: dict[str, int | None],

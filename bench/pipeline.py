@@ -43,6 +43,7 @@ from bench.procs import postgres_pid, rss_bytes, tree
 from devtools import devstack
 from devtools.child import healthy, start_tally
 from devtools.demo import stripe_double_process
+from devtools.metrics import sample_sum
 from runtime import kafka
 from runtime.backoff import Backoff, first_line
 from runtime.plans import publish_catalog
@@ -160,9 +161,7 @@ class Pipeline:
                 text = r.read().decode()
         except OSError:
             return -1
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith(sample + " ")
-                   or ("{" not in sample and line.startswith(sample + "{")))
+        return sample_sum(text, sample)
 
     def _supervise(self) -> None:
         while not self._stop.wait(0.5):

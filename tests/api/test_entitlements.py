@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import psycopg
 
+from devtools.metrics import sample_sum
 from domain.periods import Period, add_months, anniversary_period, calendar_month
 from runtime import kafka
 from runtime.postgres import migrate
@@ -171,12 +172,8 @@ def database_url_of(api: ApiServer) -> str:
 def batched_uses(api: ApiServer) -> tuple[float, float]:
     """(uses, batches) decided so far, from the API's /metrics."""
     text = httpx.get(f"{api.url}/metrics", timeout=10).text
-    found = {}
-    for line in text.splitlines():
-        name, _, value = line.partition(" ")
-        if name in ("tally_api_consume_batch_uses_sum", "tally_api_consume_batch_uses_count"):
-            found[name] = float(value)
-    return found["tally_api_consume_batch_uses_sum"], found["tally_api_consume_batch_uses_count"]
+    return (sample_sum(text, "tally_api_consume_batch_uses_sum"),
+            sample_sum(text, "tally_api_consume_batch_uses_count"))
 
 
 def test_consumes_of_many_tenants_decided_together_each_stop_exactly_at_the_limit(

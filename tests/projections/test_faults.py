@@ -17,6 +17,7 @@ import pytest
 
 from devtools import devstack
 from devtools.child import start_tally
+from devtools.metrics import sample_sum
 from runtime import kafka
 from runtime.plans import read_catalog
 from runtime.postgres import migrate
@@ -52,8 +53,7 @@ def _metric(port: int, name: str) -> float:
             text = r.read().decode()
     except OSError:
         return 0.0
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith((name + " ", name + "{")))
+    return sample_sum(text, name)
 
 
 class Projector:
